@@ -1,0 +1,50 @@
+// Elementwise and reduction helpers: add, dtype casts, column sums.
+// Each templated body is instantiated as extern "C" NAME_f32 and NAME_bf16.
+#include "common.cuh"
+
+// add: y[i] = a[i] + b[i]. n elements; 1-D grid-stride, 256 threads per block.
+template <typename T>
+__device__ void add(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                    int64_t n) {
+  GRID_STRIDE(i, n) y[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
+}
+
+// sum_rows: out[c] = sum_r x[r, c] in f32, x [rows, cols].
+// Launch: grid (ceil(cols/32)), block (32, 8). threadIdx.x picks the column (coalesced
+// across the warp), threadIdx.y strides over rows; the 8 partials meet in shared memory.
+template <typename T>
+__device__ void sum_rows(const T* __restrict__ x, float* __restrict__ out, int rows,
+                         int cols) {
+  __shared__ float part[8][33];
+  int c = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < cols)
+    for (int r = threadIdx.y; r < rows; r += 8) acc += to_f(x[(int64_t)r * cols + c]);
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float s = 0.f;
+    for (int k = 0; k < 8; ++k) s += part[k][threadIdx.x];
+    out[c] = s;
+  }
+}
+
+#define INSTANTIATE(SUF, T)                                                           \
+  extern "C" __global__ void add_##SUF(const T* a, const T* b, T* y, int64_t n) {      \
+    add<T>(a, b, y, n);                                                                \
+  }                                                                                    \
+  extern "C" __global__ void sum_rows_##SUF(const T* x, float* out, int rows, int cols) { \
+    sum_rows<T>(x, out, rows, cols);                                                   \
+  }
+FOR_FLOAT_TYPES(INSTANTIATE)
+
+// cast: y[i] = x[i] converted (round-to-nearest-even into bf16). n elements; 1-D
+// grid-stride, 256 threads per block.
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y,
+                                         int64_t n) {
+  GRID_STRIDE(i, n) y[i] = __float2bfloat16_rn(x[i]);
+}
+extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y,
+                                         int64_t n) {
+  GRID_STRIDE(i, n) y[i] = __bfloat162float(x[i]);
+}

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# GPU bundle: build here (Rust, nvcc), run on a GPU machine (no Rust, no network).
+#
+#   scripts/gpu-check.sh build        makes gpu-bundle/ (release m3, GPU test and bench
+#                                     binaries, stripped; gitignored; under 64 MiB)
+#   scripts/gpu-check.sh run LOGDIR   runs every GPU test and benchmark from gpu-bundle/,
+#                                     full logs into LOGDIR, a summary table last
+#
+# On the device machine: carry gpu-bundle and run `bash scripts/gpu-check.sh run $OUT`.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bundle="$root/gpu-bundle"
+
+build() {
+  set -e
+  cd "$root"
+  if ! command -v nvcc >/dev/null && [ -z "${NVCC:-}" ]; then
+    NVCC="$(bash scripts/install-cuda-toolchain.sh | tail -n 1)"
+    export NVCC
+  fi
+  rm -rf "$bundle"
+  mkdir -p "$bundle/bin" "$bundle/tests" "$bundle/benches"
+  cargo build --release --features cuda --bin m3
+  cp target/release/m3 "$bundle/bin/"
+  # Test and bench executables: ask cargo for their paths instead of guessing hashes.
+  local list
+  list=$(mktemp)
+  cargo test --release --features cuda --no-run --message-format=json >"$list"
+  cargo bench --features cuda --no-run --message-format=json >>"$list"
+  python3 - "$list" "$bundle" <<'PY'
+import json, shutil, sys, os
+out = sys.argv[2]
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kinds = m["target"]["kind"]
+    name = m["target"]["name"]
+    if "test" in kinds:
+        dest = os.path.join(out, "tests", name)
+    elif "bench" in kinds:
+        dest = os.path.join(out, "benches", name)
+    else:
+        continue
+    shutil.copy(m["executable"], dest)
+PY
+  rm -f "$list"
+  strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/benches/* 2>/dev/null || true
+  cp scripts/gpu-check.sh "$bundle/"
+  git -C "$root" rev-parse HEAD >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
+  du -sh "$bundle"
+  ls -la "$bundle"/*/
+  local size
+  size=$(du -sb "$bundle" | cut -f1)
+  if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
+    echo "error: bundle is $size bytes, over 64 MiB" >&2
+    exit 1
+  fi
+}
+
+# Puts libcuda and the CUDA 13 user-space libraries (cuBLASLt) on LD_LIBRARY_PATH:
+# driver locations, a CUDA install, and PyTorch's pip wheels (python's nvidia/*/lib).
+find_libs() {
+  local dirs=() d
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 \
+           /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && dirs+=("$d")
+  done
+  if command -v python3 >/dev/null; then
+    while IFS= read -r d; do
+      [ -n "$d" ] && dirs+=("$d")
+    done < <(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
+try:
+    import nvidia
+    roots.update(os.path.dirname(p) for p in nvidia.__path__)
+except Exception:
+    pass
+for r in sorted(roots):
+    for pat in ("nvidia/*/lib", "nvidia/cu13/lib", "nvidia/cu13/lib64"):
+        for d in glob.glob(os.path.join(r, pat)):
+            if glob.glob(os.path.join(d, "libcublas*")) or glob.glob(os.path.join(d, "libcuda*")):
+                print(d)
+PY
+)
+  fi
+  local joined
+  joined=$(IFS=:; echo "${dirs[*]}")
+  export LD_LIBRARY_PATH="${joined}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+run() {
+  local logs="${1:?usage: gpu-check.sh run LOGDIR}"
+  mkdir -p "$logs"
+  [ -d "$bundle" ] || { echo "error: no gpu-bundle/ (run 'gpu-check.sh build' first and carry it)" >&2; exit 1; }
+  find_libs
+  export M3_REQUIRE_GPU=1
+  local summary="$logs/summary.txt"
+  : >"$summary"
+  step() {  # step NAME TIMEOUT CMD...
+    local name="$1" limit="$2"; shift 2
+    local log="$logs/$name.log" t0 t1 rc
+    t0=$(date +%s.%N)
+    timeout "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    local res=PASS
+    [ $rc -ne 0 ] && res="FAIL(rc=$rc)"
+    [ $rc -eq 124 ] && res="TIMEOUT"
+    printf '%-34s %-12s %8.1fs  %s\n' "$name" "$res" "$(awk "BEGIN{print $t1 - $t0}")" "$log" >>"$summary"
+    echo "== $name: $res"
+    tail -n 25 "$log"
+  }
+  {
+    echo "commit: $(cat "$bundle/COMMIT")"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  } >"$logs/machine.log"
+  cat "$logs/machine.log"
+  step kernels 60 "$bundle/bin/m3" kernels
+  step selfcheck 300 "$bundle/bin/m3" selfcheck --device cuda
+  local t
+  for t in "$bundle"/tests/*; do
+    step "test-$(basename "$t")" 600 "$t" --test-threads=4
+  done
+  if command -v compute-sanitizer >/dev/null && [ -x "$bundle/tests/cuda_ops" ]; then
+    step memcheck-cuda_ops 600 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
+    step racecheck-cuda_ops 600 compute-sanitizer --tool racecheck --error-exitcode 1 \
+      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
+  fi
+  for t in "$bundle"/benches/*; do
+    case "$(basename "$t")" in
+      gpu_*) step "bench-$(basename "$t")" 600 "$t" ;;
+    esac
+  done
+  echo
+  echo "================ summary ================"
+  cat "$logs/machine.log" | head -3
+  cat "$summary"
+  ! grep -qv ' PASS ' "$summary"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: $0 build | run LOGDIR" >&2; exit 2 ;;
+esac

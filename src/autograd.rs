@@ -1,0 +1,442 @@
+//! The autograd tape: a Wengert list of coarse ops, each keeping what its backward needs.
+//!
+//! Values are indices into the tape ([`Var`]). Recording an op computes its forward on the
+//! backend right away and stores the result plus the saved state (LayerNorm's mean/rstd,
+//! the log-sum-exp of a cross-entropy, ...). [`Tape::backward`] walks the list in reverse.
+//! [`Op`] is matched without a wildcard, so adding an op without its backward does not
+//! compile. Inference calls the backend directly and never builds a tape.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostData, Tensor};
+
+/// A value recorded on a tape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+impl Var {
+    /// Position on the tape.
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// The value at position `i` of a tape (inputs recorded first are 0, 1, ...).
+    pub fn from_index(i: usize) -> Self {
+        Var(i)
+    }
+}
+
+/// A recorded operation and the state its backward needs.
+enum Op<B: Backend> {
+    /// A value fed in from outside: a parameter (carries a gradient) or an input (does not).
+    Leaf,
+    /// `op(a) · op(b) (+ bias)`.
+    Matmul {
+        a: Var,
+        trans_a: bool,
+        b: Var,
+        trans_b: bool,
+        bias: Option<Var>,
+    },
+    /// `a + b`.
+    Add { a: Var, b: Var },
+    /// Row-wise LayerNorm with its saved statistics.
+    LayerNorm {
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        mean: Tensor<B>,
+        rstd: Tensor<B>,
+    },
+    /// Exact GELU.
+    Gelu { x: Var },
+    /// ReLU.
+    Relu { x: Var },
+    /// Row gather from a table by u32 ids.
+    Embedding {
+        table: Var,
+        ids: Tensor<B>,
+        vocab: usize,
+    },
+    /// Row-wise L2 normalisation with the saved norms.
+    L2Normalize { x: Var, norms: Tensor<B>, eps: f32 },
+    /// Per-row softmax cross-entropy with the saved log-sum-exp.
+    SoftmaxCrossEntropy {
+        logits: Var,
+        targets: Tensor<B>,
+        lse: Tensor<B>,
+    },
+}
+
+/// A tape value: owned (computed on the tape, or an input) or borrowed (a parameter the
+/// model keeps, so recording it copies nothing).
+enum Value<'a, B: Backend> {
+    Owned(Tensor<B>),
+    Borrowed(&'a Tensor<B>),
+}
+
+impl<B: Backend> Value<'_, B> {
+    fn get(&self) -> &Tensor<B> {
+        match self {
+            Value::Owned(t) => t,
+            Value::Borrowed(t) => t,
+        }
+    }
+}
+
+struct Node<'a, B: Backend> {
+    value: Value<'a, B>,
+    op: Op<B>,
+    needs_grad: bool,
+}
+
+/// Gradients produced by [`Tape::backward`], indexed by [`Var`].
+pub struct Grads<B: Backend> {
+    grads: Vec<Option<Tensor<B>>>,
+}
+
+impl<B: Backend> Grads<B> {
+    /// The gradient of the root with respect to `v`, if `v` needs one and the root depends
+    /// on it.
+    pub fn get(&self, v: Var) -> Option<&Tensor<B>> {
+        self.grads.get(v.0).and_then(Option::as_ref)
+    }
+
+    /// Takes ownership of the gradient of `v`.
+    pub fn take(&mut self, v: Var) -> Option<Tensor<B>> {
+        self.grads.get_mut(v.0).and_then(Option::take)
+    }
+}
+
+/// A tape recording ops on backend `B`; parameters may be borrowed for `'a`.
+pub struct Tape<'a, B: Backend> {
+    backend: &'a B,
+    nodes: Vec<Node<'a, B>>,
+}
+
+impl<'a, B: Backend> Tape<'a, B> {
+    /// An empty tape on `backend`.
+    pub fn new(backend: &'a B) -> Self {
+        Tape {
+            backend,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The backend ops run on.
+    pub fn backend(&self) -> &'a B {
+        self.backend
+    }
+
+    /// Number of recorded values.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The value of `v`.
+    pub fn value(&self, v: Var) -> &Tensor<B> {
+        self.nodes[v.0].value.get()
+    }
+
+    /// Records a borrowed parameter: it receives a gradient.
+    pub fn param(&mut self, t: &'a Tensor<B>) -> Var {
+        self.push(Value::Borrowed(t), Op::Leaf, true)
+    }
+
+    /// Records an owned value that receives a gradient (a parameter or an input whose
+    /// gradient is wanted, as in the two-pass sub-batch backward).
+    pub fn param_owned(&mut self, t: Tensor<B>) -> Var {
+        self.push(Value::Owned(t), Op::Leaf, true)
+    }
+
+    /// Records an input that needs no gradient.
+    pub fn input(&mut self, t: Tensor<B>) -> Var {
+        self.push(Value::Owned(t), Op::Leaf, false)
+    }
+
+    fn push(&mut self, value: Value<'a, B>, op: Op<B>, needs_grad: bool) -> Var {
+        self.nodes.push(Node {
+            value,
+            op,
+            needs_grad,
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    fn needs(&self, vars: &[Var]) -> bool {
+        vars.iter().any(|v| self.nodes[v.0].needs_grad)
+    }
+
+    /// Records `op(a) · op(b) (+ bias)`; the output has `a`'s dtype.
+    pub fn matmul(
+        &mut self,
+        a: Var,
+        trans_a: bool,
+        b: Var,
+        trans_b: bool,
+        bias: Option<Var>,
+    ) -> Result<Var> {
+        let out_dtype = self.value(a).dtype();
+        let y = self.backend.matmul(
+            self.value(a),
+            trans_a,
+            self.value(b),
+            trans_b,
+            bias.map(|v| self.value(v)),
+            out_dtype,
+        )?;
+        let mut deps = vec![a, b];
+        deps.extend(bias);
+        let needs = self.needs(&deps);
+        Ok(self.push(
+            Value::Owned(y),
+            Op::Matmul {
+                a,
+                trans_a,
+                b,
+                trans_b,
+                bias,
+            },
+            needs,
+        ))
+    }
+
+    /// Records a linear layer `x · wᵀ + bias` with `w` stored `[out, in]` as in PyTorch.
+    pub fn linear(&mut self, x: Var, w: Var, bias: Option<Var>) -> Result<Var> {
+        self.matmul(x, false, w, true, bias)
+    }
+
+    /// Records `a + b`.
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let y = self.backend.add(self.value(a), self.value(b))?;
+        let needs = self.needs(&[a, b]);
+        Ok(self.push(Value::Owned(y), Op::Add { a, b }, needs))
+    }
+
+    /// Records a row-wise LayerNorm.
+    pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        let out =
+            self.backend
+                .layernorm(self.value(x), self.value(gamma), self.value(beta), eps)?;
+        let needs = self.needs(&[x, gamma, beta]);
+        Ok(self.push(
+            Value::Owned(out.y),
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                mean: out.mean,
+                rstd: out.rstd,
+            },
+            needs,
+        ))
+    }
+
+    /// Records exact GELU.
+    pub fn gelu(&mut self, x: Var) -> Result<Var> {
+        let y = self.backend.gelu(self.value(x))?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Gelu { x }, needs))
+    }
+
+    /// Records ReLU.
+    pub fn relu(&mut self, x: Var) -> Result<Var> {
+        let y = self.backend.relu(self.value(x))?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Relu { x }, needs))
+    }
+
+    /// Records a row gather `table[ids]`.
+    pub fn embedding(&mut self, table: Var, ids: Tensor<B>) -> Result<Var> {
+        let y = self.backend.embedding(self.value(table), &ids)?;
+        let vocab = self.value(table).shape()[0];
+        let needs = self.needs(&[table]);
+        Ok(self.push(Value::Owned(y), Op::Embedding { table, ids, vocab }, needs))
+    }
+
+    /// Records row-wise L2 normalisation.
+    pub fn l2_normalize(&mut self, x: Var, eps: f32) -> Result<Var> {
+        let (y, norms) = self.backend.l2_normalize(self.value(x), eps)?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::L2Normalize { x, norms, eps }, needs))
+    }
+
+    /// Records the per-row softmax cross-entropy of `logits` against `targets` (u32
+    /// column per row); the value is the f32 loss per row.
+    pub fn softmax_cross_entropy(&mut self, logits: Var, targets: Tensor<B>) -> Result<Var> {
+        let (loss, lse) = self
+            .backend
+            .softmax_cross_entropy(self.value(logits), &targets)?;
+        let needs = self.needs(&[logits]);
+        Ok(self.push(
+            Value::Owned(loss),
+            Op::SoftmaxCrossEntropy {
+                logits,
+                targets,
+                lse,
+            },
+            needs,
+        ))
+    }
+
+    /// Backward from a single-element `root`, seeded with 1.
+    pub fn backward(&self, root: Var) -> Result<Grads<B>> {
+        let t = self.value(root);
+        if t.numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward needs a single-element root, got {:?}; use backward_with to seed a gradient",
+                t.shape()
+            )));
+        }
+        let seed = self
+            .backend
+            .upload(HostData::F32(&[1.0]), t.shape())
+            .and_then(|s| self.backend.cast(&s, t.dtype()))?;
+        self.backward_with(root, seed)
+    }
+
+    /// Backward from `root` seeded with `seed` (same shape as the root): the gradients of
+    /// `Σ seed ⊙ root`. The two-pass sub-batch backward seeds the encoder's outputs this way.
+    pub fn backward_with(&self, root: Var, seed: Tensor<B>) -> Result<Grads<B>> {
+        if root.0 >= self.nodes.len() {
+            return Err(Error::Autograd(format!("{root:?} is not on this tape")));
+        }
+        let rv = self.value(root);
+        if seed.shape() != rv.shape() {
+            return Err(Error::Autograd(format!(
+                "seed gradient is {:?} but the root is {:?}",
+                seed.shape(),
+                rv.shape()
+            )));
+        }
+        let be = self.backend;
+        let mut grads: Vec<Option<Tensor<B>>> = (0..self.nodes.len()).map(|_| None).collect();
+        grads[root.0] = Some(seed);
+        for i in (0..=root.0).rev() {
+            let node = &self.nodes[i];
+            if !node.needs_grad {
+                continue;
+            }
+            let Some(g) = grads[i].take() else { continue };
+            let val = |v: Var| self.nodes[v.0].value.get();
+            // Each arm returns (input, gradient) pairs; accumulation happens below.
+            let contribs: Vec<(Var, Tensor<B>)> = match &node.op {
+                Op::Leaf => {
+                    grads[i] = Some(g);
+                    continue;
+                }
+                Op::Matmul {
+                    a,
+                    trans_a,
+                    b,
+                    trans_b,
+                    bias,
+                } => {
+                    let (a, b, ta, tb) = (*a, *b, *trans_a, *trans_b);
+                    let mut out = Vec::new();
+                    if self.nodes[a.0].needs_grad {
+                        let dt = self.grad_dtype(a);
+                        let da = if ta {
+                            be.matmul(val(b), tb, &g, true, None, dt)?
+                        } else {
+                            be.matmul(&g, false, val(b), !tb, None, dt)?
+                        };
+                        out.push((a, da));
+                    }
+                    if self.nodes[b.0].needs_grad {
+                        let dt = self.grad_dtype(b);
+                        let db = if tb {
+                            be.matmul(&g, true, val(a), ta, None, dt)?
+                        } else {
+                            be.matmul(val(a), !ta, &g, false, None, dt)?
+                        };
+                        out.push((b, db));
+                    }
+                    if let Some(bias) = bias.filter(|v| self.nodes[v.0].needs_grad) {
+                        out.push((bias, be.sum_rows(&g)?));
+                    }
+                    out
+                }
+                Op::Add { a, b } => {
+                    match (self.nodes[a.0].needs_grad, self.nodes[b.0].needs_grad) {
+                        (true, true) => vec![(*a, clone_tensor(be, &g)?), (*b, g)],
+                        (true, false) => vec![(*a, g)],
+                        (false, _) => vec![(*b, g)],
+                    }
+                }
+                Op::LayerNorm {
+                    x,
+                    gamma,
+                    beta,
+                    mean,
+                    rstd,
+                } => {
+                    let r = be.layernorm_backward(&g, val(*x), val(*gamma), mean, rstd)?;
+                    vec![(*x, r.dx), (*gamma, r.dgamma), (*beta, r.dbeta)]
+                }
+                Op::Gelu { x } => vec![(*x, be.gelu_backward(&g, val(*x))?)],
+                Op::Relu { x } => vec![(*x, be.relu_backward(&g, val(*x))?)],
+                Op::Embedding { table, ids, vocab } => {
+                    vec![(*table, be.embedding_backward(&g, ids, *vocab)?)]
+                }
+                Op::L2Normalize { x, norms, eps } => {
+                    vec![(
+                        *x,
+                        be.l2_normalize_backward(&g, node.value.get(), norms, *eps)?,
+                    )]
+                }
+                Op::SoftmaxCrossEntropy {
+                    logits,
+                    targets,
+                    lse,
+                } => {
+                    let g32 = if g.dtype() == DType::F32 {
+                        g
+                    } else {
+                        be.cast(&g, DType::F32)?
+                    };
+                    vec![(
+                        *logits,
+                        be.softmax_cross_entropy_backward(&g32, val(*logits), lse, targets)?,
+                    )]
+                }
+            };
+            for (v, gv) in contribs {
+                if !self.nodes[v.0].needs_grad {
+                    continue;
+                }
+                grads[v.0] = Some(match grads[v.0].take() {
+                    None => gv,
+                    Some(prev) => {
+                        let gv = if gv.dtype() == prev.dtype() {
+                            gv
+                        } else {
+                            be.cast(&gv, prev.dtype())?
+                        };
+                        be.add(&prev, &gv)?
+                    }
+                });
+            }
+        }
+        Ok(Grads { grads })
+    }
+
+    /// Gradients of leaves (parameters) are f32 so they can feed f32 master weights;
+    /// intermediate gradients keep the value's dtype.
+    fn grad_dtype(&self, v: Var) -> DType {
+        match self.nodes[v.0].op {
+            Op::Leaf => DType::F32,
+            _ => self.value(v).dtype(),
+        }
+    }
+}
+
+/// A device copy of a tensor (the two branches of an add each get their own gradient).
+fn clone_tensor<B: Backend>(be: &B, t: &Tensor<B>) -> Result<Tensor<B>> {
+    be.cast(t, t.dtype())
+}

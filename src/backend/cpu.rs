@@ -1,0 +1,486 @@
+//! The CPU backend: the f32 reference every CUDA kernel is tested against.
+//!
+//! Plain Rust, parallel over rows with rayon, matmuls through the `gemm` crate. It computes
+//! in f32 only; bf16 tensors exist here so casts and uploads can be tested, and an op handed
+//! one answers with a dtype error instead of silently converting.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{
+    check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads, LayerNormOut,
+};
+use crate::error::{dtype_err, shape_err, Result};
+use crate::tensor::{DType, HostData, Tensor};
+
+/// Host memory behind a CPU tensor.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// bf16 elements.
+    BF16(Vec<bf16>),
+    /// u32 elements.
+    U32(Vec<u32>),
+}
+
+/// The CPU reference backend.
+#[derive(Clone, Debug, Default)]
+pub struct Cpu;
+
+type T = Tensor<Cpu>;
+
+/// Rows below this many elements of work are not worth splitting across threads.
+const PAR_MIN: usize = 1 << 14;
+
+fn f32s<'a>(op: &'static str, name: &str, t: &'a T) -> Result<&'a [f32]> {
+    match t.storage() {
+        CpuStorage::F32(v) => Ok(v),
+        _ => dtype_err(
+            op,
+            format!("the CPU backend computes in f32; {name} is {}", t.dtype()),
+        ),
+    }
+}
+
+fn u32s<'a>(op: &'static str, name: &str, t: &'a T) -> Result<&'a [u32]> {
+    match t.storage() {
+        CpuStorage::U32(v) => Ok(v),
+        _ => dtype_err(op, format!("{name} must be u32, got {}", t.dtype())),
+    }
+}
+
+fn tensor(shape: &[usize], v: Vec<f32>) -> T {
+    Tensor::from_parts(shape.to_vec(), DType::F32, CpuStorage::F32(v))
+}
+
+/// Applies `f` to each row pair of `out` and `src`, in parallel when the work is large.
+fn rows_mut<F>(out: &mut [f32], cols: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if cols == 0 {
+        return;
+    }
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| f(r, row));
+    } else {
+        out.chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| f(r, row));
+    }
+}
+
+/// Exact GELU `x·Φ(x)`, evaluated in f64 so the reference is not the weak link.
+pub fn gelu_scalar(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+/// Derivative of exact GELU: `Φ(x) + x·φ(x)`.
+pub fn gelu_grad_scalar(x: f32) -> f32 {
+    let x = x as f64;
+    let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf + x * pdf) as f32
+}
+
+impl Backend for Cpu {
+    type Storage = CpuStorage;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return shape_err(
+                "upload",
+                format!("{} elements do not fill shape {shape:?}", data.len()),
+            );
+        }
+        let storage = match data {
+            HostData::F32(v) => CpuStorage::F32(v.to_vec()),
+            HostData::BF16(v) => CpuStorage::BF16(v.to_vec()),
+            HostData::U32(v) => CpuStorage::U32(v.to_vec()),
+        };
+        Ok(Tensor::from_parts(shape.to_vec(), data.dtype(), storage))
+    }
+
+    fn to_vec_f32(&self, t: &T) -> Result<Vec<f32>> {
+        match t.storage() {
+            CpuStorage::F32(v) => Ok(v.clone()),
+            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+        }
+    }
+
+    fn to_vec_u32(&self, t: &T) -> Result<Vec<u32>> {
+        u32s("to_vec_u32", "tensor", t).map(<[u32]>::to_vec)
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n = shape.iter().product();
+        let storage = match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+            DType::U32 => CpuStorage::U32(vec![0; n]),
+        };
+        Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        check_float("cast", "x", x)?;
+        let v = self.to_vec_f32(x)?;
+        let storage = match dtype {
+            DType::F32 => CpuStorage::F32(v),
+            DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            DType::U32 => return dtype_err("cast", "cannot cast floats to u32"),
+        };
+        Ok(Tensor::from_parts(x.shape().to_vec(), dtype, storage))
+    }
+
+    fn matmul(
+        &self,
+        a: &T,
+        trans_a: bool,
+        b: &T,
+        trans_b: bool,
+        bias: Option<&T>,
+        out: DType,
+    ) -> Result<T> {
+        const OP: &str = "matmul";
+        let (m, k, n) = matmul_dims(a, trans_a, b, trans_b, bias, out)?;
+        if out != DType::F32 {
+            return dtype_err(OP, "the CPU backend computes in f32; output must be f32");
+        }
+        let av = f32s(OP, "A", a)?;
+        let bv = f32s(OP, "B", b)?;
+        let mut c = match bias {
+            Some(bias) => {
+                let bias = f32s(OP, "bias", bias)?;
+                bias.iter().copied().cycle().take(m * n).collect()
+            }
+            None => vec![0.0f32; m * n],
+        };
+        if m > 0 && n > 0 && k > 0 {
+            // Strides of op(A) [m,k]: stored [m,k] row-major, or [k,m] when transposed.
+            let (a_rs, a_cs) = if trans_a {
+                (1, m as isize)
+            } else {
+                (k as isize, 1)
+            };
+            let (b_rs, b_cs) = if trans_b {
+                (1, k as isize)
+            } else {
+                (n as isize, 1)
+            };
+            let threads = rayon::current_num_threads();
+            let par = if m * n * k >= 1 << 18 && threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: the strides and sizes above describe exactly the buffers `av`
+            // ([m,k] or [k,m]), `bv` ([k,n] or [n,k]) and `c` ([m,n]), checked by matmul_dims.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    bias.is_some(),
+                    av.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    bv.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        Ok(tensor(&[m, n], c))
+    }
+
+    fn add(&self, a: &T, b: &T) -> Result<T> {
+        check_same("add", ("a", a), ("b", b))?;
+        let av = f32s("add", "a", a)?;
+        let bv = f32s("add", "b", b)?;
+        Ok(tensor(
+            a.shape(),
+            av.iter().zip(bv).map(|(x, y)| x + y).collect(),
+        ))
+    }
+
+    fn sum_rows(&self, x: &T) -> Result<T> {
+        let (rows, cols) = x.rows_cols();
+        let v = f32s("sum_rows", "x", x)?;
+        // Accumulate in f64 so the reference's rounding does not depend on the row count.
+        let mut acc = vec![0f64; cols];
+        for r in 0..rows {
+            for (a, &e) in acc.iter_mut().zip(&v[r * cols..(r + 1) * cols]) {
+                *a += e as f64;
+            }
+        }
+        Ok(tensor(&[cols], acc.into_iter().map(|a| a as f32).collect()))
+    }
+
+    fn layernorm(&self, x: &T, gamma: &T, beta: &T, eps: f32) -> Result<LayerNormOut<Self>> {
+        const OP: &str = "layernorm";
+        let (rows, cols) = layernorm_dims(x, gamma, beta)?;
+        let xv = f32s(OP, "x", x)?;
+        let g = f32s(OP, "gamma", gamma)?;
+        let bt = f32s(OP, "beta", beta)?;
+        let stats: Vec<(f32, f32)> = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let row = &xv[r * cols..(r + 1) * cols];
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+                (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+            })
+            .collect();
+        let mut y = vec![0f32; rows * cols];
+        rows_mut(&mut y, cols, |r, out| {
+            let (mean, rstd) = stats[r];
+            let row = &xv[r * cols..(r + 1) * cols];
+            for c in 0..cols {
+                out[c] = (row[c] - mean) * rstd * g[c] + bt[c];
+            }
+        });
+        Ok(LayerNormOut {
+            y: tensor(x.shape(), y),
+            mean: tensor(&[rows], stats.iter().map(|s| s.0).collect()),
+            rstd: tensor(&[rows], stats.iter().map(|s| s.1).collect()),
+        })
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &T,
+        x: &T,
+        gamma: &T,
+        mean: &T,
+        rstd: &T,
+    ) -> Result<LayerNormGrads<Self>> {
+        const OP: &str = "layernorm_backward";
+        let (rows, cols) = layernorm_backward_dims(dy, x, gamma, mean, rstd)?;
+        let dyv = f32s(OP, "dy", dy)?;
+        let xv = f32s(OP, "x", x)?;
+        let g = f32s(OP, "gamma", gamma)?;
+        let mv = f32s(OP, "mean", mean)?;
+        let rv = f32s(OP, "rstd", rstd)?;
+        let mut dx = vec![0f32; rows * cols];
+        rows_mut(&mut dx, cols, |r, out| {
+            let (m, s) = (mv[r], rv[r]);
+            let xr = &xv[r * cols..(r + 1) * cols];
+            let dr = &dyv[r * cols..(r + 1) * cols];
+            // dx = rstd · (g·dy - mean(g·dy) - xhat · mean(g·dy·xhat))
+            let (mut a, mut b) = (0f64, 0f64);
+            for c in 0..cols {
+                let xhat = (xr[c] - m) * s;
+                let gd = (g[c] * dr[c]) as f64;
+                a += gd;
+                b += gd * xhat as f64;
+            }
+            let (a, b) = ((a / cols as f64) as f32, (b / cols as f64) as f32);
+            for c in 0..cols {
+                let xhat = (xr[c] - m) * s;
+                out[c] = s * (g[c] * dr[c] - a - xhat * b);
+            }
+        });
+        let mut dg = vec![0f64; cols];
+        let mut db = vec![0f64; cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let d = dyv[r * cols + c] as f64;
+                dg[c] += d * ((xv[r * cols + c] - mv[r]) * rv[r]) as f64;
+                db[c] += d;
+            }
+        }
+        Ok(LayerNormGrads {
+            dx: tensor(x.shape(), dx),
+            dgamma: tensor(&[cols], dg.into_iter().map(|v| v as f32).collect()),
+            dbeta: tensor(&[cols], db.into_iter().map(|v| v as f32).collect()),
+        })
+    }
+
+    fn gelu(&self, x: &T) -> Result<T> {
+        let xv = f32s("gelu", "x", x)?;
+        Ok(tensor(
+            x.shape(),
+            xv.par_iter().map(|&v| gelu_scalar(v)).collect(),
+        ))
+    }
+
+    fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
+        check_same("gelu_backward", ("dy", dy), ("x", x))?;
+        let dyv = f32s("gelu_backward", "dy", dy)?;
+        let xv = f32s("gelu_backward", "x", x)?;
+        Ok(tensor(
+            x.shape(),
+            dyv.par_iter()
+                .zip(xv)
+                .map(|(&d, &v)| d * gelu_grad_scalar(v))
+                .collect(),
+        ))
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        let xv = f32s("relu", "x", x)?;
+        Ok(tensor(x.shape(), xv.iter().map(|&v| v.max(0.0)).collect()))
+    }
+
+    fn relu_backward(&self, dy: &T, x: &T) -> Result<T> {
+        check_same("relu_backward", ("dy", dy), ("x", x))?;
+        let dyv = f32s("relu_backward", "dy", dy)?;
+        let xv = f32s("relu_backward", "x", x)?;
+        Ok(tensor(
+            x.shape(),
+            dyv.iter()
+                .zip(xv)
+                .map(|(&d, &v)| if v > 0.0 { d } else { 0.0 })
+                .collect(),
+        ))
+    }
+
+    fn embedding(&self, table: &T, ids: &T) -> Result<T> {
+        const OP: &str = "embedding";
+        let (vocab, dim, n) = embedding_dims(table, ids)?;
+        let tv = f32s(OP, "table", table)?;
+        let iv = u32s(OP, "ids", ids)?;
+        check_ids(OP, iv, vocab)?;
+        let mut out = vec![0f32; n * dim];
+        rows_mut(&mut out, dim, |r, row| {
+            let id = iv[r] as usize;
+            row.copy_from_slice(&tv[id * dim..(id + 1) * dim]);
+        });
+        Ok(tensor(&[n, dim], out))
+    }
+
+    fn embedding_backward(&self, dy: &T, ids: &T, vocab: usize) -> Result<T> {
+        const OP: &str = "embedding_backward";
+        check_float(OP, "dy", dy)?;
+        check_dtype(OP, "ids", ids, DType::U32)?;
+        let (n, dim) = dy.rows_cols();
+        check_vec(OP, "ids", ids, n)?;
+        let dyv = f32s(OP, "dy", dy)?;
+        let iv = u32s(OP, "ids", ids)?;
+        check_ids(OP, iv, vocab)?;
+        let mut out = vec![0f32; vocab * dim];
+        for (r, &id) in iv.iter().enumerate() {
+            let dst = &mut out[id as usize * dim..(id as usize + 1) * dim];
+            for (d, &g) in dst.iter_mut().zip(&dyv[r * dim..(r + 1) * dim]) {
+                *d += g;
+            }
+        }
+        Ok(tensor(&[vocab, dim], out))
+    }
+
+    fn l2_normalize(&self, x: &T, eps: f32) -> Result<(T, T)> {
+        let xv = f32s("l2_normalize", "x", x)?;
+        let (rows, cols) = x.rows_cols();
+        let norms: Vec<f32> = (0..rows)
+            .map(|r| {
+                let s: f64 = xv[r * cols..(r + 1) * cols]
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum();
+                s.sqrt() as f32
+            })
+            .collect();
+        let mut y = vec![0f32; rows * cols];
+        rows_mut(&mut y, cols, |r, out| {
+            let d = norms[r].max(eps);
+            for (o, &v) in out.iter_mut().zip(&xv[r * cols..(r + 1) * cols]) {
+                *o = v / d;
+            }
+        });
+        Ok((tensor(x.shape(), y), tensor(&[rows], norms)))
+    }
+
+    fn l2_normalize_backward(&self, dy: &T, y: &T, norms: &T, eps: f32) -> Result<T> {
+        const OP: &str = "l2_normalize_backward";
+        check_same(OP, ("dy", dy), ("y", y))?;
+        let (rows, cols) = y.rows_cols();
+        check_vec(OP, "norms", norms, rows)?;
+        let dyv = f32s(OP, "dy", dy)?;
+        let yv = f32s(OP, "y", y)?;
+        let nv = f32s(OP, "norms", norms)?;
+        let mut dx = vec![0f32; rows * cols];
+        rows_mut(&mut dx, cols, |r, out| {
+            let dr = &dyv[r * cols..(r + 1) * cols];
+            if nv[r] > eps {
+                // y = x/‖x‖: dx = (dy - y·<dy, y>) / ‖x‖
+                let yr = &yv[r * cols..(r + 1) * cols];
+                let dot: f64 = dr.iter().zip(yr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                for c in 0..cols {
+                    out[c] = (dr[c] - yr[c] * dot as f32) / nv[r];
+                }
+            } else {
+                // Below eps the denominator is the constant eps.
+                for c in 0..cols {
+                    out[c] = dr[c] / eps;
+                }
+            }
+        });
+        Ok(tensor(y.shape(), dx))
+    }
+
+    fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
+        const OP: &str = "softmax_cross_entropy";
+        let (rows, cols) = cross_entropy_dims(logits, targets)?;
+        let lv = f32s(OP, "logits", logits)?;
+        let tv = u32s(OP, "targets", targets)?;
+        check_ids(OP, tv, cols)?;
+        let mut loss = vec![0f32; rows];
+        let mut lse = vec![0f32; rows];
+        for r in 0..rows {
+            let row = &lv[r * cols..(r + 1) * cols];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let s: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            lse[r] = max + s.ln() as f32;
+            loss[r] = lse[r] - row[tv[r] as usize];
+        }
+        Ok((tensor(&[rows], loss), tensor(&[rows], lse)))
+    }
+
+    fn softmax_cross_entropy_backward(
+        &self,
+        dloss: &T,
+        logits: &T,
+        lse: &T,
+        targets: &T,
+    ) -> Result<T> {
+        const OP: &str = "softmax_cross_entropy_backward";
+        let (rows, cols) = cross_entropy_dims(logits, targets)?;
+        check_vec(OP, "dloss", dloss, rows)?;
+        check_vec(OP, "lse", lse, rows)?;
+        let dv = f32s(OP, "dloss", dloss)?;
+        let lv = f32s(OP, "logits", logits)?;
+        let sv = f32s(OP, "lse", lse)?;
+        let tv = u32s(OP, "targets", targets)?;
+        check_ids(OP, tv, cols)?;
+        let mut out = vec![0f32; rows * cols];
+        rows_mut(&mut out, cols, |r, o| {
+            for c in 0..cols {
+                let p = (lv[r * cols + c] - sv[r]).exp();
+                let hot = if c == tv[r] as usize { 1.0 } else { 0.0 };
+                o[c] = dv[r] * (p - hot);
+            }
+        });
+        Ok(tensor(logits.shape(), out))
+    }
+}

@@ -1,0 +1,748 @@
+//! The CUDA backend: cudarc context and stream, the kernels build.rs embedded, launch
+//! helpers and cuBLASLt matmuls. Compiled with feature `cuda`; libcuda and cuBLASLt are
+//! loaded at run time, so a binary built on a machine without a GPU runs on one with it.
+
+mod blas;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+
+use super::{
+    check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads, LayerNormOut,
+};
+use crate::error::{dtype_err, shape_err, Error, Result};
+use crate::tensor::{DType, HostData, Tensor};
+
+/// ptxas's report for one kernel and architecture, recorded by build.rs.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelResources {
+    /// Source file stem in `cuda/`.
+    pub module: &'static str,
+    /// Kernel (entry function) name.
+    pub kernel: &'static str,
+    /// Target architecture (`sm_80`, `sm_90`).
+    pub arch: &'static str,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory per block, bytes.
+    pub shared_bytes: u32,
+    /// Stack frame, bytes.
+    pub stack_bytes: u32,
+    /// Spill stores, bytes.
+    pub spill_stores: u32,
+    /// Spill loads, bytes.
+    pub spill_loads: u32,
+}
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The per-kernel resource report of every embedded kernel.
+pub fn kernel_resources() -> &'static [KernelResources] {
+    embedded::RESOURCES
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Device memory behind a CUDA tensor. Buffers hold at least one element (the driver
+/// rejects empty allocations); the tensor's shape says how many are meaningful.
+pub enum CudaStorage {
+    /// f32 elements.
+    F32(CudaSlice<f32>),
+    /// bf16 elements.
+    BF16(CudaSlice<bf16>),
+    /// u32 elements.
+    U32(CudaSlice<u32>),
+}
+
+/// The CUDA backend on one device, one stream.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: Mutex<blas::Blas>,
+    poison: AtomicBool,
+}
+
+type T = Tensor<Cuda>;
+
+/// Threads per block for the 1-D grid-stride and warp-per-row kernels.
+const BLOCK: u32 = 256;
+
+/// Suffix of a kernel instantiation for a float dtype.
+fn sfx(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::U32 => "u32",
+    }
+}
+
+/// A 1-D grid-stride launch over `n` elements (grid capped; the kernels loop).
+fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, 8 rows per 256-thread block.
+fn grid_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A kernel argument: a tensor read, a tensor written, or a scalar.
+trait KernelArg<'a> {
+    fn push(self, b: &mut LaunchArgs<'a>);
+}
+
+impl<'a> KernelArg<'a> for &'a T {
+    fn push(self, b: &mut LaunchArgs<'a>) {
+        match self.storage() {
+            CudaStorage::F32(s) => b.arg(s),
+            CudaStorage::BF16(s) => b.arg(s),
+            CudaStorage::U32(s) => b.arg(s),
+        };
+    }
+}
+
+impl<'a> KernelArg<'a> for &'a mut T {
+    fn push(self, b: &mut LaunchArgs<'a>) {
+        match self.storage_mut() {
+            CudaStorage::F32(s) => b.arg(s),
+            CudaStorage::BF16(s) => b.arg(s),
+            CudaStorage::U32(s) => b.arg(s),
+        };
+    }
+}
+
+macro_rules! scalar_arg {
+    ($($t:ty),*) => {$(
+        impl<'a> KernelArg<'a> for &'a $t {
+            fn push(self, b: &mut LaunchArgs<'a>) {
+                b.arg(self);
+            }
+        }
+    )*};
+}
+scalar_arg!(i32, i64, f32);
+
+/// Launches `$f` with config `$cfg` and the listed arguments, in the kernel's order.
+/// SAFETY (for every use): the arguments match the kernel's signature and the buffers are
+/// sized by shapes validated before the launch.
+macro_rules! launch {
+    ($self:expr, $f:expr, $cfg:expr, [$($a:expr),* $(,)?]) => {{
+        let mut b = $self.stream.launch_builder(&$f);
+        $( KernelArg::push($a, &mut b); )*
+        unsafe { b.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| cuda_err("launch", e))
+    }};
+}
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).or_else(|_| shape_err(op, format!("{what} = {v} exceeds i32")))
+}
+
+impl Cuda {
+    /// Whether libcuda and cuBLASLt can be loaded and at least one device is present.
+    /// Never panics (cudarc panics on first use when libcuda is missing, so probe first).
+    pub fn available() -> bool {
+        // SAFETY: these only try dlopen on the candidate library names.
+        let libs = unsafe {
+            cudarc::driver::sys::is_culib_present() && cudarc::cublaslt::sys::is_culib_present()
+        };
+        libs && CudaContext::device_count().is_ok_and(|n| n > 0)
+    }
+
+    /// Opens device `ordinal`, loads every embedded module and creates the cuBLASLt handle.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: dlopen probes only.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcuda not found: no NVIDIA driver on this machine (or not on LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        // SAFETY: dlopen probe only.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcublasLt not found: put the CUDA 13 libraries (e.g. python's nvidia/*/lib) on LD_LIBRARY_PATH".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("open device", e))?;
+        // One stream: ordering is program order, so cudarc's per-buffer events are overhead.
+        // SAFETY: every buffer is used only on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for (name, image) in embedded::MODULES {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .map_err(|e| cuda_err(&format!("load module {name}"), e))?;
+            modules.insert(*name, m);
+        }
+        let (major, _) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        let blas = blas::Blas::new(stream.clone(), major)?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(blas),
+            poison: AtomicBool::new(false),
+        })
+    }
+
+    /// Fills every newly allocated output with NaN bytes (0xFF) before kernels write it,
+    /// so tests catch elements a kernel forgot to write.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Waits for all queued work; reports asynchronous kernel faults.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// The stream every op is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Runs `f` `warmup` times, then `iters` times each between two device events;
+    /// returns the per-run milliseconds (callers take the median).
+    pub fn time_ms(
+        &self,
+        warmup: usize,
+        iters: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = |what| move |e| cuda_err(what, e);
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = self.ctx.new_event(flags).map_err(ev("event"))?;
+            let end = self.ctx.new_event(flags).map_err(ev("event"))?;
+            start.record(&self.stream).map_err(ev("record"))?;
+            f()?;
+            end.record(&self.stream).map_err(ev("record"))?;
+            end.synchronize().map_err(ev("event sync"))?;
+            times.push(start.elapsed_ms(&end).map_err(ev("elapsed"))?);
+        }
+        Ok(times)
+    }
+
+    fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap();
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::Cuda(format!("module {module} is not embedded")))?;
+        let f = m
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name} in {module}"), e))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Allocates an output tensor (poisoned when requested), contents otherwise undefined.
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: every op writes its whole output before anything reads it; poisoning
+        // makes a violation visible in tests.
+        let mut storage = unsafe {
+            match dtype {
+                DType::F32 => CudaStorage::F32(
+                    self.stream
+                        .alloc::<f32>(n)
+                        .map_err(|e| cuda_err("alloc", e))?,
+                ),
+                DType::BF16 => CudaStorage::BF16(
+                    self.stream
+                        .alloc::<bf16>(n)
+                        .map_err(|e| cuda_err("alloc", e))?,
+                ),
+                DType::U32 => CudaStorage::U32(
+                    self.stream
+                        .alloc::<u32>(n)
+                        .map_err(|e| cuda_err("alloc", e))?,
+                ),
+            }
+        };
+        if self.poison.load(Ordering::Relaxed) {
+            let (ptr, bytes) = match &mut storage {
+                CudaStorage::F32(s) => (s.device_ptr_mut(&self.stream).0, n * 4),
+                CudaStorage::BF16(s) => (s.device_ptr_mut(&self.stream).0, n * 2),
+                CudaStorage::U32(s) => (s.device_ptr_mut(&self.stream).0, n * 4),
+            };
+            // SAFETY: ptr addresses `bytes` bytes just allocated on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream())
+            }
+            .map_err(|e| cuda_err("poison", e))?;
+        }
+        Ok(Tensor::from_parts(shape.to_vec(), dtype, storage))
+    }
+
+    /// Unary elementwise kernel `name_{dtype}(x, y, n)`.
+    fn unary(&self, module: &str, name: &'static str, x: &T) -> Result<T> {
+        check_float(name, "x", x)?;
+        let f = self.func(module, &format!("{name}_{}", sfx(x.dtype())))?;
+        let mut y = self.alloc(x.shape(), x.dtype())?;
+        let n = x.numel() as i64;
+        if n > 0 {
+            launch!(self, f, grid_1d(n as usize), [x, &mut y, &n])?;
+        }
+        Ok(y)
+    }
+
+    /// Binary elementwise kernel `name_{dtype}(a, b, y, n)`.
+    fn binary(&self, module: &str, name: &'static str, a: &T, bt: &T) -> Result<T> {
+        check_float(name, "a", a)?;
+        check_same(name, ("a", a), ("b", bt))?;
+        let f = self.func(module, &format!("{name}_{}", sfx(a.dtype())))?;
+        let mut y = self.alloc(a.shape(), a.dtype())?;
+        let n = a.numel() as i64;
+        if n > 0 {
+            launch!(self, f, grid_1d(n as usize), [a, bt, &mut y, &n])?;
+        }
+        Ok(y)
+    }
+
+    fn device_ptr(&self, t: &T) -> u64 {
+        match t.storage() {
+            CudaStorage::F32(s) => s.device_ptr(&self.stream).0,
+            CudaStorage::BF16(s) => s.device_ptr(&self.stream).0,
+            CudaStorage::U32(s) => s.device_ptr(&self.stream).0,
+        }
+    }
+
+    fn memset_zero(&self, t: &mut T) -> Result<()> {
+        let r = match t.storage_mut() {
+            CudaStorage::F32(s) => self.stream.memset_zeros(s),
+            CudaStorage::BF16(s) => self.stream.memset_zeros(s),
+            CudaStorage::U32(s) => self.stream.memset_zeros(s),
+        };
+        r.map_err(|e| cuda_err("memset", e))
+    }
+
+    /// Ids are validated on the host: an out-of-range id would read or write out of bounds.
+    fn check_ids_device(&self, op: &'static str, ids: &T, limit: usize) -> Result<()> {
+        check_ids(op, &self.to_vec_u32(ids)?, limit)
+    }
+}
+
+impl Backend for Cuda {
+    type Storage = CudaStorage;
+
+    fn name(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
+        format!("cuda:{} {name}", self.ctx.ordinal())
+    }
+
+    fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return shape_err(
+                "upload",
+                format!("{} elements do not fill shape {shape:?}", data.len()),
+            );
+        }
+        if data.is_empty() {
+            return self.zeros(shape, data.dtype());
+        }
+        let e = |e| cuda_err("upload", e);
+        let storage = match data {
+            HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v).map_err(e)?),
+            HostData::BF16(v) => CudaStorage::BF16(self.stream.clone_htod(v).map_err(e)?),
+            HostData::U32(v) => CudaStorage::U32(self.stream.clone_htod(v).map_err(e)?),
+        };
+        Ok(Tensor::from_parts(shape.to_vec(), data.dtype(), storage))
+    }
+
+    fn to_vec_f32(&self, t: &T) -> Result<Vec<f32>> {
+        let n = t.numel();
+        let e = |e| cuda_err("download", e);
+        match t.storage() {
+            CudaStorage::F32(s) => {
+                let mut v = self.stream.clone_dtoh(s).map_err(e)?;
+                v.truncate(n);
+                Ok(v)
+            }
+            CudaStorage::BF16(s) => {
+                let v = self.stream.clone_dtoh(s).map_err(e)?;
+                Ok(v[..n].iter().map(|x| x.to_f32()).collect())
+            }
+            CudaStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+        }
+    }
+
+    fn to_vec_u32(&self, t: &T) -> Result<Vec<u32>> {
+        match t.storage() {
+            CudaStorage::U32(s) => {
+                let mut v = self
+                    .stream
+                    .clone_dtoh(s)
+                    .map_err(|e| cuda_err("download", e))?;
+                v.truncate(t.numel());
+                Ok(v)
+            }
+            _ => dtype_err("to_vec_u32", format!("tensor is {}", t.dtype())),
+        }
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let mut t = self.alloc(shape, dtype)?;
+        self.memset_zero(&mut t)?;
+        Ok(t)
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        check_float("cast", "x", x)?;
+        if !dtype.is_float() {
+            return dtype_err("cast", "cannot cast floats to u32");
+        }
+        let mut y = self.alloc(x.shape(), dtype)?;
+        let n = x.numel();
+        if n == 0 {
+            return Ok(y);
+        }
+        if x.dtype() == dtype {
+            let e = |e| cuda_err("copy", e);
+            match (x.storage(), y.storage_mut()) {
+                (CudaStorage::F32(s), CudaStorage::F32(d)) => {
+                    self.stream.memcpy_dtod(s, d).map_err(e)?
+                }
+                (CudaStorage::BF16(s), CudaStorage::BF16(d)) => {
+                    self.stream.memcpy_dtod(s, d).map_err(e)?
+                }
+                _ => unreachable!("same dtype, same storage variant"),
+            }
+            return Ok(y);
+        }
+        let f = self.func(
+            "elementwise",
+            &format!("cast_{}_{}", sfx(x.dtype()), sfx(dtype)),
+        )?;
+        let n = n as i64;
+        launch!(self, f, grid_1d(n as usize), [x, &mut y, &n])?;
+        Ok(y)
+    }
+
+    fn matmul(
+        &self,
+        a: &T,
+        trans_a: bool,
+        b: &T,
+        trans_b: bool,
+        bias: Option<&T>,
+        out: DType,
+    ) -> Result<T> {
+        let (m, k, n) = matmul_dims(a, trans_a, b, trans_b, bias, out)?;
+        if k == 0 {
+            if bias.is_some() {
+                return shape_err("matmul", "k = 0 with a bias is not supported on CUDA");
+            }
+            return self.zeros(&[m, n], out);
+        }
+        let c = self.alloc(&[m, n], out)?;
+        if m == 0 || n == 0 {
+            return Ok(c);
+        }
+        let args = blas::MatmulArgs {
+            m,
+            n,
+            k,
+            a: self.device_ptr(a),
+            trans_a,
+            b: self.device_ptr(b),
+            trans_b,
+            c: self.device_ptr(&c),
+            in_type: a.dtype(),
+            out_type: out,
+            bias: bias.map(|t| self.device_ptr(t)),
+        };
+        // SAFETY: pointers come from live tensors whose shapes matmul_dims validated.
+        unsafe { self.blas.lock().unwrap().matmul(&args)? };
+        Ok(c)
+    }
+
+    fn add(&self, a: &T, b: &T) -> Result<T> {
+        self.binary("elementwise", "add", a, b)
+    }
+
+    fn sum_rows(&self, x: &T) -> Result<T> {
+        check_float("sum_rows", "x", x)?;
+        let (rows, cols) = x.rows_cols();
+        let mut out = self.alloc(&[cols], DType::F32)?;
+        if cols == 0 {
+            return Ok(out);
+        }
+        if rows == 0 {
+            self.memset_zero(&mut out)?;
+            return Ok(out);
+        }
+        let f = self.func("elementwise", &format!("sum_rows_{}", sfx(x.dtype())))?;
+        let (r, c) = (
+            to_i32("sum_rows", "rows", rows)?,
+            to_i32("sum_rows", "cols", cols)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, f, cfg, [x, &mut out, &r, &c])?;
+        Ok(out)
+    }
+
+    fn layernorm(&self, x: &T, gamma: &T, beta: &T, eps: f32) -> Result<LayerNormOut<Self>> {
+        let (rows, cols) = layernorm_dims(x, gamma, beta)?;
+        let mut y = self.alloc(x.shape(), x.dtype())?;
+        let mut mean = self.alloc(&[rows], DType::F32)?;
+        let mut rstd = self.alloc(&[rows], DType::F32)?;
+        if rows > 0 {
+            let f = self.func("layernorm", &format!("layernorm_fwd_{}", sfx(x.dtype())))?;
+            let (r, c) = (
+                to_i32("layernorm", "rows", rows)?,
+                to_i32("layernorm", "cols", cols)?,
+            );
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [x, gamma, beta, &mut y, &mut mean, &mut rstd, &r, &c, &eps]
+            )?;
+        }
+        Ok(LayerNormOut { y, mean, rstd })
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &T,
+        x: &T,
+        gamma: &T,
+        mean: &T,
+        rstd: &T,
+    ) -> Result<LayerNormGrads<Self>> {
+        const OP: &str = "layernorm_backward";
+        let (rows, cols) = layernorm_backward_dims(dy, x, gamma, mean, rstd)?;
+        let mut dx = self.alloc(x.shape(), x.dtype())?;
+        if rows == 0 {
+            return Ok(LayerNormGrads {
+                dx,
+                dgamma: self.zeros(&[cols], DType::F32)?,
+                dbeta: self.zeros(&[cols], DType::F32)?,
+            });
+        }
+        let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+        let f = self.func("layernorm", &format!("layernorm_bwd_dx_{}", sfx(x.dtype())))?;
+        launch!(
+            self,
+            f,
+            grid_rows(rows),
+            [dy, x, gamma, mean, rstd, &mut dx, &r, &c]
+        )?;
+        // Parameter gradients: per-chunk partial sums, then a deterministic column sum.
+        let chunk: usize = 64;
+        let chunks = rows.div_ceil(chunk);
+        let mut pg = self.alloc(&[chunks, cols], DType::F32)?;
+        let mut pb = self.alloc(&[chunks, cols], DType::F32)?;
+        let f = self.func(
+            "layernorm",
+            &format!("layernorm_bwd_params_{}", sfx(x.dtype())),
+        )?;
+        let ch = chunk as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            f,
+            cfg,
+            [dy, x, mean, rstd, &mut pg, &mut pb, &r, &c, &ch]
+        )?;
+        Ok(LayerNormGrads {
+            dx,
+            dgamma: self.sum_rows(&pg)?,
+            dbeta: self.sum_rows(&pb)?,
+        })
+    }
+
+    fn gelu(&self, x: &T) -> Result<T> {
+        self.unary("activation", "gelu_fwd", x)
+    }
+
+    fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
+        self.binary("activation", "gelu_bwd", dy, x)
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.unary("activation", "relu_fwd", x)
+    }
+
+    fn relu_backward(&self, dy: &T, x: &T) -> Result<T> {
+        self.binary("activation", "relu_bwd", dy, x)
+    }
+
+    fn embedding(&self, table: &T, ids: &T) -> Result<T> {
+        const OP: &str = "embedding";
+        let (vocab, dim, n) = embedding_dims(table, ids)?;
+        self.check_ids_device(OP, ids, vocab)?;
+        let mut out = self.alloc(&[n, dim], table.dtype())?;
+        if n * dim > 0 {
+            let f = self.func(
+                "embedding",
+                &format!("embedding_fwd_{}", sfx(table.dtype())),
+            )?;
+            let (ni, di) = (to_i32(OP, "ids", n)?, to_i32(OP, "dim", dim)?);
+            launch!(self, f, grid_1d(n * dim), [table, ids, &mut out, &ni, &di])?;
+        }
+        Ok(out)
+    }
+
+    fn embedding_backward(&self, dy: &T, ids: &T, vocab: usize) -> Result<T> {
+        const OP: &str = "embedding_backward";
+        check_float(OP, "dy", dy)?;
+        check_dtype(OP, "ids", ids, DType::U32)?;
+        let (n, dim) = dy.rows_cols();
+        check_vec(OP, "ids", ids, n)?;
+        self.check_ids_device(OP, ids, vocab)?;
+        let mut out = self.zeros(&[vocab, dim], DType::F32)?;
+        if n * dim > 0 {
+            let f = self.func("embedding", &format!("embedding_bwd_{}", sfx(dy.dtype())))?;
+            let (ni, di) = (to_i32(OP, "ids", n)?, to_i32(OP, "dim", dim)?);
+            launch!(self, f, grid_1d(n * dim), [dy, ids, &mut out, &ni, &di])?;
+        }
+        Ok(out)
+    }
+
+    fn l2_normalize(&self, x: &T, eps: f32) -> Result<(T, T)> {
+        const OP: &str = "l2_normalize";
+        check_float(OP, "x", x)?;
+        let (rows, cols) = x.rows_cols();
+        let mut y = self.alloc(x.shape(), x.dtype())?;
+        let mut norms = self.alloc(&[rows], DType::F32)?;
+        if rows > 0 {
+            let f = self.func("normalize", &format!("l2norm_fwd_{}", sfx(x.dtype())))?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [x, &mut y, &mut norms, &r, &c, &eps]
+            )?;
+        }
+        Ok((y, norms))
+    }
+
+    fn l2_normalize_backward(&self, dy: &T, y: &T, norms: &T, eps: f32) -> Result<T> {
+        const OP: &str = "l2_normalize_backward";
+        check_float(OP, "y", y)?;
+        check_same(OP, ("dy", dy), ("y", y))?;
+        let (rows, cols) = y.rows_cols();
+        check_vec(OP, "norms", norms, rows)?;
+        check_dtype(OP, "norms", norms, DType::F32)?;
+        let mut dx = self.alloc(y.shape(), y.dtype())?;
+        if rows > 0 {
+            let f = self.func("normalize", &format!("l2norm_bwd_{}", sfx(y.dtype())))?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [dy, y, norms, &mut dx, &r, &c, &eps]
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
+        const OP: &str = "softmax_cross_entropy";
+        let (rows, cols) = cross_entropy_dims(logits, targets)?;
+        self.check_ids_device(OP, targets, cols)?;
+        let mut loss = self.alloc(&[rows], DType::F32)?;
+        let mut lse = self.alloc(&[rows], DType::F32)?;
+        if rows > 0 {
+            let f = self.func(
+                "crossentropy",
+                &format!("softmax_ce_fwd_{}", sfx(logits.dtype())),
+            )?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [logits, targets, &mut loss, &mut lse, &r, &c]
+            )?;
+        }
+        Ok((loss, lse))
+    }
+
+    fn softmax_cross_entropy_backward(
+        &self,
+        dloss: &T,
+        logits: &T,
+        lse: &T,
+        targets: &T,
+    ) -> Result<T> {
+        const OP: &str = "softmax_cross_entropy_backward";
+        let (rows, cols) = cross_entropy_dims(logits, targets)?;
+        check_vec(OP, "dloss", dloss, rows)?;
+        check_vec(OP, "lse", lse, rows)?;
+        check_dtype(OP, "dloss", dloss, DType::F32)?;
+        check_dtype(OP, "lse", lse, DType::F32)?;
+        self.check_ids_device(OP, targets, cols)?;
+        let mut d = self.alloc(logits.shape(), logits.dtype())?;
+        if rows > 0 {
+            let f = self.func(
+                "crossentropy",
+                &format!("softmax_ce_bwd_{}", sfx(logits.dtype())),
+            )?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_1d(rows * cols),
+                [dloss, logits, lse, targets, &mut d, &r, &c]
+            )?;
+        }
+        Ok(d)
+    }
+}

@@ -1,0 +1,337 @@
+//! The kernel-level operations every backend provides, forward and backward.
+//!
+//! Model, tape and loss code are written once against [`Backend`]. The CPU backend is the
+//! f32 reference; the CUDA backend (feature `cuda`) is tested against it.
+//!
+//! Conventions shared by all ops: tensors are row-major; an op that works on rows folds all
+//! leading dimensions into rows ([`Tensor::rows_cols`]). Float inputs of one op share one
+//! dtype `T` (f32 or bf16); statistics (LayerNorm mean/rstd, norms, log-sum-exp, losses) and
+//! parameter gradients (bias, LayerNorm gain/shift, embedding table) are f32; input
+//! gradients have the input's dtype.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::error::{dtype_err, shape_err, Error, Result};
+use crate::tensor::{DType, HostData, Tensor};
+
+/// LayerNorm forward results: output and the statistics its backward needs.
+pub struct LayerNormOut<B: Backend> {
+    /// Normalised, scaled and shifted rows, same shape and dtype as the input.
+    pub y: Tensor<B>,
+    /// Per-row mean, f32 `[rows]`.
+    pub mean: Tensor<B>,
+    /// Per-row reciprocal standard deviation `1/sqrt(var + eps)`, f32 `[rows]`.
+    pub rstd: Tensor<B>,
+}
+
+/// LayerNorm backward results.
+pub struct LayerNormGrads<B: Backend> {
+    /// Gradient with respect to the input, input's dtype.
+    pub dx: Tensor<B>,
+    /// Gradient with respect to the gain, f32 `[cols]`.
+    pub dgamma: Tensor<B>,
+    /// Gradient with respect to the shift, f32 `[cols]`.
+    pub dbeta: Tensor<B>,
+}
+
+/// Kernel-level operations; one implementation per device.
+pub trait Backend: Sized + Send + Sync {
+    /// The device buffer behind a [`Tensor`].
+    type Storage: Send + Sync;
+
+    /// Human-readable device name ("cpu", "cuda:0 NVIDIA H100 ...").
+    fn name(&self) -> String;
+
+    /// Copies host data to the device as a tensor of the given shape.
+    fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Copies a float tensor back to the host as f32.
+    fn to_vec_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    /// Copies a u32 tensor back to the host.
+    fn to_vec_u32(&self, t: &Tensor<Self>) -> Result<Vec<u32>>;
+    /// A tensor of zeros.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// Converts a float tensor to another float dtype (round to nearest even into bf16).
+    fn cast(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>>;
+
+    /// `C[M,N] = op(A) · op(B) (+ bias[N])`, where `op(A)` is `A` (`[M,K]`) or, with
+    /// `trans_a`, `Aᵀ` of an `A` stored `[K,M]`; likewise `B`. Accumulates in f32; `out` is
+    /// C's dtype (a bias, if given, has that dtype too).
+    fn matmul(
+        &self,
+        a: &Tensor<Self>,
+        trans_a: bool,
+        b: &Tensor<Self>,
+        trans_b: bool,
+        bias: Option<&Tensor<Self>>,
+        out: DType,
+    ) -> Result<Tensor<Self>>;
+    /// Elementwise `a + b` (residual connections, gradient accumulation).
+    fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// Column sums of a `[rows, cols]` matrix, f32 `[cols]` (bias gradients).
+    fn sum_rows(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Row-wise LayerNorm `(x - mean) · rstd · gamma + beta`, biased variance.
+    fn layernorm(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<LayerNormOut<Self>>;
+    /// LayerNorm backward from the saved statistics.
+    fn layernorm_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+    ) -> Result<LayerNormGrads<Self>>;
+
+    /// Exact GELU, `x · Φ(x)` with the error function (not the tanh approximation).
+    fn gelu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// GELU backward: `dy · (Φ(x) + x·φ(x))`.
+    fn gelu_backward(&self, dy: &Tensor<Self>, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// `max(x, 0)`.
+    fn relu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// ReLU backward: `dy` where `x > 0`, else 0.
+    fn relu_backward(&self, dy: &Tensor<Self>, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Row gather: `out[i] = table[ids[i]]`, `table` `[V, D]`, `ids` u32 `[n]`.
+    fn embedding(&self, table: &Tensor<Self>, ids: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// Scatter-add of row gradients into a zero f32 `[vocab, D]` table.
+    fn embedding_backward(
+        &self,
+        dy: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        vocab: usize,
+    ) -> Result<Tensor<Self>>;
+
+    /// Row-wise `x / max(‖x‖₂, eps)` (torch's `F.normalize`); returns the output and the
+    /// f32 row norms `[rows]`.
+    fn l2_normalize(&self, x: &Tensor<Self>, eps: f32) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// L2-normalise backward from the output `y` and the saved norms.
+    fn l2_normalize_backward(
+        &self,
+        dy: &Tensor<Self>,
+        y: &Tensor<Self>,
+        norms: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<Tensor<Self>>;
+
+    /// Row-wise softmax cross-entropy against a target column: `loss[r] = lse[r] -
+    /// logits[r, targets[r]]`. Returns f32 `loss` and `lse`, both `[rows]`.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// `dlogits[r,c] = dloss[r] · (softmax[r,c] - [c == targets[r]])`, logits' dtype.
+    fn softmax_cross_entropy_backward(
+        &self,
+        dloss: &Tensor<Self>,
+        logits: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        targets: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
+}
+
+/// Requires a float tensor (f32 or bf16).
+pub(crate) fn check_float<B: Backend>(op: &'static str, name: &str, t: &Tensor<B>) -> Result<()> {
+    if t.dtype().is_float() {
+        Ok(())
+    } else {
+        dtype_err(op, format!("{name} must be f32 or bf16, got {}", t.dtype()))
+    }
+}
+
+/// Requires a tensor of an exact dtype.
+pub(crate) fn check_dtype<B: Backend>(
+    op: &'static str,
+    name: &str,
+    t: &Tensor<B>,
+    want: DType,
+) -> Result<()> {
+    if t.dtype() == want {
+        Ok(())
+    } else {
+        dtype_err(op, format!("{name} must be {want}, got {}", t.dtype()))
+    }
+}
+
+/// Requires two tensors of equal shape and dtype.
+pub(crate) fn check_same<B: Backend>(
+    op: &'static str,
+    (na, a): (&str, &Tensor<B>),
+    (nb, b): (&str, &Tensor<B>),
+) -> Result<()> {
+    if a.shape() != b.shape() {
+        return shape_err(
+            op,
+            format!("{na} is {:?} but {nb} is {:?}", a.shape(), b.shape()),
+        );
+    }
+    if a.dtype() != b.dtype() {
+        return dtype_err(
+            op,
+            format!("{na} is {} but {nb} is {}", a.dtype(), b.dtype()),
+        );
+    }
+    Ok(())
+}
+
+/// Requires a 1-D tensor of the given length.
+pub(crate) fn check_vec<B: Backend>(
+    op: &'static str,
+    name: &str,
+    t: &Tensor<B>,
+    len: usize,
+) -> Result<()> {
+    if t.shape() == [len] {
+        Ok(())
+    } else {
+        shape_err(op, format!("{name} must be [{len}], got {:?}", t.shape()))
+    }
+}
+
+/// Validated matmul dimensions `(m, k, n)`.
+pub(crate) fn matmul_dims<B: Backend>(
+    a: &Tensor<B>,
+    trans_a: bool,
+    b: &Tensor<B>,
+    trans_b: bool,
+    bias: Option<&Tensor<B>>,
+    out: DType,
+) -> Result<(usize, usize, usize)> {
+    const OP: &str = "matmul";
+    check_float(OP, "A", a)?;
+    if a.dtype() != b.dtype() {
+        return dtype_err(OP, format!("A is {} but B is {}", a.dtype(), b.dtype()));
+    }
+    if !out.is_float() {
+        return dtype_err(OP, format!("output dtype must be f32 or bf16, got {out}"));
+    }
+    let (Some(&[a0, a1]), Some(&[b0, b1])) = (
+        Some(a.shape()).filter(|s| s.len() == 2),
+        Some(b.shape()).filter(|s| s.len() == 2),
+    ) else {
+        return shape_err(
+            OP,
+            format!(
+                "A and B must be 2-D, got {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        );
+    };
+    let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
+    let (kb, n) = if trans_b { (b1, b0) } else { (b0, b1) };
+    if k != kb {
+        return shape_err(
+            OP,
+            format!(
+                "inner dimensions differ: op(A) is [{m}, {k}] (A {:?}, trans {trans_a}), op(B) is [{kb}, {n}] (B {:?}, trans {trans_b})",
+                a.shape(),
+                b.shape()
+            ),
+        );
+    }
+    if let Some(bias) = bias {
+        check_vec(OP, "bias", bias, n)?;
+        check_dtype(OP, "bias", bias, out)?;
+    }
+    Ok((m, k, n))
+}
+
+/// Validated LayerNorm dimensions `(rows, cols)`.
+pub(crate) fn layernorm_dims<B: Backend>(
+    x: &Tensor<B>,
+    gamma: &Tensor<B>,
+    beta: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    const OP: &str = "layernorm";
+    check_float(OP, "x", x)?;
+    let (rows, cols) = x.rows_cols();
+    check_vec(OP, "gamma", gamma, cols)?;
+    check_vec(OP, "beta", beta, cols)?;
+    check_dtype(OP, "gamma", gamma, x.dtype())?;
+    check_dtype(OP, "beta", beta, x.dtype())?;
+    Ok((rows, cols))
+}
+
+/// Validated LayerNorm-backward dimensions `(rows, cols)`.
+pub(crate) fn layernorm_backward_dims<B: Backend>(
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    gamma: &Tensor<B>,
+    mean: &Tensor<B>,
+    rstd: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    const OP: &str = "layernorm_backward";
+    check_float(OP, "x", x)?;
+    check_same(OP, ("dy", dy), ("x", x))?;
+    let (rows, cols) = x.rows_cols();
+    check_vec(OP, "gamma", gamma, cols)?;
+    check_dtype(OP, "gamma", gamma, x.dtype())?;
+    check_vec(OP, "mean", mean, rows)?;
+    check_vec(OP, "rstd", rstd, rows)?;
+    check_dtype(OP, "mean", mean, DType::F32)?;
+    check_dtype(OP, "rstd", rstd, DType::F32)?;
+    Ok((rows, cols))
+}
+
+/// Validated embedding dimensions `(vocab, dim, n_ids)`.
+pub(crate) fn embedding_dims<B: Backend>(
+    table: &Tensor<B>,
+    ids: &Tensor<B>,
+) -> Result<(usize, usize, usize)> {
+    const OP: &str = "embedding";
+    check_float(OP, "table", table)?;
+    check_dtype(OP, "ids", ids, DType::U32)?;
+    if table.shape().len() != 2 || ids.shape().len() != 1 {
+        return shape_err(
+            OP,
+            format!(
+                "table must be [vocab, dim] and ids [n], got {:?} and {:?}",
+                table.shape(),
+                ids.shape()
+            ),
+        );
+    }
+    Ok((table.shape()[0], table.shape()[1], ids.shape()[0]))
+}
+
+/// Validated softmax-cross-entropy dimensions `(rows, cols)`.
+pub(crate) fn cross_entropy_dims<B: Backend>(
+    logits: &Tensor<B>,
+    targets: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    const OP: &str = "softmax_cross_entropy";
+    check_float(OP, "logits", logits)?;
+    check_dtype(OP, "targets", targets, DType::U32)?;
+    if logits.shape().len() != 2 {
+        return shape_err(
+            OP,
+            format!("logits must be [rows, cols], got {:?}", logits.shape()),
+        );
+    }
+    let (rows, cols) = logits.rows_cols();
+    check_vec(OP, "targets", targets, rows)?;
+    if cols == 0 {
+        return shape_err(OP, "logits have no columns");
+    }
+    Ok((rows, cols))
+}
+
+/// Checks host-side ids against the vocabulary (both backends validate before launching).
+pub(crate) fn check_ids(op: &'static str, ids: &[u32], limit: usize) -> Result<()> {
+    match ids.iter().position(|&i| i as usize >= limit) {
+        None => Ok(()),
+        Some(p) => Err(Error::Index {
+            op,
+            detail: format!("id {} at position {p} is not below {limit}", ids[p]),
+        }),
+    }
+}

@@ -1,0 +1,61 @@
+//! Command-line interface: argument parsing and dispatch to the subcommands.
+
+mod kernels;
+mod selfcheck;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// m3: M3-Embedding (BGE-M3) in Rust + CUDA: dense, sparse and colbert embeddings from one
+/// forward pass, hybrid scoring and search, fine-tuning with self-knowledge distillation.
+#[derive(Parser, Debug)]
+#[command(name = "m3", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where ops run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// CUDA when this binary has the `cuda` feature and a GPU is present, else CPU.
+    Auto,
+    /// The f32 CPU reference backend.
+    Cpu,
+    /// The CUDA backend (needs the `cuda` feature and an NVIDIA GPU).
+    Cuda,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Model-free self-check: every op's gradient against finite differences on the CPU,
+    /// and, with a GPU, every CUDA op (f32 and bf16) against the CPU reference.
+    Selfcheck {
+        /// Device to check besides the CPU reference.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// Random seed for the inputs.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Print ptxas's per-kernel resource report (registers, shared memory, spills) for the
+    /// kernels embedded in this binary.
+    Kernels,
+}
+
+/// Parses arguments, runs the subcommand, maps errors to a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Selfcheck { device, seed } => selfcheck::run(device, seed),
+        Command::Kernels => kernels::run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,522 @@
+//! Finite-difference gradient checks for anything built on the tape.
+//!
+//! `check` compares the tape's gradients of `Σ r ⊙ f(inputs)` (r a random seed gradient)
+//! against central differences. The tests run it on every op under proptest, and
+//! `m3 selfcheck` runs it as the model-free self-check.
+
+use crate::autograd::{Tape, Var};
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::tensor::{DType, HostData, Tensor};
+
+/// A function of recorded inputs, checked as a unit: records ops on the tape and returns
+/// the output.
+pub type OpFn<B> = dyn Fn(&mut Tape<'_, B>, &[Var]) -> Result<Var>;
+
+/// An input to a checked function.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Real values; `grad` says whether the gradient is checked.
+    Float {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Row-major values.
+        data: Vec<f32>,
+        /// Whether to check the gradient of this input.
+        grad: bool,
+    },
+    /// u32 ids or target columns (no gradient).
+    Ids {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<u32>,
+    },
+}
+
+/// The worst disagreement found for one input.
+#[derive(Clone, Debug)]
+pub struct InputReport {
+    /// Position of the input in the argument list.
+    pub input: usize,
+    /// Largest `|analytic - numeric| / (atol + rtol·|numeric|)`; at most 1 passes.
+    pub worst_ratio: f64,
+    /// Largest absolute difference.
+    pub max_abs_diff: f64,
+    /// Flat index of the worst element.
+    pub worst_index: usize,
+}
+
+/// Tolerances of a check.
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerance {
+    /// Finite-difference step.
+    pub eps: f32,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// Relative tolerance.
+    pub rtol: f64,
+}
+
+impl Default for Tolerance {
+    /// f32 central differences with step 1e-2: truncation error ~1e-4, rounding ~1e-5.
+    fn default() -> Self {
+        Tolerance {
+            eps: 1e-2,
+            atol: 2e-3,
+            rtol: 2e-2,
+        }
+    }
+}
+
+/// SplitMix64: a tiny deterministic generator so checks and self-checks repeat exactly.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+
+    /// `n` values uniform in [lo, hi).
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+
+    /// Uniform integer in [0, n).
+    pub fn below(&mut self, n: u32) -> u32 {
+        (self.next_u64() % n.max(1) as u64) as u32
+    }
+}
+
+fn upload<B: Backend>(be: &B, input: &Input, dtype: DType) -> Result<Tensor<B>> {
+    match input {
+        Input::Float { shape, data, .. } => {
+            let t = be.upload(HostData::F32(data), shape)?;
+            if dtype == DType::F32 {
+                Ok(t)
+            } else {
+                be.cast(&t, dtype)
+            }
+        }
+        Input::Ids { shape, data } => be.upload(HostData::U32(data), shape),
+    }
+}
+
+/// Records `inputs` on a fresh tape (floats, as `dtype`, with `grad` as parameters) and
+/// calls `f`.
+fn record<'a, B: Backend>(
+    be: &'a B,
+    inputs: &[Input],
+    f: &OpFn<B>,
+    dtype: DType,
+) -> Result<(Tape<'a, B>, Var)> {
+    let mut tape = Tape::new(be);
+    let mut vars = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let t = upload(be, input, dtype)?;
+        vars.push(match input {
+            Input::Float { grad: true, .. } => tape.param_owned(t),
+            _ => tape.input(t),
+        });
+    }
+    let out = f(&mut tape, &vars)?;
+    Ok((tape, out))
+}
+
+/// `Σ r ⊙ f(inputs)` in f64.
+fn weighted_sum<B: Backend>(be: &B, inputs: &[Input], f: &OpFn<B>, r: &[f32]) -> Result<f64> {
+    let (tape, out) = record(be, inputs, f, DType::F32)?;
+    let y = be.to_vec_f32(tape.value(out))?;
+    Ok(y.iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum())
+}
+
+/// The seed gradient `r` of a check: uniform in [-1, 1), fixed by `seed`, and exactly
+/// representable in bf16 so bf16 runs and their f32 references see the same seed.
+fn seed_gradient(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0)).to_f32())
+        .collect()
+}
+
+/// Output and input gradients of one run of `f`, as f32 on the host.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// The output of `f`.
+    pub output: Vec<f32>,
+    /// Per input: the gradient of `Σ r ⊙ output`, for float inputs with `grad`.
+    pub grads: Vec<Option<Vec<f32>>>,
+}
+
+/// Runs `f` forward with float inputs as `dtype`, then backward from the seed gradient
+/// fixed by `seed` (cast to the output's dtype). GPU tests compare these across backends.
+pub fn evaluate<B: Backend>(
+    be: &B,
+    inputs: &[Input],
+    f: &OpFn<B>,
+    dtype: DType,
+    seed: u64,
+) -> Result<Evaluation> {
+    let (tape, out) = record(be, inputs, f, dtype)?;
+    let y = tape.value(out);
+    let r = seed_gradient(seed, y.numel());
+    let seed_t = be.upload(HostData::F32(&r), y.shape())?;
+    let seed_t = if y.dtype() == DType::F32 {
+        seed_t
+    } else {
+        be.cast(&seed_t, y.dtype())?
+    };
+    let output = be.to_vec_f32(y)?;
+    let grads = tape.backward_with(out, seed_t)?;
+    let grads = (0..inputs.len())
+        .map(|i| {
+            grads
+                .get(Var::from_index(i))
+                .map(|g| be.to_vec_f32(g))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Evaluation { output, grads })
+}
+
+/// Checks the tape's gradients of `f` against central differences at `inputs`.
+/// Returns one report per input whose gradient is checked.
+pub fn check<B: Backend>(
+    be: &B,
+    inputs: &[Input],
+    f: &OpFn<B>,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<Vec<InputReport>> {
+    let eval = evaluate(be, inputs, f, DType::F32, seed)?;
+    let r = seed_gradient(seed, eval.output.len());
+
+    let mut reports = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let Input::Float {
+            shape,
+            data,
+            grad: true,
+        } = input
+        else {
+            continue;
+        };
+        let analytic = eval.grads[i]
+            .clone()
+            .unwrap_or_else(|| vec![0.0; data.len()]);
+        let mut report = InputReport {
+            input: i,
+            worst_ratio: 0.0,
+            max_abs_diff: 0.0,
+            worst_index: 0,
+        };
+        for j in 0..data.len() {
+            // Richardson extrapolation of two central differences (steps h and h/2)
+            // cancels the h² error term, so sharply curved spots (LayerNorm over two
+            // nearly equal values) do not pass for a wrong gradient or fail a right one.
+            let mut probe = inputs.to_vec();
+            let mut central = |h: f32| -> Result<f64> {
+                let mut at = |x: f32| -> Result<f64> {
+                    let Input::Float { data: d, .. } = &mut probe[i] else {
+                        unreachable!("input {i} is a float input")
+                    };
+                    d[j] = x;
+                    weighted_sum(be, &probe, f, &r)
+                };
+                let (plus, minus) = (at(data[j] + h)?, at(data[j] - h)?);
+                Ok((plus - minus) / (2.0 * h as f64))
+            };
+            let (d1, d2) = (central(tol.eps)?, central(tol.eps / 2.0)?);
+            let numeric = (4.0 * d2 - d1) / 3.0;
+            let diff = (analytic[j] as f64 - numeric).abs();
+            let ratio = diff / (tol.atol + tol.rtol * numeric.abs());
+            report.max_abs_diff = report.max_abs_diff.max(diff);
+            if ratio > report.worst_ratio || ratio.is_nan() {
+                report.worst_ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
+                report.worst_index = j;
+            }
+        }
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// A boxed [`OpFn`].
+pub type CaseFn<B> = Box<OpFn<B>>;
+
+/// One op under test: its inputs and how to record it.
+pub struct Case<B: Backend> {
+    /// Op name and variant, e.g. `matmul(tA,nB,bias)`.
+    pub name: String,
+    /// Inputs in argument order.
+    pub inputs: Vec<Input>,
+    /// Records the op on a tape.
+    pub f: CaseFn<B>,
+}
+
+/// Sizes for [`op_cases`]: `rows` × `cols` activations, `inner` the other matmul dimension,
+/// `vocab` the embedding table's rows.
+#[derive(Clone, Copy, Debug)]
+pub struct CaseDims {
+    /// Rows of activations.
+    pub rows: usize,
+    /// Columns of activations.
+    pub cols: usize,
+    /// Inner matmul dimension.
+    pub inner: usize,
+    /// Embedding vocabulary.
+    pub vocab: usize,
+}
+
+fn float(shape: &[usize], data: Vec<f32>) -> Input {
+    Input::Float {
+        shape: shape.to_vec(),
+        data,
+        grad: true,
+    }
+}
+
+/// One case per op and variant of the foundation's op set, with random inputs from `rng`.
+/// The same seed gives the same inputs on every backend, so GPU tests compare like with like.
+pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>> {
+    let CaseDims {
+        rows: m,
+        cols: n,
+        inner: k,
+        vocab,
+    } = d;
+    let mut cases: Vec<Case<B>> = Vec::new();
+    for (ta, tb, bias) in [
+        (false, false, false),
+        (false, true, true),
+        (true, false, true),
+        (true, true, false),
+    ] {
+        let a_shape = if ta { [k, m] } else { [m, k] };
+        let b_shape = if tb { [n, k] } else { [k, n] };
+        let mut inputs = vec![
+            float(&a_shape, rng.vec(m * k, -1.0, 1.0)),
+            float(&b_shape, rng.vec(k * n, -1.0, 1.0)),
+        ];
+        if bias {
+            inputs.push(float(&[n], rng.vec(n, -1.0, 1.0)));
+        }
+        cases.push(Case {
+            name: format!(
+                "matmul({}A,{}B{})",
+                if ta { "t" } else { "n" },
+                if tb { "t" } else { "n" },
+                if bias { ",bias" } else { "" }
+            ),
+            inputs,
+            f: Box::new(move |t, v| t.matmul(v[0], ta, v[1], tb, v.get(2).copied())),
+        });
+    }
+    cases.push(Case {
+        name: "add".into(),
+        inputs: vec![
+            float(&[m, n], rng.vec(m * n, -1.0, 1.0)),
+            float(&[m, n], rng.vec(m * n, -1.0, 1.0)),
+        ],
+        f: Box::new(|t, v| t.add(v[0], v[1])),
+    });
+    // LayerNorm varies on the scale of a row's spread; rows whose values nearly coincide
+    // (likely with two columns) would put that scale below the finite-difference step.
+    let mut ln_in = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        let row = loop {
+            let row = rng.vec(n, -2.0, 2.0);
+            let mean = row.iter().sum::<f32>() / n as f32;
+            let var = row.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n as f32;
+            if n < 2 || var.sqrt() >= 0.25 {
+                break row;
+            }
+        };
+        ln_in.extend(row);
+    }
+    cases.push(Case {
+        name: "layernorm".into(),
+        inputs: vec![
+            float(&[m, n], ln_in),
+            float(&[n], rng.vec(n, 0.5, 1.5)),
+            float(&[n], rng.vec(n, -0.5, 0.5)),
+        ],
+        f: Box::new(|t, v| t.layernorm(v[0], v[1], v[2], 1e-5)),
+    });
+    cases.push(Case {
+        name: "gelu".into(),
+        inputs: vec![float(&[m, n], rng.vec(m * n, -3.0, 3.0))],
+        f: Box::new(|t, v| t.gelu(v[0])),
+    });
+    // Keep ReLU inputs a step away from the kink so central differences are exact.
+    let relu_in: Vec<f32> = rng
+        .vec(m * n, 0.1, 2.0)
+        .into_iter()
+        .map(|x| if rng.below(2) == 0 { -x } else { x })
+        .collect();
+    cases.push(Case {
+        name: "relu".into(),
+        inputs: vec![float(&[m, n], relu_in)],
+        f: Box::new(|t, v| t.relu(v[0])),
+    });
+    let ids: Vec<u32> = (0..m).map(|_| rng.below(vocab as u32)).collect();
+    cases.push(Case {
+        name: "embedding".into(),
+        inputs: vec![
+            float(&[vocab, n], rng.vec(vocab * n, -1.0, 1.0)),
+            Input::Ids {
+                shape: vec![m],
+                data: ids.clone(),
+            },
+        ],
+        f: Box::new(|t, v| {
+            let ids = t.value(v[1]).clone_ids(t.backend())?;
+            t.embedding(v[0], ids)
+        }),
+    });
+    cases.push(Case {
+        name: "l2_normalize".into(),
+        inputs: vec![float(&[m, n], rng.vec(m * n, -1.0, 1.0))],
+        f: Box::new(|t, v| t.l2_normalize(v[0], 1e-12)),
+    });
+    let targets: Vec<u32> = (0..m).map(|_| rng.below(n as u32)).collect();
+    cases.push(Case {
+        name: "softmax_cross_entropy".into(),
+        inputs: vec![
+            float(&[m, n], rng.vec(m * n, -3.0, 3.0)),
+            Input::Ids {
+                shape: vec![m],
+                data: targets,
+            },
+        ],
+        f: Box::new(|t, v| {
+            let targets = t.value(v[1]).clone_ids(t.backend())?;
+            t.softmax_cross_entropy(v[0], targets)
+        }),
+    });
+    cases
+}
+
+impl Input {
+    /// The same input with float values rounded to bf16, so a reference computed in f32 on
+    /// these sees exactly what a bf16 kernel sees.
+    pub fn rounded_to_bf16(&self) -> Input {
+        match self {
+            Input::Float { shape, data, grad } => Input::Float {
+                shape: shape.clone(),
+                data: data
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
+                grad: *grad,
+            },
+            ids => ids.clone(),
+        }
+    }
+}
+
+/// Relative error `‖got - want‖₂ / max(‖want‖₂, tiny)`; infinite when `got` has a NaN or
+/// an infinity `want` lacks, or the lengths differ.
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() && g.to_bits() != w.to_bits() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    num.sqrt() / den.sqrt().max(1e-30)
+}
+
+/// How far one evaluation is from a reference: the worst relative error over the output
+/// and every gradient, with the part that was worst.
+pub fn compare(got: &Evaluation, want: &Evaluation) -> (f64, String) {
+    let mut worst = (
+        relative_error(&got.output, &want.output),
+        "output".to_string(),
+    );
+    for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+        let e = match (g, w) {
+            (Some(g), Some(w)) => relative_error(g, w),
+            (None, None) => 0.0,
+            _ => f64::INFINITY,
+        };
+        if e > worst.0 || e.is_nan() {
+            worst = (e, format!("grad of input {i}"));
+        }
+    }
+    worst
+}
+
+/// One row of a cross-backend comparison.
+#[derive(Clone, Debug)]
+pub struct CrossCheck {
+    /// Case name.
+    pub name: String,
+    /// Worst relative error against the CPU reference.
+    pub error: f64,
+    /// Which output or gradient was worst.
+    pub worst: String,
+}
+
+/// The relative-error bound a backend computing in `dtype` must meet against the f32 CPU
+/// reference fed the same (rounded) inputs: f32 differs only in summation order and libm
+/// ulps; bf16 stores every intermediate with an 8-bit mantissa.
+pub fn cross_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        _ => 1e-5,
+    }
+}
+
+/// Runs every op case on `dev` with float inputs as `dtype`, and on the CPU reference with
+/// the same inputs (rounded to bf16 first when `dtype` is bf16), forward and backward.
+pub fn cross_check<D: Backend + 'static>(
+    dev: &D,
+    dims: CaseDims,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<CrossCheck>> {
+    let cpu = crate::backend::cpu::Cpu;
+    let ref_cases = op_cases::<crate::backend::cpu::Cpu>(&mut Rng::new(seed), dims);
+    let dev_cases = op_cases::<D>(&mut Rng::new(seed), dims);
+    let mut rows = Vec::new();
+    for (rc, dc) in ref_cases.iter().zip(&dev_cases) {
+        let inputs: Vec<Input> = if dtype == DType::BF16 {
+            rc.inputs.iter().map(Input::rounded_to_bf16).collect()
+        } else {
+            rc.inputs.clone()
+        };
+        let want = evaluate(&cpu, &inputs, &*rc.f, DType::F32, seed)?;
+        let got = evaluate(dev, &inputs, &*dc.f, dtype, seed)?;
+        let (error, worst) = compare(&got, &want);
+        rows.push(CrossCheck {
+            name: dc.name.clone(),
+            error,
+            worst,
+        });
+    }
+    Ok(rows)
+}
