@@ -60,6 +60,16 @@ enum Op<B: Backend> {
     },
     /// Row-wise L2 normalisation with the saved norms.
     L2Normalize { x: Var, norms: Tensor<B>, eps: f32 },
+    /// Multi-head attention over a packed batch with the saved log-sum-exp.
+    Attention {
+        q: Var,
+        k: Var,
+        v: Var,
+        cu_seqlens: Vec<u32>,
+        heads: usize,
+        scale: f32,
+        lse: Tensor<B>,
+    },
     /// Per-row softmax cross-entropy with the saved log-sum-exp.
     SoftmaxCrossEntropy {
         logits: Var,
@@ -266,6 +276,40 @@ impl<'a, B: Backend> Tape<'a, B> {
         Ok(self.push(Value::Owned(y), Op::L2Normalize { x, norms, eps }, needs))
     }
 
+    /// Records multi-head attention over a packed batch (see [`Backend::attention`]).
+    pub fn attention(
+        &mut self,
+        q: Var,
+        k: Var,
+        v: Var,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Var> {
+        let (out, lse) = self.backend.attention(
+            self.value(q),
+            self.value(k),
+            self.value(v),
+            cu_seqlens,
+            heads,
+            scale,
+        )?;
+        let needs = self.needs(&[q, k, v]);
+        Ok(self.push(
+            Value::Owned(out),
+            Op::Attention {
+                q,
+                k,
+                v,
+                cu_seqlens: cu_seqlens.to_vec(),
+                heads,
+                scale,
+                lse,
+            },
+            needs,
+        ))
+    }
+
     /// Records the per-row softmax cross-entropy of `logits` against `targets` (u32
     /// column per row); the value is the f32 loss per row.
     pub fn softmax_cross_entropy(&mut self, logits: Var, targets: Tensor<B>) -> Result<Var> {
@@ -389,6 +433,28 @@ impl<'a, B: Backend> Tape<'a, B> {
                         *x,
                         be.l2_normalize_backward(&g, node.value.get(), norms, *eps)?,
                     )]
+                }
+                Op::Attention {
+                    q,
+                    k,
+                    v,
+                    cu_seqlens,
+                    heads,
+                    scale,
+                    lse,
+                } => {
+                    let (dq, dk, dv) = be.attention_backward(
+                        &g,
+                        val(*q),
+                        val(*k),
+                        val(*v),
+                        node.value.get(),
+                        lse,
+                        cu_seqlens,
+                        *heads,
+                        *scale,
+                    )?;
+                    vec![(*q, dq), (*k, dk), (*v, dv)]
                 }
                 Op::SoftmaxCrossEntropy {
                     logits,

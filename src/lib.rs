@@ -8,6 +8,7 @@ pub mod autograd;
 pub mod backend;
 pub mod error;
 pub mod gradcheck;
+pub mod model;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -186,3 +186,29 @@ fn bf16_round_trip_rounds_to_nearest_even() {
     assert_eq!(back[1], 1.0);
     assert!((back[2] - 3.0e38).abs() / 3.0e38 < 1e-2);
 }
+
+#[test]
+fn regression_cases() {
+    // Once failed in CI: a one-column L2 normalisation with a row near zero (a step).
+    run_all(
+        CaseDims {
+            rows: 3,
+            cols: 1,
+            inner: 5,
+            vocab: 2,
+        },
+        16994530909228222752,
+    )
+    .unwrap();
+    // Once failed: LayerNorm over two nearly equal values.
+    run_all(
+        CaseDims {
+            rows: 4,
+            cols: 2,
+            inner: 6,
+            vocab: 4,
+        },
+        13891334728838047101,
+    )
+    .unwrap();
+}

@@ -121,6 +121,35 @@ pub trait Backend: Sized + Send + Sync {
         eps: f32,
     ) -> Result<Tensor<Self>>;
 
+    /// Multi-head attention over a packed batch: `q`, `k`, `v` are `[T, heads·head_dim]`
+    /// (head `h` in columns `h·head_dim..`), sequence `i` is rows `cu_seqlens[i] ..
+    /// cu_seqlens[i+1]`, and each row attends to every row of its own sequence
+    /// (non-causal): `out = softmax(scale · Q Kᵀ) V`. Returns `out` (q's dtype) and the f32
+    /// log-sum-exp of the scaled scores, `[T, heads]`, for the backward pass.
+    fn attention(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// Attention backward from the saved output and log-sum-exp: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+
     /// Row-wise softmax cross-entropy against a target column: `loss[r] = lse[r] -
     /// logits[r, targets[r]]`. Returns f32 `loss` and `lse`, both `[rows]`.
     fn softmax_cross_entropy(
@@ -334,4 +363,43 @@ pub(crate) fn check_ids(op: &'static str, ids: &[u32], limit: usize) -> Result<(
             detail: format!("id {} at position {p} is not below {limit}", ids[p]),
         }),
     }
+}
+
+/// Validated attention geometry `(tokens, hidden, head_dim)`: q, k, v share shape
+/// `[T, hidden]` and dtype, `hidden` splits into `heads`, and `cu_seqlens` runs from 0 to T
+/// without decreasing.
+pub(crate) fn attention_dims<B: Backend>(
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    cu_seqlens: &[u32],
+    heads: usize,
+) -> Result<(usize, usize, usize)> {
+    const OP: &str = "attention";
+    check_float(OP, "q", q)?;
+    check_same(OP, ("q", q), ("k", k))?;
+    check_same(OP, ("q", q), ("v", v))?;
+    if q.shape().len() != 2 {
+        return shape_err(
+            OP,
+            format!("q must be [tokens, hidden], got {:?}", q.shape()),
+        );
+    }
+    let (t, hidden) = (q.shape()[0], q.shape()[1]);
+    if heads == 0 || hidden % heads != 0 {
+        return shape_err(
+            OP,
+            format!("hidden {hidden} does not split into {heads} heads"),
+        );
+    }
+    let ok = cu_seqlens.first() == Some(&0)
+        && cu_seqlens.last().map(|&x| x as usize) == Some(t)
+        && cu_seqlens.windows(2).all(|w| w[0] <= w[1]);
+    if !ok {
+        return shape_err(
+            OP,
+            format!("cu_seqlens must rise from 0 to {t} tokens, got {cu_seqlens:?}"),
+        );
+    }
+    Ok((t, hidden, hidden / heads))
 }

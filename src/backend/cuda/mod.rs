@@ -15,8 +15,9 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{
-    check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims, embedding_dims,
-    layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads, LayerNormOut,
+    attention_dims, check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims,
+    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads,
+    LayerNormOut,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -691,6 +692,66 @@ impl Backend for Cuda {
             )?;
         }
         Ok(dx)
+    }
+
+    fn attention(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(T, T)> {
+        const OP: &str = "attention";
+        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        if !matches!(head_dim, 32 | 64 | 128) {
+            return shape_err(
+                OP,
+                format!("head dim {head_dim} is not supported on CUDA (32, 64 or 128)"),
+            );
+        }
+        let mut out = self.alloc(&[t, hidden], q.dtype())?;
+        let mut lse = self.alloc(&[t, heads], DType::F32)?;
+        if t > 0 {
+            let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
+            let f = self.func(
+                "attention",
+                &format!("attention_fwd_naive_d{head_dim}_{}", sfx(q.dtype())),
+            )?;
+            let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+            let h = to_i32(OP, "heads", heads)?;
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                f,
+                cfg,
+                [q, k, v, &mut out, &mut lse, &cu, &nseq, &h, &scale]
+            )?;
+        }
+        Ok((out, lse))
+    }
+
+    fn attention_backward(
+        &self,
+        _dout: &T,
+        q: &T,
+        k: &T,
+        v: &T,
+        _out: &T,
+        _lse: &T,
+        cu_seqlens: &[u32],
+        heads: usize,
+        _scale: f32,
+    ) -> Result<(T, T, T)> {
+        attention_dims(q, k, v, cu_seqlens, heads)?;
+        Err(Error::Cuda(
+            "attention backward is not implemented on CUDA yet (FlashAttention-2 backward is issue 6); train on --device cpu".into(),
+        ))
     }
 
     fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {

@@ -4,12 +4,17 @@
 //! in f32 only; bf16 tensors exist here so casts and uploads can be tested, and an op handed
 //! one answers with a dtype error instead of silently converting.
 
+mod attention;
+mod linalg;
+
 use half::bf16;
+use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims, embedding_dims,
-    layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads, LayerNormOut,
+    attention_dims, check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims,
+    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads,
+    LayerNormOut,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -167,50 +172,25 @@ impl Backend for Cpu {
             }
             None => vec![0.0f32; m * n],
         };
-        if m > 0 && n > 0 && k > 0 {
-            // Strides of op(A) [m,k]: stored [m,k] row-major, or [k,m] when transposed.
-            let (a_rs, a_cs) = if trans_a {
-                (1, m as isize)
-            } else {
-                (k as isize, 1)
-            };
-            let (b_rs, b_cs) = if trans_b {
-                (1, k as isize)
-            } else {
-                (n as isize, 1)
-            };
-            let threads = rayon::current_num_threads();
-            let par = if m * n * k >= 1 << 18 && threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: the strides and sizes above describe exactly the buffers `av`
-            // ([m,k] or [k,m]), `bv` ([k,n] or [n,k]) and `c` ([m,n]), checked by matmul_dims.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    bias.is_some(),
-                    av.as_ptr(),
-                    a_cs,
-                    a_rs,
-                    bv.as_ptr(),
-                    b_cs,
-                    b_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
-        }
+        let a_view = if trans_a {
+            View::rows(av, k, m).t()
+        } else {
+            View::rows(av, m, k)
+        };
+        let b_view = if trans_b {
+            View::rows(bv, n, k).t()
+        } else {
+            View::rows(bv, k, n)
+        };
+        gemm(
+            &mut c,
+            n,
+            a_view,
+            b_view,
+            1.0,
+            bias.is_some(),
+            rayon::current_num_threads(),
+        );
         Ok(tensor(&[m, n], c))
     }
 
@@ -437,6 +417,78 @@ impl Backend for Cpu {
             }
         });
         Ok(tensor(y.shape(), dx))
+    }
+
+    fn attention(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(T, T)> {
+        const OP: &str = "attention";
+        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        let g = attention::Geometry {
+            hidden,
+            head_dim,
+            heads,
+            scale,
+        };
+        let (out, lse) = attention::forward(
+            f32s(OP, "q", q)?,
+            f32s(OP, "k", k)?,
+            f32s(OP, "v", v)?,
+            cu_seqlens,
+            g,
+        );
+        Ok((tensor(&[t, hidden], out), tensor(&[t, heads], lse)))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &T,
+        q: &T,
+        k: &T,
+        v: &T,
+        out: &T,
+        lse: &T,
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(T, T, T)> {
+        const OP: &str = "attention_backward";
+        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        check_same(OP, ("dout", dout), ("q", q))?;
+        check_same(OP, ("out", out), ("q", q))?;
+        if lse.shape() != [t, heads] {
+            return shape_err(
+                OP,
+                format!("lse must be [{t}, {heads}], got {:?}", lse.shape()),
+            );
+        }
+        let g = attention::Geometry {
+            hidden,
+            head_dim,
+            heads,
+            scale,
+        };
+        let (dq, dk, dv) = attention::backward(
+            f32s(OP, "dout", dout)?,
+            f32s(OP, "q", q)?,
+            f32s(OP, "k", k)?,
+            f32s(OP, "v", v)?,
+            f32s(OP, "out", out)?,
+            f32s(OP, "lse", lse)?,
+            cu_seqlens,
+            g,
+        );
+        Ok((
+            tensor(q.shape(), dq),
+            tensor(q.shape(), dk),
+            tensor(q.shape(), dv),
+        ))
     }
 
     fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {

@@ -1,0 +1,203 @@
+//! Reading tensors from checkpoint files: safetensors, and torch zip checkpoints
+//! (`pytorch_model.bin`, `*.pt`) through the pickle subset in [`super::torch_pickle`].
+//! Everything is converted to f32 on the host; every offset is bounds-checked and every
+//! failure is an error naming the file (and tensor), never a panic.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use super::torch_pickle::{read_state_dict, TensorRef};
+
+/// A tensor read from a checkpoint, converted to f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// A checkpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CheckpointError {
+    /// The file.
+    pub path: PathBuf,
+    /// What was wrong.
+    pub message: String,
+}
+
+fn err<T>(path: &Path, message: impl Into<String>) -> Result<T, CheckpointError> {
+    Err(CheckpointError {
+        path: path.to_path_buf(),
+        message: message.into(),
+    })
+}
+
+/// Reads every tensor of a safetensors file or a torch zip checkpoint, by content (a zip
+/// starts with `PK`), whatever the extension.
+pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, HostTensor>, CheckpointError> {
+    let bytes = std::fs::read(path).or_else(|e| err(path, format!("cannot read: {e}")))?;
+    if bytes.starts_with(b"PK\x03\x04") {
+        read_torch_zip(path, &bytes)
+    } else {
+        read_safetensors(path, &bytes)
+    }
+}
+
+fn read_safetensors(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HashMap<String, HostTensor>, CheckpointError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .or_else(|e| err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data = match view.dtype() {
+            safetensors::Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return err(
+                    path,
+                    format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)"),
+                );
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Decodes one little-endian element into f32.
+type Decode = fn(&[u8]) -> f32;
+
+/// Bytes per element and a decoder for a torch storage type.
+fn decoder(dtype: &str) -> Option<(usize, Decode)> {
+    match dtype {
+        "Float" => Some((4, |c| f32::from_le_bytes(c.try_into().unwrap()))),
+        "Half" => Some((2, |c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        "BFloat16" => Some((2, |c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        _ => None,
+    }
+}
+
+fn read_torch_zip(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HashMap<String, HostTensor>, CheckpointError> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .or_else(|e| err(path, format!("not a valid zip archive: {e}")))?;
+    // Entries live under one top-level folder named after the checkpoint: find its data.pkl.
+    let pkl = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i).map(str::to_string))
+        .find(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        .ok_or_else(|| CheckpointError {
+            path: path.to_path_buf(),
+            message: "zip has no data.pkl: not a torch checkpoint".into(),
+        })?;
+    let prefix = pkl.strip_suffix("data.pkl").unwrap().to_string();
+    let mut entry = |name: &str| -> Result<Vec<u8>, CheckpointError> {
+        let mut f = zip
+            .by_name(name)
+            .or_else(|e| err(path, format!("missing archive entry {name}: {e}")))?;
+        let mut buf = Vec::with_capacity(f.size().min(1 << 32) as usize);
+        f.read_to_end(&mut buf)
+            .or_else(|e| err(path, format!("cannot read archive entry {name}: {e}")))?;
+        Ok(buf)
+    };
+    if let Ok(order) = entry(&format!("{prefix}byteorder")) {
+        if order != b"little" {
+            return err(path, "big-endian checkpoints are not supported");
+        }
+    }
+    let pickle = entry(&pkl)?;
+    let state = read_state_dict(&pickle).or_else(|e| err(path, format!("{pkl}: {e}")))?;
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut out = HashMap::new();
+    for (name, t) in state {
+        let key = &t.storage.key;
+        if !storages.contains_key(key) {
+            let data = entry(&format!("{prefix}data/{key}"))?;
+            storages.insert(key.clone(), data);
+        }
+        let tensor =
+            gather(&t, &storages[key]).or_else(|m| err(path, format!("tensor {name}: {m}")))?;
+        out.insert(name, tensor);
+    }
+    Ok(out)
+}
+
+/// Materialises a strided view of a storage, checking every index against the storage.
+fn gather(t: &TensorRef, raw: &[u8]) -> Result<HostTensor, String> {
+    let (width, decode) = decoder(&t.storage.dtype).ok_or_else(|| {
+        format!(
+            "storage type {} is not supported (Float, Half, BFloat16)",
+            t.storage.dtype
+        )
+    })?;
+    if t.size.len() != t.stride.len() {
+        return Err(format!(
+            "size {:?} and stride {:?} differ in rank",
+            t.size, t.stride
+        ));
+    }
+    let elems = raw.len() / width;
+    let numel: usize = t
+        .size
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .ok_or("size overflows")?;
+    if numel > 0 {
+        let last = t
+            .size
+            .iter()
+            .zip(&t.stride)
+            .try_fold(t.offset, |acc, (&s, &st)| {
+                (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x))
+            })
+            .ok_or("strides overflow")?;
+        if last >= elems || last >= t.storage.numel.max(elems) {
+            return Err(format!(
+                "view (offset {}, size {:?}, stride {:?}) reaches element {last} of a {elems}-element storage",
+                t.offset, t.size, t.stride
+            ));
+        }
+    }
+    let mut data = Vec::with_capacity(numel);
+    let mut idx = vec![0usize; t.size.len()];
+    for _ in 0..numel {
+        let at = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        data.push(decode(&raw[at * width..(at + 1) * width]));
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < t.size[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Ok(HostTensor {
+        shape: t.size.clone(),
+        data,
+    })
+}

@@ -1,0 +1,459 @@
+//! The subset of Python's pickle that `torch.save` writes for state dicts, interpreted
+//! without executing anything.
+//!
+//! A checkpoint is untrusted input. This reader knows the opcodes torch uses, accepts only
+//! the globals that build ordered dicts and tensors (`collections.OrderedDict`,
+//! `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter` and the typed
+//! storage classes), bounds-checks every read, and answers anything else with an error.
+
+use std::collections::HashMap;
+
+/// A storage referenced by persistent id: `data/<key>` in the archive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageRef {
+    /// Entry name under the archive's `data/` folder.
+    pub key: String,
+    /// Element type name from the storage class (`Float`, `Half`, `BFloat16`, ...).
+    pub dtype: String,
+    /// Elements in the storage.
+    pub numel: usize,
+}
+
+/// A tensor view of a storage, as `_rebuild_tensor_v2` describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorRef {
+    /// The storage.
+    pub storage: StorageRef,
+    /// Offset in elements.
+    pub offset: usize,
+    /// Shape.
+    pub size: Vec<usize>,
+    /// Strides in elements.
+    pub stride: Vec<usize>,
+}
+
+/// Values on the pickle machine's stack.
+#[derive(Clone, Debug, PartialEq)]
+enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String, String),
+    Storage(StorageRef),
+    Tensor(TensorRef),
+    Mark,
+}
+
+/// Why a pickle was rejected.
+pub type PickleError = String;
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
+        let Some(end) = end else {
+            return Err(format!(
+                "truncated: wanted {n} bytes at offset {} of {}",
+                self.pos,
+                self.data.len()
+            ));
+        };
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, PickleError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, PickleError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, PickleError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, PickleError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn line(&mut self) -> Result<String, PickleError> {
+        let rest = &self.data[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("unterminated text line")?;
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "non-UTF-8 text line")?;
+        self.pos += n + 1;
+        Ok(s.to_string())
+    }
+    fn utf8(&mut self, n: usize) -> Result<String, PickleError> {
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| "invalid UTF-8 string".into())
+    }
+}
+
+fn pop(stack: &mut Vec<Value>) -> Result<Value, PickleError> {
+    match stack.pop() {
+        Some(Value::Mark) | None => Err("stack underflow".into()),
+        Some(v) => Ok(v),
+    }
+}
+
+/// Pops everything above the topmost mark, and the mark.
+fn pop_mark(stack: &mut Vec<Value>) -> Result<Vec<Value>, PickleError> {
+    let at = stack
+        .iter()
+        .rposition(|v| *v == Value::Mark)
+        .ok_or("no mark on the stack")?;
+    let items = stack.split_off(at + 1);
+    stack.pop();
+    Ok(items)
+}
+
+fn as_usize(v: &Value, what: &str) -> Result<usize, PickleError> {
+    match v {
+        Value::Int(i) if *i >= 0 => Ok(*i as usize),
+        other => Err(format!("{what} must be a non-negative int, got {other:?}")),
+    }
+}
+
+fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, PickleError> {
+    match v {
+        Value::Tuple(items) | Value::List(items) => {
+            items.iter().map(|x| as_usize(x, what)).collect()
+        }
+        other => Err(format!("{what} must be a tuple of ints, got {other:?}")),
+    }
+}
+
+const STORAGE_TYPES: [&str; 6] = [
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "DoubleStorage",
+    "LongStorage",
+    "IntStorage",
+];
+
+fn check_global(module: &str, name: &str) -> Result<(), PickleError> {
+    let ok = matches!(
+        (module, name),
+        ("collections", "OrderedDict")
+            | ("torch._utils", "_rebuild_tensor_v2")
+            | ("torch._utils", "_rebuild_parameter")
+    ) || (module == "torch" && STORAGE_TYPES.contains(&name));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "global {module}.{name} is not allowed in a tensor checkpoint"
+        ))
+    }
+}
+
+/// Applies an allowed callable to its arguments.
+fn reduce(func: Value, args: Value) -> Result<Value, PickleError> {
+    let Value::Global(module, name) = func else {
+        return Err(format!("REDUCE on a non-global {func:?}"));
+    };
+    let Value::Tuple(args) = args else {
+        return Err("REDUCE arguments must be a tuple".into());
+    };
+    match (module.as_str(), name.as_str()) {
+        ("collections", "OrderedDict") if args.is_empty() => Ok(Value::Dict(Vec::new())),
+        ("torch._utils", "_rebuild_tensor_v2") if args.len() >= 4 => {
+            let Value::Storage(storage) = &args[0] else {
+                return Err(format!(
+                    "_rebuild_tensor_v2 wants a storage, got {:?}",
+                    args[0]
+                ));
+            };
+            Ok(Value::Tensor(TensorRef {
+                storage: storage.clone(),
+                offset: as_usize(&args[1], "storage offset")?,
+                size: as_usizes(&args[2], "size")?,
+                stride: as_usizes(&args[3], "stride")?,
+            }))
+        }
+        ("torch._utils", "_rebuild_parameter") if !args.is_empty() => match &args[0] {
+            t @ Value::Tensor(_) => Ok(t.clone()),
+            other => Err(format!("_rebuild_parameter wants a tensor, got {other:?}")),
+        },
+        _ => Err(format!(
+            "unsupported call {module}.{name} with {} arguments",
+            args.len()
+        )),
+    }
+}
+
+/// Resolves a persistent id `('storage', StorageClass, key, location, numel)`.
+fn persistent_load(pid: Value) -> Result<Value, PickleError> {
+    let Value::Tuple(items) = pid else {
+        return Err("persistent id must be a tuple".into());
+    };
+    match items.as_slice() {
+        [Value::Str(tag), Value::Global(_, class), Value::Str(key), _location, numel]
+            if tag == "storage" =>
+        {
+            let dtype = class
+                .strip_suffix("Storage")
+                .ok_or_else(|| format!("unknown storage class {class}"))?;
+            if key.is_empty() || key.contains('/') || key.contains("..") {
+                return Err(format!("bad storage key {key:?}"));
+            }
+            Ok(Value::Storage(StorageRef {
+                key: key.clone(),
+                dtype: dtype.to_string(),
+                numel: as_usize(numel, "storage size")?,
+            }))
+        }
+        _ => Err(format!("unsupported persistent id {items:?}")),
+    }
+}
+
+/// Interprets `data.pkl` and returns the state dict's `(name, tensor)` pairs in file order.
+pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleError> {
+    let mut r = Reader { data, pos: 0 };
+    let mut stack: Vec<Value> = Vec::new();
+    let mut memo: HashMap<u64, Value> = HashMap::new();
+    loop {
+        let op = r.u8()?;
+        match op {
+            0x80 => {
+                let proto = r.u8()?;
+                if proto > 5 {
+                    return Err(format!("pickle protocol {proto} is not supported"));
+                }
+            }
+            0x95 => {
+                r.u64()?; // FRAME length: a hint only
+            }
+            b'.' => break,
+            b'(' => stack.push(Value::Mark),
+            b'}' => stack.push(Value::Dict(Vec::new())),
+            b']' => stack.push(Value::List(Vec::new())),
+            b')' => stack.push(Value::Tuple(Vec::new())),
+            b'N' => stack.push(Value::None),
+            0x88 => stack.push(Value::Bool(true)),
+            0x89 => stack.push(Value::Bool(false)),
+            b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
+            b'K' => stack.push(Value::Int(r.u8()? as i64)),
+            b'M' => stack.push(Value::Int(r.u16()? as i64)),
+            0x8a => {
+                let n = r.u8()? as usize;
+                let b = r.take(n)?;
+                if n > 8 {
+                    return Err(format!("LONG1 of {n} bytes is too large"));
+                }
+                let mut v: i64 = 0;
+                for (i, &byte) in b.iter().enumerate() {
+                    v |= (byte as i64) << (8 * i);
+                }
+                if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                stack.push(Value::Int(v));
+            }
+            b'G' => stack.push(Value::Float(f64::from_be_bytes(
+                r.take(8)?.try_into().unwrap(),
+            ))),
+            b'X' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Str(r.utf8(n)?));
+            }
+            0x8c => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Str(r.utf8(n)?));
+            }
+            0x8d => {
+                let n = usize::try_from(r.u64()?).map_err(|_| "string too long")?;
+                stack.push(Value::Str(r.utf8(n)?));
+            }
+            b'B' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            b'C' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.to_vec()));
+            }
+            b't' => {
+                let items = pop_mark(&mut stack)?;
+                stack.push(Value::Tuple(items));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if stack.len() < n || stack[stack.len() - n..].contains(&Value::Mark) {
+                    return Err("stack underflow in TUPLE".into());
+                }
+                let items = stack.split_off(stack.len() - n);
+                stack.push(Value::Tuple(items));
+            }
+            b'c' => {
+                let module = r.line()?;
+                let name = r.line()?;
+                check_global(&module, &name)?;
+                stack.push(Value::Global(module, name));
+            }
+            0x93 => {
+                let name = pop(&mut stack)?;
+                let module = pop(&mut stack)?;
+                let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                    return Err("STACK_GLOBAL wants two strings".into());
+                };
+                check_global(&module, &name)?;
+                stack.push(Value::Global(module, name));
+            }
+            b'q' => {
+                let k = r.u8()? as u64;
+                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
+            }
+            b'r' => {
+                let k = r.u32()? as u64;
+                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
+            }
+            0x94 => {
+                let k = memo.len() as u64;
+                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
+            }
+            b'h' | b'j' => {
+                let k = if op == b'h' {
+                    r.u8()? as u64
+                } else {
+                    r.u32()? as u64
+                };
+                stack.push(
+                    memo.get(&k)
+                        .cloned()
+                        .ok_or_else(|| format!("memo key {k} unset"))?,
+                );
+            }
+            b'Q' => {
+                let pid = pop(&mut stack)?;
+                stack.push(persistent_load(pid)?);
+            }
+            b'R' => {
+                let args = pop(&mut stack)?;
+                let func = pop(&mut stack)?;
+                stack.push(reduce(func, args)?);
+            }
+            b'b' => {
+                // BUILD sets an object's state. torch uses it for a state dict's `_metadata`
+                // and tensors' empty state; neither carries weights, so the state is dropped.
+                let _state = pop(&mut stack)?;
+                match stack.last() {
+                    Some(Value::Dict(_)) | Some(Value::Tensor(_)) => {}
+                    other => return Err(format!("BUILD on unsupported object {other:?}")),
+                }
+            }
+            b's' => {
+                let v = pop(&mut stack)?;
+                let k = pop(&mut stack)?;
+                match stack.last_mut() {
+                    Some(Value::Dict(d)) => d.push((k, v)),
+                    _ => return Err("SETITEM on a non-dict".into()),
+                }
+            }
+            b'u' => {
+                let items = pop_mark(&mut stack)?;
+                if items.len() % 2 != 0 {
+                    return Err("SETITEMS with an odd number of items".into());
+                }
+                let Some(Value::Dict(d)) = stack.last_mut() else {
+                    return Err("SETITEMS on a non-dict".into());
+                };
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    d.push((k, v));
+                }
+            }
+            b'a' => {
+                let v = pop(&mut stack)?;
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.push(v),
+                    _ => return Err("APPEND on a non-list".into()),
+                }
+            }
+            b'e' => {
+                let items = pop_mark(&mut stack)?;
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.extend(items),
+                    _ => return Err("APPENDS on a non-list".into()),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "opcode 0x{other:02x} at offset {} is not part of torch's checkpoint format",
+                    r.pos - 1
+                ))
+            }
+        }
+        if stack.len() > 1 << 20 {
+            return Err("pickle stack too deep".into());
+        }
+    }
+    let Some(Value::Dict(items)) = stack.pop() else {
+        return Err("the checkpoint's top-level object is not a dict".into());
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (k, v) in items {
+        match (k, v) {
+            (Value::Str(name), Value::Tensor(t)) => out.push((name, t)),
+            // Non-tensor entries (e.g. BatchNorm's num_batches_tracked ints) carry no weights.
+            (Value::Str(_), _) => {}
+            (k, _) => return Err(format!("state dict key {k:?} is not a string")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pickle equivalent to what torch.save writes for {"w": tensor of 2 floats}.
+    fn tiny() -> Vec<u8> {
+        let mut p = vec![0x80, 2];
+        p.extend(b"ccollections\nOrderedDict\nq\x00)Rq\x01");
+        p.extend(b"X\x01\x00\x00\x00w");
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\nq\x02");
+        p.extend(b"((X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ");
+        p.extend(b"K\x00K\x02\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rtq\x05R");
+        p.extend(b"s}X\t\x00\x00\x00_metadata}sb.");
+        p
+    }
+
+    #[test]
+    fn reads_a_state_dict() {
+        let sd = read_state_dict(&tiny()).unwrap();
+        assert_eq!(sd.len(), 1);
+        assert_eq!(sd[0].0, "w");
+        assert_eq!(sd[0].1.size, vec![2]);
+        assert_eq!(sd[0].1.storage.dtype, "Float");
+        assert_eq!(sd[0].1.storage.numel, 2);
+    }
+
+    #[test]
+    fn refuses_arbitrary_globals() {
+        let mut p = vec![0x80, 2];
+        p.extend(b"cos\nsystem\nX\x02\x00\x00\x00ls\x85R.");
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(err.contains("os.system"), "{err}");
+    }
+
+    #[test]
+    fn never_panics_on_truncation() {
+        let p = tiny();
+        for n in 0..p.len() {
+            assert!(read_state_dict(&p[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+}
