@@ -6,10 +6,13 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod batch;
 pub mod error;
 pub mod gradcheck;
 pub mod model;
+pub mod score;
 pub mod tensor;
+pub mod text;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, HostData, Tensor};

@@ -1,4 +1,9 @@
 //! The model: configuration, checkpoint reading, weights, encoder and heads.
 
 pub mod checkpoint;
+pub mod config;
+pub mod embedder;
+pub mod encoder;
+pub mod heads;
 pub mod torch_pickle;
+pub mod weights;

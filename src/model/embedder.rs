@@ -1,0 +1,211 @@
+//! A loaded model directory (BAAI's bge-m3 layout, or a BERT-family sentence-transformers
+//! directory) and the encode pipeline: tokenize, pack, encode, heads, back to input order.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use super::config::Config;
+use super::encoder;
+use super::heads::{self, Pooling};
+use super::weights::{load_head, EncoderWeights, Linear, TensorFile};
+use crate::backend::Backend;
+use crate::batch::pack;
+use crate::tensor::DType;
+use crate::text::{Encoded, TextTokenizer};
+
+/// What to compute for each text.
+#[derive(Debug, Clone)]
+pub struct EncodeOptions {
+    /// Tokens per text, special tokens (and MCLS's inserted CLS) included.
+    pub max_length: usize,
+    /// Dense pooling.
+    pub pooling: Pooling,
+    /// Token budget of one packed batch.
+    pub batch_tokens: usize,
+    /// Multi-CLS for long texts (SPEC §3).
+    pub mcls: bool,
+    /// Compute dense vectors.
+    pub dense: bool,
+    /// Compute lexical weights (needs the sparse head).
+    pub sparse: bool,
+    /// Compute colbert vectors (needs the colbert head).
+    pub colbert: bool,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions {
+            max_length: 8192,
+            pooling: Pooling::Cls,
+            batch_tokens: 16384,
+            mcls: false,
+            dense: true,
+            sparse: true,
+            colbert: false,
+        }
+    }
+}
+
+/// The outputs for one text; absent ones were not requested.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Embedding {
+    /// Normalised dense vector.
+    pub dense: Option<Vec<f32>>,
+    /// `(token id, weight)` sorted by id.
+    pub lexical: Option<Vec<(u32, f32)>>,
+    /// Normalised colbert vectors, one per non-CLS token.
+    pub colbert: Option<Vec<Vec<f32>>>,
+}
+
+/// Embeddings in input order, and how many texts were truncated.
+#[derive(Debug, Clone)]
+pub struct EncodeResult {
+    /// One per input text.
+    pub embeddings: Vec<Embedding>,
+    /// Texts cut to fit `max_length`.
+    pub truncated: usize,
+}
+
+/// A model directory loaded onto a backend.
+pub struct Embedder<B: Backend> {
+    /// `config.json`.
+    pub config: Config,
+    /// The tokenizer and its special tokens.
+    pub tokenizer: TextTokenizer,
+    encoder: EncoderWeights<B>,
+    colbert_head: Option<Linear<B>>,
+    sparse_head: Option<Linear<B>>,
+    dir: PathBuf,
+}
+
+impl<B: Backend> Embedder<B> {
+    /// Loads `config.json`, `tokenizer.json`, `model.safetensors` (or `pytorch_model.bin`)
+    /// and, where present, `colbert_linear` / `sparse_linear` (`.pt` or `.safetensors`).
+    pub fn load(be: &B, dir: &Path, dtype: DType) -> anyhow::Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: model directory not found", dir.display());
+        }
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let weights = ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "{}: no model.safetensors or pytorch_model.bin",
+                    dir.display()
+                )
+            })?;
+        let mut file = TensorFile::open(&weights)?;
+        let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        let h = config.hidden_size;
+        let colbert_head = load_head(be, dir, "colbert_linear", None, h, dtype)?;
+        let sparse_head = load_head(be, dir, "sparse_linear", Some(1), h, dtype)?;
+        Ok(Embedder {
+            config,
+            tokenizer,
+            encoder,
+            colbert_head,
+            sparse_head,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Whether the directory has a sparse head.
+    pub fn has_sparse(&self) -> bool {
+        self.sparse_head.is_some()
+    }
+
+    /// Whether the directory has a colbert head.
+    pub fn has_colbert(&self) -> bool {
+        self.colbert_head.is_some()
+    }
+
+    /// The longest sequence the model takes, special tokens included.
+    pub fn max_tokens(&self) -> usize {
+        self.config.max_tokens()
+    }
+
+    /// Tokenizes one text as `encode` would (max length capped by the position table).
+    pub fn tokenize(&self, text: &str, opts: &EncodeOptions) -> anyhow::Result<Encoded> {
+        self.tokenizer
+            .encode(text, opts.max_length.min(self.max_tokens()), opts.mcls)
+    }
+
+    /// Encodes `texts`; `progress` is told how many texts each finished batch held.
+    pub fn encode(
+        &self,
+        be: &B,
+        texts: &[&str],
+        opts: &EncodeOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> anyhow::Result<EncodeResult> {
+        if opts.sparse && self.sparse_head.is_none() {
+            bail!(
+                "sparse output needs sparse_linear.pt (or .safetensors) in {}, which has none",
+                self.dir.display()
+            );
+        }
+        if opts.colbert && self.colbert_head.is_none() {
+            bail!(
+                "colbert output needs colbert_linear.pt (or .safetensors) in {}, which has none",
+                self.dir.display()
+            );
+        }
+        let encoded: Vec<Encoded> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.tokenize(t, opts)
+                    .with_context(|| format!("text {}", i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let truncated = encoded.iter().filter(|e| e.truncated).count();
+        let mut out = vec![Embedding::default(); texts.len()];
+        let unused = self.tokenizer.specials;
+        let unused = unused.unused();
+        for batch in pack(
+            &encoded,
+            opts.batch_tokens.max(1),
+            self.config.position_offset(),
+        ) {
+            let hidden = encoder::forward(be, &self.encoder, &self.config, &batch)?;
+            let cls: Vec<Vec<usize>> = batch
+                .origin
+                .iter()
+                .map(|&i| encoded[i].cls_positions.clone())
+                .collect();
+            if opts.dense {
+                for (i, v) in heads::dense(be, &hidden, &batch, &cls, opts.pooling)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    out[batch.origin[i]].dense = Some(v);
+                }
+            }
+            if let (true, Some(head)) = (opts.sparse, &self.sparse_head) {
+                for (i, v) in heads::lexical(be, &hidden, &batch, head, &unused)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    out[batch.origin[i]].lexical = Some(v);
+                }
+            }
+            if let (true, Some(head)) = (opts.colbert, &self.colbert_head) {
+                for (i, v) in heads::colbert(be, &hidden, &batch, &cls, head)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    out[batch.origin[i]].colbert = Some(v);
+                }
+            }
+            progress(batch.len());
+        }
+        Ok(EncodeResult {
+            embeddings: out,
+            truncated,
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! Model weights: finding each tensor of a published directory by name (with or without the
+//! `roberta.` / `bert.` prefix), checking its shape, and uploading it to a backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::checkpoint::{read_checkpoint, HostTensor};
+use super::config::Config;
+use crate::backend::Backend;
+use crate::tensor::{DType, HostData, Tensor};
+
+/// Tensors of one checkpoint file, looked up by name with the file kept for messages.
+pub struct TensorFile {
+    path: PathBuf,
+    tensors: HashMap<String, HostTensor>,
+}
+
+impl TensorFile {
+    /// Reads a safetensors or torch zip file.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            tensors: read_checkpoint(path)?,
+        })
+    }
+
+    /// Takes tensor `name` (also tried with `roberta.` and `bert.` prefixes), checking its
+    /// shape; a missing tensor or a wrong shape names the tensor, the file and both shapes.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<HostTensor> {
+        let key = [
+            name.to_string(),
+            format!("roberta.{name}"),
+            format!("bert.{name}"),
+        ]
+        .into_iter()
+        .find(|k| self.tensors.contains_key(k))
+        .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
+        let t = self.tensors.remove(&key).unwrap();
+        if t.shape != shape {
+            bail!(
+                "{}: tensor {key} has shape {:?}, expected {:?}",
+                self.path.display(),
+                t.shape,
+                shape
+            );
+        }
+        Ok(t)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn upload<B: Backend>(be: &B, t: &HostTensor, dtype: DType) -> anyhow::Result<Tensor<B>> {
+    let f = be.upload(HostData::F32(&t.data), &t.shape)?;
+    Ok(if dtype == DType::F32 {
+        f
+    } else {
+        be.cast(&f, dtype)?
+    })
+}
+
+/// A linear layer `y = x Wᵀ + b`, `W` stored `[out, in]` as in PyTorch.
+pub struct Linear<B: Backend> {
+    /// Weight `[out, in]`.
+    pub w: Tensor<B>,
+    /// Bias `[out]`.
+    pub b: Tensor<B>,
+}
+
+/// LayerNorm gain and shift.
+pub struct Norm<B: Backend> {
+    /// Gain `[hidden]`.
+    pub g: Tensor<B>,
+    /// Shift `[hidden]`.
+    pub b: Tensor<B>,
+}
+
+/// One transformer layer (post-LayerNorm, as BERT and XLM-R).
+pub struct Layer<B: Backend> {
+    /// Query projection.
+    pub q: Linear<B>,
+    /// Key projection.
+    pub k: Linear<B>,
+    /// Value projection.
+    pub v: Linear<B>,
+    /// Attention output projection.
+    pub attn_out: Linear<B>,
+    /// LayerNorm after the attention residual.
+    pub attn_norm: Norm<B>,
+    /// FFN up projection.
+    pub ffn_in: Linear<B>,
+    /// FFN down projection.
+    pub ffn_out: Linear<B>,
+    /// LayerNorm after the FFN residual.
+    pub ffn_norm: Norm<B>,
+}
+
+/// The encoder's weights.
+pub struct EncoderWeights<B: Backend> {
+    /// Word embeddings `[vocab, hidden]`.
+    pub word: Tensor<B>,
+    /// Position embeddings `[max_positions, hidden]`.
+    pub position: Tensor<B>,
+    /// Token-type row 0 `[1, hidden]` (every token is type 0).
+    pub token_type0: Tensor<B>,
+    /// Embedding LayerNorm.
+    pub emb_norm: Norm<B>,
+    /// Transformer layers.
+    pub layers: Vec<Layer<B>>,
+}
+
+struct Loader<'a, B: Backend> {
+    be: &'a B,
+    file: &'a mut TensorFile,
+    dtype: DType,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor<B>> {
+        let t = self.file.take(name, shape)?;
+        upload(self.be, &t, self.dtype).with_context(|| format!("uploading {name}"))
+    }
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> anyhow::Result<Linear<B>> {
+        Ok(Linear {
+            w: self.tensor(&format!("{name}.weight"), &[out, inp])?,
+            b: self.tensor(&format!("{name}.bias"), &[out])?,
+        })
+    }
+    fn norm(&mut self, name: &str, n: usize) -> anyhow::Result<Norm<B>> {
+        Ok(Norm {
+            g: self.tensor(&format!("{name}.weight"), &[n])?,
+            b: self.tensor(&format!("{name}.bias"), &[n])?,
+        })
+    }
+}
+
+impl<B: Backend> EncoderWeights<B> {
+    /// Loads the encoder from a checkpoint file, compute weights in `dtype`.
+    pub fn load(be: &B, file: &mut TensorFile, c: &Config, dtype: DType) -> anyhow::Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let mut ld = Loader { be, file, dtype };
+        let word = ld.tensor("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
+        let position = ld.tensor(
+            "embeddings.position_embeddings.weight",
+            &[c.max_position_embeddings, h],
+        )?;
+        let types = ld.file.take(
+            "embeddings.token_type_embeddings.weight",
+            &[c.type_vocab_size, h],
+        )?;
+        let token_type0 = upload(
+            be,
+            &HostTensor {
+                shape: vec![1, h],
+                data: types.data[..h].to_vec(),
+            },
+            dtype,
+        )?;
+        let emb_norm = ld.norm("embeddings.LayerNorm", h)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(Layer {
+                q: ld.linear(&format!("{p}.attention.self.query"), h, h)?,
+                k: ld.linear(&format!("{p}.attention.self.key"), h, h)?,
+                v: ld.linear(&format!("{p}.attention.self.value"), h, h)?,
+                attn_out: ld.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: ld.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+                ffn_in: ld.linear(&format!("{p}.intermediate.dense"), i, h)?,
+                ffn_out: ld.linear(&format!("{p}.output.dense"), h, i)?,
+                ffn_norm: ld.norm(&format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        Ok(EncoderWeights {
+            word,
+            position,
+            token_type0,
+            emb_norm,
+            layers,
+        })
+    }
+}
+
+/// Loads a head file (`colbert_linear.pt`, `sparse_linear.pt`, or `.safetensors`) as a
+/// [`Linear`] with `out` rows over `hidden`; `None` when neither file exists.
+pub fn load_head<B: Backend>(
+    be: &B,
+    dir: &Path,
+    stem: &str,
+    out: Option<usize>,
+    hidden: usize,
+    dtype: DType,
+) -> anyhow::Result<Option<Linear<B>>> {
+    let path = ["pt", "safetensors"]
+        .iter()
+        .map(|ext| dir.join(format!("{stem}.{ext}")))
+        .find(|p| p.exists());
+    let Some(path) = path else { return Ok(None) };
+    let mut f = TensorFile::open(&path)?;
+    // The colbert head's output size is the checkpoint's (colbert_dim); read it from the file.
+    let out = match out {
+        Some(o) => o,
+        None => f
+            .tensors
+            .get("weight")
+            .map(|t| t.shape[0])
+            .ok_or_else(|| anyhow!("{}: tensor weight is missing", path.display()))?,
+    };
+    let mut ld = Loader {
+        be,
+        file: &mut f,
+        dtype,
+    };
+    Ok(Some(Linear {
+        w: ld.tensor("weight", &[out, hidden])?,
+        b: ld.tensor("bias", &[out])?,
+    }))
+}

@@ -1,0 +1,181 @@
+//! Scores between queries and passages (SPEC §4): dense, lexical, colbert (max-sim) and the
+//! weighted hybrid, for single pairs and for query × corpus matrices.
+
+use std::collections::HashMap;
+
+/// The three modes' weights for a hybrid score: `(dense, sparse, colbert)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Dense weight w1.
+    pub dense: f32,
+    /// Lexical weight w2.
+    pub sparse: f32,
+    /// Colbert weight w3.
+    pub colbert: f32,
+}
+
+impl Default for Weights {
+    /// BGE-M3's README weights `[0.4, 0.2, 0.4]`.
+    fn default() -> Self {
+        Weights {
+            dense: 0.4,
+            sparse: 0.2,
+            colbert: 0.4,
+        }
+    }
+}
+
+/// The five scores `compute_score` reports for a pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairScores {
+    /// `<e_q, e_p>`.
+    pub dense: f32,
+    /// `Σ w_q(t)·w_p(t)` over shared token ids.
+    pub sparse: f32,
+    /// Mean over query vectors of the best passage-vector similarity.
+    pub colbert: f32,
+    /// `(w1·dense + w2·sparse) / (w1 + w2)`.
+    pub sparse_dense: f32,
+    /// `(w1·dense + w2·sparse + w3·colbert) / (w1 + w2 + w3)`.
+    pub all: f32,
+}
+
+/// Inner product.
+pub fn dense(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Lexical matching score of two `(id, weight)` lists sorted by id.
+pub fn lexical(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
+    let (mut i, mut j, mut s) = (0, 0, 0f32);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                s += a[i].1 * b[j].1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    s
+}
+
+/// `(1/N) Σ_i max_j <q_i, p_j>` over the passage's real rows (SPEC §4); 0 for an empty
+/// query or passage.
+pub fn colbert(q: &[Vec<f32>], p: &[Vec<f32>]) -> f32 {
+    if q.is_empty() || p.is_empty() {
+        return 0.0;
+    }
+    let total: f32 = q
+        .iter()
+        .map(|qi| {
+            p.iter()
+                .map(|pj| dense(qi, pj))
+                .fold(f32::NEG_INFINITY, f32::max)
+        })
+        .sum();
+    total / q.len() as f32
+}
+
+/// The hybrid combinations of three mode scores.
+pub fn combine(dense: f32, sparse: f32, colbert: f32, w: Weights) -> PairScores {
+    PairScores {
+        dense,
+        sparse,
+        colbert,
+        sparse_dense: (w.dense * dense + w.sparse * sparse) / (w.dense + w.sparse),
+        all: (w.dense * dense + w.sparse * sparse + w.colbert * colbert)
+            / (w.dense + w.sparse + w.colbert),
+    }
+}
+
+/// Dense scores of every query against every passage, `[queries][passages]`.
+pub fn dense_matrix(queries: &[Vec<f32>], passages: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    queries
+        .iter()
+        .map(|q| passages.iter().map(|p| dense(q, p)).collect())
+        .collect()
+}
+
+/// An inverted index over lexical weights: token id → (passage, weight).
+#[derive(Debug, Default, Clone)]
+pub struct InvertedIndex {
+    postings: HashMap<u32, Vec<(u32, f32)>>,
+    passages: usize,
+}
+
+impl InvertedIndex {
+    /// Builds the index from each passage's `(id, weight)` list.
+    pub fn build(lexical: &[Vec<(u32, f32)>]) -> Self {
+        let mut postings: HashMap<u32, Vec<(u32, f32)>> = HashMap::new();
+        for (p, weights) in lexical.iter().enumerate() {
+            for &(id, w) in weights {
+                postings.entry(id).or_default().push((p as u32, w));
+            }
+        }
+        InvertedIndex {
+            postings,
+            passages: lexical.len(),
+        }
+    }
+
+    /// Lexical scores of one query against every passage.
+    pub fn scores(&self, query: &[(u32, f32)]) -> Vec<f32> {
+        let mut s = vec![0f32; self.passages];
+        for &(id, w) in query {
+            if let Some(list) = self.postings.get(&id) {
+                for &(p, pw) in list {
+                    s[p as usize] += w * pw;
+                }
+            }
+        }
+        s
+    }
+
+    /// The postings, for serialisation.
+    pub fn postings(&self) -> &HashMap<u32, Vec<(u32, f32)>> {
+        &self.postings
+    }
+
+    /// Rebuilds an index from postings over `passages` passages.
+    pub fn from_postings(postings: HashMap<u32, Vec<(u32, f32)>>, passages: usize) -> Self {
+        InvertedIndex { postings, passages }
+    }
+}
+
+/// Lexical scores of every query against every passage through an inverted index.
+pub fn lexical_matrix(queries: &[Vec<(u32, f32)>], index: &InvertedIndex) -> Vec<Vec<f32>> {
+    queries.iter().map(|q| index.scores(q)).collect()
+}
+
+/// Indices of the `k` largest scores, best first (ties by lower index).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_by_hand() {
+        assert_eq!(lexical(&[(1, 0.5), (4, 2.0)], &[(2, 9.0), (4, 0.25)]), 0.5);
+        let q = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let p = vec![vec![0.6, 0.8], vec![-1.0, 0.0]];
+        // max sims: 0.6 and 0.8 -> mean 0.7
+        assert!((colbert(&q, &p) - 0.7).abs() < 1e-6);
+        // A query row whose every similarity is negative keeps its (negative) max.
+        assert!((colbert(&[vec![-1.0, 0.0]], &[vec![1.0, 0.0]]) + 1.0).abs() < 1e-6);
+        let c = combine(1.0, 0.5, 0.25, Weights::default());
+        assert!((c.sparse_dense - (0.4 + 0.1) / 0.6).abs() < 1e-6);
+        assert!((c.all - (0.4 + 0.1 + 0.1)).abs() < 1e-6);
+        let idx = InvertedIndex::build(&[vec![(1, 1.0)], vec![(1, 2.0), (3, 1.0)]]);
+        assert_eq!(idx.scores(&[(1, 0.5), (3, 2.0)]), vec![0.5, 3.0]);
+        assert_eq!(top_k(&[0.1, 0.9, 0.5], 2), vec![1, 2]);
+    }
+}

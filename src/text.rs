@@ -1,0 +1,165 @@
+//! Tokenization: the model directory's `tokenizer.json` through the `tokenizers` crate,
+//! special tokens read from the directory (never hard-coded), truncation to a maximum
+//! length, and MCLS insertion (SPEC §3).
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+
+/// Content tokens per CLS in MCLS mode (SPEC §3).
+pub const MCLS_CHUNK: usize = 256;
+
+/// A tokenized text ready for packing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// Token ids with special tokens.
+    pub ids: Vec<u32>,
+    /// Positions (within `ids`) of CLS tokens: `[0]`, or every inserted CLS with MCLS.
+    pub cls_positions: Vec<usize>,
+    /// Whether content was cut to fit the maximum length.
+    pub truncated: bool,
+}
+
+/// Special token ids of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Specials {
+    /// Sequence start (`<s>`, `[CLS]`).
+    pub cls: u32,
+    /// Sequence end (`</s>`, `[SEP]`).
+    pub eos: u32,
+    /// Padding.
+    pub pad: Option<u32>,
+    /// Unknown.
+    pub unk: Option<u32>,
+}
+
+impl Specials {
+    /// Ids whose lexical weights are dropped (SPEC §3): CLS, EOS, PAD, UNK.
+    pub fn unused(&self) -> impl Fn(u32) -> bool + '_ {
+        move |id| id == self.cls || id == self.eos || Some(id) == self.pad || Some(id) == self.unk
+    }
+}
+
+/// The model's tokenizer.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The special token ids.
+    pub specials: Specials,
+}
+
+/// Reads `key` from special_tokens_map.json / tokenizer_config.json: a string or an object
+/// with `"content"`.
+fn special_name(dir: &Path, keys: &[&str]) -> Option<String> {
+    for file in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        for key in keys {
+            match v.get(key) {
+                Some(serde_json::Value::String(s)) => return Some(s.clone()),
+                Some(obj) => {
+                    if let Some(s) = obj.get("content").and_then(|c| c.as_str()) {
+                        return Some(s.to_string());
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    None
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` from a model directory and finds its special tokens from
+    /// `special_tokens_map.json` / `tokenizer_config.json`, else from the usual names.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        // Truncation and padding are ours (token budgets, MCLS); some published
+        // tokenizer.json files carry their own settings, which would cut texts silently.
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        inner.with_padding(None);
+        let id = |keys: &[&str], fallbacks: &[&str]| -> Option<u32> {
+            special_name(dir, keys)
+                .into_iter()
+                .chain(fallbacks.iter().map(|s| s.to_string()))
+                .find_map(|name| inner.token_to_id(&name))
+        };
+        let cls = id(&["cls_token", "bos_token"], &["<s>", "[CLS]"])
+            .ok_or_else(|| anyhow!("{}: no CLS token found", path.display()))?;
+        let eos = id(&["sep_token", "eos_token"], &["</s>", "[SEP]"])
+            .ok_or_else(|| anyhow!("{}: no SEP/EOS token found", path.display()))?;
+        let specials = Specials {
+            cls,
+            eos,
+            pad: id(&["pad_token"], &["<pad>", "[PAD]"]),
+            unk: id(&["unk_token"], &["<unk>", "[UNK]"]),
+        };
+        Ok(TextTokenizer { inner, specials })
+    }
+
+    /// Content token ids of `text`, without special tokens.
+    pub fn content_ids(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))
+            .context("tokenizing")?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// `CLS content EOS`, content truncated to fit `max_length` tokens in all (at least 2).
+    /// With `mcls`, a CLS goes before every [`MCLS_CHUNK`] content tokens and the inserted
+    /// CLS tokens count toward `max_length`.
+    pub fn encode(&self, text: &str, max_length: usize, mcls: bool) -> anyhow::Result<Encoded> {
+        let content = self.content_ids(text)?;
+        Ok(self.assemble(&content, max_length, mcls))
+    }
+
+    /// Builds the sequence from content ids (see [`TextTokenizer::encode`]).
+    pub fn assemble(&self, content: &[u32], max_length: usize, mcls: bool) -> Encoded {
+        let max_length = max_length.max(2);
+        // Content tokens that fit: n + (number of CLS) + 1 <= max_length.
+        let fits = |n: usize| {
+            let cls = if mcls {
+                n.div_ceil(MCLS_CHUNK).max(1)
+            } else {
+                1
+            };
+            n + cls < max_length
+        };
+        let mut n = content.len();
+        if !fits(n) {
+            n = max_length - 2;
+            while n > 0 && !fits(n) {
+                n -= 1;
+            }
+        }
+        let truncated = n < content.len();
+        let mut ids = Vec::with_capacity(n + n / MCLS_CHUNK + 2);
+        let mut cls_positions = Vec::new();
+        for (i, &t) in content[..n].iter().enumerate() {
+            if i == 0 || (mcls && i % MCLS_CHUNK == 0) {
+                cls_positions.push(ids.len());
+                ids.push(self.specials.cls);
+            }
+            ids.push(t);
+        }
+        if n == 0 {
+            cls_positions.push(0);
+            ids.push(self.specials.cls);
+        }
+        ids.push(self.specials.eos);
+        Encoded {
+            ids,
+            cls_positions,
+            truncated,
+        }
+    }
+}
