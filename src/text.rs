@@ -163,3 +163,62 @@ impl TextTokenizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> TextTokenizer {
+        TextTokenizer::from_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn specials_come_from_the_directory() {
+        let t = tok();
+        assert_eq!(
+            t.specials,
+            Specials {
+                cls: 0,
+                eos: 2,
+                pad: Some(1),
+                unk: Some(3)
+            }
+        );
+    }
+
+    #[test]
+    fn truncation_keeps_the_first_tokens_and_the_eos() {
+        let t = tok();
+        let content: Vec<u32> = (10..30).collect();
+        let e = t.assemble(&content, 8, false);
+        assert_eq!(e.ids, vec![0, 10, 11, 12, 13, 14, 15, 2]);
+        assert!(e.truncated);
+        let e = t.assemble(&[], 8, false);
+        assert_eq!(
+            (e.ids, e.cls_positions, e.truncated),
+            (vec![0, 2], vec![0], false)
+        );
+    }
+
+    #[test]
+    fn mcls_inserts_a_cls_before_every_256_tokens() {
+        let t = tok();
+        let content: Vec<u32> = (0..600).map(|i| 10 + i % 50).collect();
+        let e = t.assemble(&content, 8192, true);
+        assert_eq!(e.cls_positions, vec![0, 257, 514]);
+        assert_eq!(e.ids.len(), 600 + 3 + 1);
+        for &p in &e.cls_positions {
+            assert_eq!(e.ids[p], 0);
+        }
+        assert_eq!(e.ids[258], content[256]);
+        // The inserted CLS tokens count toward max_length: 300 tokens leave room for 296
+        // content tokens (2 CLS + EOS + 296 + ... = 300 with the second CLS at 257).
+        let e = t.assemble(&content, 300, true);
+        assert_eq!(e.ids.len(), 300);
+        assert_eq!(e.cls_positions, vec![0, 257]);
+        assert!(e.truncated);
+    }
+}

@@ -218,3 +218,62 @@ fn heads_missing_is_an_error_not_random_heads() {
     assert!(err.contains("sparse_linear"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn mcls_dense_is_the_normalised_mean_of_the_cls_states() {
+    use m3::backend::Backend;
+    let m = model();
+    let long = golden()["records"][2]["text"].as_str().unwrap().repeat(8);
+    let opts = EncodeOptions {
+        mcls: true,
+        max_length: 1024,
+        sparse: false,
+        colbert: true,
+        ..EncodeOptions::default()
+    };
+    let enc = m.tokenize(&long, &opts).unwrap();
+    assert!(
+        enc.cls_positions.len() >= 3,
+        "{} CLS",
+        enc.cls_positions.len()
+    );
+    let got = m
+        .encode(&Cpu, &[long.as_str()], &opts, &mut |_| {})
+        .unwrap()
+        .embeddings
+        .remove(0);
+    // By hand: the encoder's states at every CLS position, averaged, normalised.
+    let batch = m3::batch::pack(
+        std::slice::from_ref(&enc),
+        1 << 20,
+        m.config.position_offset(),
+    )
+    .remove(0);
+    let h = Cpu.to_vec_f32(&m.forward(&Cpu, &batch).unwrap()).unwrap();
+    let d = m.config.hidden_size;
+    let mut mean = vec![0f32; d];
+    for &p in &enc.cls_positions {
+        for c in 0..d {
+            mean[c] += h[p * d + c] / enc.cls_positions.len() as f32;
+        }
+    }
+    let n = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = mean.iter().map(|x| x / n).collect();
+    assert!(max_abs(got.dense.as_ref().unwrap(), &want) < 1e-5);
+    // Colbert skips every inserted CLS: one row per token but the CLS tokens.
+    assert_eq!(
+        got.colbert.unwrap().len(),
+        enc.ids.len() - enc.cls_positions.len()
+    );
+    // Without MCLS the same text has a different (single-CLS) dense vector.
+    let plain = EncodeOptions {
+        mcls: false,
+        ..opts
+    };
+    let single = m
+        .encode(&Cpu, &[long.as_str()], &plain, &mut |_| {})
+        .unwrap()
+        .embeddings
+        .remove(0);
+    assert!(max_abs(single.dense.as_ref().unwrap(), &want) > 1e-3);
+}

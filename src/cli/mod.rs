@@ -1,6 +1,11 @@
 //! Command-line interface: argument parsing and dispatch to the subcommands.
 
+mod device;
+mod encode;
+mod jsonl;
 mod kernels;
+mod score;
+mod search;
 mod selfcheck;
 
 use std::process::ExitCode;
@@ -29,6 +34,14 @@ pub enum DeviceArg {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Embed texts: dense vectors, lexical weights and/or colbert vectors, one JSON line per
+    /// input line, in input order.
+    Encode(encode::EncodeArgs),
+    /// Score query/passage pairs: dense, sparse, colbert and the weighted hybrids.
+    Score(score::ScoreArgs),
+    /// Build a search index over a corpus, or query it with hybrid retrieval.
+    #[command(subcommand)]
+    Search(search::SearchCommand),
     /// Model-free self-check: every op's gradient against finite differences on the CPU,
     /// and, with a GPU, every CUDA op (f32 and bf16) against the CPU reference.
     Selfcheck {
@@ -48,6 +61,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Encode(a) => encode::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Search(c) => search::run(c),
         Command::Selfcheck { device, seed } => selfcheck::run(device, seed),
         Command::Kernels => kernels::run(),
     };

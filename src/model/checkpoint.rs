@@ -70,6 +70,10 @@ fn read_safetensors(
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            // Integer buffers (BERT's position_ids) are not weights.
+            safetensors::Dtype::I64 | safetensors::Dtype::I32 | safetensors::Dtype::BOOL => {
+                continue
+            }
             other => {
                 return err(
                     path,
@@ -135,6 +139,9 @@ fn read_torch_zip(
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = HashMap::new();
     for (name, t) in state {
+        if matches!(t.storage.dtype.as_str(), "Long" | "Int" | "Bool") {
+            continue; // integer buffers are not weights
+        }
         let key = &t.storage.key;
         if !storages.contains_key(key) {
             let data = entry(&format!("{prefix}data/{key}"))?;

@@ -134,6 +134,15 @@ impl<B: Backend> Embedder<B> {
             .encode(text, opts.max_length.min(self.max_tokens()), opts.mcls)
     }
 
+    /// Last hidden states `[tokens, hidden]` of a packed batch.
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &crate::batch::PackedBatch,
+    ) -> anyhow::Result<crate::Tensor<B>> {
+        Ok(encoder::forward(be, &self.encoder, &self.config, batch)?)
+    }
+
     /// Encodes `texts`; `progress` is told how many texts each finished batch held.
     pub fn encode(
         &self,
@@ -171,7 +180,7 @@ impl<B: Backend> Embedder<B> {
             opts.batch_tokens.max(1),
             self.config.position_offset(),
         ) {
-            let hidden = encoder::forward(be, &self.encoder, &self.config, &batch)?;
+            let hidden = self.forward(be, &batch)?;
             let cls: Vec<Vec<usize>> = batch
                 .origin
                 .iter()

@@ -134,7 +134,8 @@ fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, PickleError> {
     }
 }
 
-const STORAGE_TYPES: [&str; 6] = [
+const STORAGE_TYPES: [&str; 7] = [
+    "BoolStorage",
     "FloatStorage",
     "HalfStorage",
     "BFloat16Storage",

@@ -1,0 +1,336 @@
+//! The `m3` binary end to end on the fixture model: encode, score, search, and bad input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(p)
+}
+
+fn m3(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m3"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn lines(out: &Output) -> Vec<Value> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("m3-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-m3-golden.json")).unwrap()).unwrap()
+}
+
+const MODEL: &str = "--model";
+
+#[test]
+fn encode_writes_one_line_per_input_in_order_matching_flagembedding() {
+    let g = golden();
+    let recs = g["records"].as_array().unwrap();
+    let mut input = Vec::new();
+    for (i, r) in recs.iter().enumerate() {
+        let line = if i % 2 == 0 {
+            serde_json::json!({"text": r["text"], "id": i})
+        } else {
+            r["text"].clone()
+        };
+        writeln!(input, "{line}").unwrap();
+    }
+    let model = fixture("tiny-m3");
+    let max_len = g["max_length"].to_string();
+    let out = m3(
+        &[
+            "encode",
+            MODEL,
+            model.to_str().unwrap(),
+            "--outputs",
+            "dense,sparse,colbert",
+            "--max-length",
+            &max_len,
+            "--batch-tokens",
+            "64",
+        ],
+        &input,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("were truncated"),
+        "one summary warning expected: {stderr}"
+    );
+    assert_eq!(stderr.matches("warning").count(), 1, "{stderr}");
+    let got = lines(&out);
+    assert_eq!(got.len(), recs.len());
+    for (i, (o, r)) in got.iter().zip(recs).enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(o["id"], i, "line {i}");
+        } else {
+            assert!(o.get("id").is_none());
+        }
+        for (a, b) in o["dense_vecs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(r["dense_vecs"].as_array().unwrap())
+        {
+            assert!(
+                (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4,
+                "dense of line {i}"
+            );
+        }
+        let lw = o["lexical_weights"].as_object().unwrap();
+        assert_eq!(
+            lw.len(),
+            r["lexical_weights"].as_object().unwrap().len(),
+            "lexical of line {i}"
+        );
+        assert_eq!(
+            o["colbert_vecs"].as_array().unwrap().len(),
+            r["colbert_vecs"].as_array().unwrap().len()
+        );
+    }
+}
+
+#[test]
+fn a_bad_line_stops_with_its_number_after_completing_the_lines_before() {
+    let model = fixture("tiny-m3");
+    for (input, what) in [
+        (
+            &b"\"one\"\n{\"text\": \"two\"}\n{not json\n\"four\"\n"[..],
+            "malformed JSON",
+        ),
+        (
+            &b"\"one\"\n{\"text\": \"two\"}\n\"\xff\xfe\"\n\"four\"\n"[..],
+            "invalid UTF-8",
+        ),
+        (
+            &b"\"one\"\n{\"text\": \"two\"}\n{\"id\": 3}\n\"four\"\n"[..],
+            "no \"text\"",
+        ),
+    ] {
+        let out = m3(&["encode", MODEL, model.to_str().unwrap()], input);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("<stdin>:3") && err.contains(what), "{err}");
+        let got = lines(&out);
+        assert_eq!(got.len(), 2, "lines before the bad one are complete");
+        assert!(got
+            .iter()
+            .all(|l| l["dense_vecs"].as_array().unwrap().len() == 32));
+    }
+}
+
+#[test]
+fn an_empty_text_gives_a_valid_record() {
+    let out = m3(
+        &["encode", MODEL, fixture("tiny-m3").to_str().unwrap()],
+        b"\"\"\n",
+    );
+    assert!(out.status.success());
+    let got = lines(&out);
+    assert_eq!(got[0]["dense_vecs"].as_array().unwrap().len(), 32);
+    assert!(got[0]["lexical_weights"].as_object().unwrap().is_empty());
+}
+
+#[test]
+fn asking_for_a_missing_head_is_an_error() {
+    let dir = tmp("nohead");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(fixture("tiny-m3").join(f), dir.join(f)).unwrap();
+    }
+    let out = m3(
+        &[
+            "encode",
+            MODEL,
+            dir.to_str().unwrap(),
+            "--outputs",
+            "colbert",
+        ],
+        b"\"x\"\n",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colbert_linear"));
+    let out = m3(
+        &["encode", MODEL, dir.to_str().unwrap(), "--outputs", "dense"],
+        b"\"x\"\n",
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn score_matches_flagembedding_compute_score() {
+    let g = golden();
+    let s = &g["score"];
+    let mut input = Vec::new();
+    for p in s["pairs"].as_array().unwrap() {
+        writeln!(
+            input,
+            "{}",
+            serde_json::json!({"query": p["query"], "passage": p["passage"]})
+        )
+        .unwrap();
+    }
+    let out = m3(
+        &[
+            "score",
+            MODEL,
+            fixture("tiny-m3").to_str().unwrap(),
+            "--input",
+            "-",
+            "--weights",
+            "0.4,0.2,0.4",
+            "--query-max-length",
+            &s["query_max_length"].to_string(),
+            "--passage-max-length",
+            &s["passage_max_length"].to_string(),
+        ],
+        &input,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = lines(&out);
+    for (i, (o, p)) in got.iter().zip(s["pairs"].as_array().unwrap()).enumerate() {
+        for key in [
+            "dense",
+            "sparse",
+            "colbert",
+            "sparse+dense",
+            "colbert+sparse+dense",
+        ] {
+            let (a, b) = (o[key].as_f64().unwrap(), p[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "pair {i} {key}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn search_finds_a_passage_by_its_own_text() {
+    let g = golden();
+    let texts: Vec<&str> = g["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(3)
+        .take(20)
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    let dir = tmp("search");
+    let corpus = dir.join("corpus.jsonl");
+    let mut c = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        writeln!(
+            c,
+            "{}",
+            serde_json::json!({"text": t, "id": format!("p{i}")})
+        )
+        .unwrap();
+    }
+    std::fs::write(&corpus, c).unwrap();
+    let index = dir.join("index");
+    let model = fixture("tiny-m3");
+    let out = m3(
+        &[
+            "search",
+            "index",
+            MODEL,
+            model.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut q = Vec::new();
+    for i in [0usize, 7, 13] {
+        writeln!(q, "{}", serde_json::json!({"text": texts[i], "id": i})).unwrap();
+    }
+    let out = m3(
+        &[
+            "search",
+            "query",
+            MODEL,
+            model.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+            "--top-k",
+            "5",
+        ],
+        &q,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in lines(&out) {
+        let i = l["id"].as_u64().unwrap();
+        let res = l["results"].as_array().unwrap();
+        assert!(!res.is_empty() && res.len() <= 5);
+        assert_eq!(res[0]["id"], format!("p{i}"), "{l}");
+        let scores: Vec<f64> = res.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "ranked by hybrid score: {scores:?}"
+        );
+        // The hybrid is the weighted mean of the three mode scores.
+        let r = &res[0];
+        let want = (0.4 * r["dense"].as_f64().unwrap()
+            + 0.2 * r["sparse"].as_f64().unwrap()
+            + 0.4 * r["colbert"].as_f64().unwrap())
+            / 1.0;
+        assert!((want - r["score"].as_f64().unwrap()).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn help_documents_every_subcommand() {
+    let out = m3(&["--help"], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["encode", "score", "search", "selfcheck", "kernels"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+}
