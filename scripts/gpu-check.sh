@@ -39,7 +39,8 @@ for line in open(sys.argv[1]):
         continue
     kinds = m["target"]["kind"]
     name = m["target"]["name"]
-    if "test" in kinds:
+    if "test" in kinds and name.startswith("cuda_"):
+        # Only GPU tests travel: the CPU suites run in CI, and the bundle stays small.
         dest = os.path.join(out, "tests", name)
     elif "bench" in kinds:
         dest = os.path.join(out, "benches", name)
@@ -99,6 +100,8 @@ run() {
   [ -d "$bundle" ] || { echo "error: no gpu-bundle/ (run 'gpu-check.sh build' first and carry it)" >&2; exit 1; }
   find_libs
   export M3_REQUIRE_GPU=1
+  # Tests read fixtures from the working tree that travelled with the bundle.
+  export M3_FIXTURES="$root/fixtures"
   local summary="$logs/summary.txt"
   : >"$summary"
   step() {  # step NAME TIMEOUT CMD...

@@ -449,23 +449,23 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         }),
         device_backward: true,
     });
-    // Attention: two heads of dim 32 (a size the CUDA kernels take), the rows split into
-    // up to three sequences, an empty one possible.
-    let heads = 2;
-    let hidden = heads * 32;
-    let cut1 = rng.below(m as u32 + 1);
-    let cut2 = cut1 + rng.below(m as u32 - cut1 + 1);
-    let cu = vec![0, cut1, cut2, m as u32];
-    let mut qkv = Vec::new();
-    for _ in 0..3 {
-        qkv.push(float(&[m, hidden], rng.vec(m * hidden, -1.0, 1.0)));
+    // Attention, the rows split into up to three sequences (an empty one possible): two
+    // heads of dim 32, and three heads of dim 8 (CUDA leaves lanes idle for small heads).
+    for (heads, head_dim) in [(2usize, 32usize), (3, 8)] {
+        let hidden = heads * head_dim;
+        let cut1 = rng.below(m as u32 + 1);
+        let cut2 = cut1 + rng.below(m as u32 - cut1 + 1);
+        let cu = vec![0, cut1, cut2, m as u32];
+        let qkv = (0..3)
+            .map(|_| float(&[m, hidden], rng.vec(m * hidden, -1.0, 1.0)))
+            .collect();
+        cases.push(Case {
+            name: format!("attention({heads}x{head_dim})"),
+            inputs: qkv,
+            f: Box::new(move |t, v| t.attention(v[0], v[1], v[2], &cu, heads, 0.25)),
+            device_backward: false,
+        });
     }
-    cases.push(Case {
-        name: "attention".into(),
-        inputs: qkv,
-        f: Box::new(move |t, v| t.attention(v[0], v[1], v[2], &cu, heads, 0.25)),
-        device_backward: false,
-    });
     cases
 }
 

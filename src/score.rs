@@ -99,6 +99,14 @@ pub fn dense_matrix(queries: &[Vec<f32>], passages: &[Vec<f32>]) -> Vec<Vec<f32>
         .collect()
 }
 
+/// Colbert scores of every query against every passage, `[queries][passages]`.
+pub fn colbert_matrix(queries: &[Vec<Vec<f32>>], passages: &[Vec<Vec<f32>>]) -> Vec<Vec<f32>> {
+    queries
+        .iter()
+        .map(|q| passages.iter().map(|p| colbert(q, p)).collect())
+        .collect()
+}
+
 /// An inverted index over lexical weights: token id → (passage, weight).
 #[derive(Debug, Default, Clone)]
 pub struct InvertedIndex {
@@ -177,5 +185,17 @@ mod tests {
         let idx = InvertedIndex::build(&[vec![(1, 1.0)], vec![(1, 2.0), (3, 1.0)]]);
         assert_eq!(idx.scores(&[(1, 0.5), (3, 2.0)]), vec![0.5, 3.0]);
         assert_eq!(top_k(&[0.1, 0.9, 0.5], 2), vec![1, 2]);
+        // Matrix forms agree with the pair forms.
+        let qs = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let ps = vec![vec![0.6, 0.8], vec![1.0, 0.0], vec![0.0, -1.0]];
+        let dm = dense_matrix(&qs, &ps);
+        assert_eq!(dm[1][0], dense(&qs[1], &ps[0]));
+        let cm = colbert_matrix(std::slice::from_ref(&q), &[p.clone(), vec![vec![0.0, 1.0]]]);
+        assert_eq!(cm[0], vec![colbert(&q, &p), 0.5]);
+        let lex = vec![vec![(1, 2.0)], vec![(3, 1.0)]];
+        assert_eq!(
+            lexical_matrix(&[vec![(1, 1.0), (3, 1.0)]], &InvertedIndex::build(&lex)),
+            vec![vec![2.0, 1.0]]
+        );
     }
 }

@@ -126,3 +126,64 @@ fn bad_ids_are_rejected_before_launch() {
     let err = dev.embedding(&table, &ids).unwrap_err().to_string();
     assert!(err.contains("id 3"), "{err}");
 }
+
+/// The fixtures folder: M3_FIXTURES (the GPU bundle sets it), else the source tree's.
+fn fixtures() -> std::path::PathBuf {
+    std::env::var_os("M3_FIXTURES")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+}
+
+#[test]
+fn whole_encoder_on_the_fixture_model_matches_cpu() {
+    use m3::backend::cpu::Cpu;
+    use m3::model::embedder::{Embedder, EncodeOptions};
+    let Some(dev) = gpu() else { return };
+    let dir = fixtures().join("tiny-m3");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-m3-golden.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = golden["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    let opts = EncodeOptions {
+        colbert: true,
+        batch_tokens: 200,
+        ..EncodeOptions::default()
+    };
+    let cpu = Embedder::load(&Cpu, &dir, DType::F32)
+        .unwrap()
+        .encode(&Cpu, &texts, &opts, &mut |_| {})
+        .unwrap();
+    let gpu = Embedder::load(&dev, &dir, DType::BF16)
+        .unwrap()
+        .encode(&dev, &texts, &opts, &mut |_| {})
+        .unwrap();
+    let cos = |a: &[f32], b: &[f32]| {
+        let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        d / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+            * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+    };
+    for (i, (c, g)) in cpu.embeddings.iter().zip(&gpu.embeddings).enumerate() {
+        let dc = cos(c.dense.as_ref().unwrap(), g.dense.as_ref().unwrap());
+        assert!(dc >= 0.999, "text {i}: dense cosine {dc}");
+        let (cl, gl) = (c.lexical.as_ref().unwrap(), g.lexical.as_ref().unwrap());
+        let lookup = |l: &[(u32, f32)], id: u32| l.iter().find(|p| p.0 == id).map_or(0.0, |p| p.1);
+        for &(id, w) in cl.iter().chain(gl) {
+            let (a, b) = (lookup(cl, id), lookup(gl, id));
+            assert!(
+                (a - b).abs() <= 1e-2 * a.abs().max(b.abs()) + 1e-2,
+                "text {i} token {id}: {a} vs {b} (w {w})"
+            );
+        }
+        let (cc, gc) = (c.colbert.as_ref().unwrap(), g.colbert.as_ref().unwrap());
+        assert_eq!(cc.len(), gc.len());
+        for (a, b) in cc.iter().zip(gc) {
+            assert!(cos(a, b) >= 0.999, "text {i}: colbert cosine {}", cos(a, b));
+        }
+    }
+}

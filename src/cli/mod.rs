@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and dispatch to the subcommands.
 
+mod bench;
 mod device;
 mod encode;
 mod jsonl;
@@ -42,6 +43,9 @@ enum Command {
     /// Build a search index over a corpus, or query it with hybrid retrieval.
     #[command(subcommand)]
     Search(search::SearchCommand),
+    /// Benchmarks: random full-size models and encoder throughput.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Model-free self-check: every op's gradient against finite differences on the CPU,
     /// and, with a GPU, every CUDA op (f32 and bf16) against the CPU reference.
     Selfcheck {
@@ -64,6 +68,7 @@ pub fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Score(a) => score::run(a),
         Command::Search(c) => search::run(c),
+        Command::Bench(c) => bench::run(c),
         Command::Selfcheck { device, seed } => selfcheck::run(device, seed),
         Command::Kernels => kernels::run(),
     };

@@ -208,3 +208,50 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<HostTensor, String> {
         data,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::torch_pickle::StorageRef;
+    use super::*;
+
+    fn view(offset: usize, size: Vec<usize>, stride: Vec<usize>) -> TensorRef {
+        TensorRef {
+            storage: StorageRef {
+                key: "0".into(),
+                dtype: "Float".into(),
+                numel: 6,
+            },
+            offset,
+            size,
+            stride,
+        }
+    }
+
+    #[test]
+    fn strided_views_gather_and_out_of_range_views_are_errors() {
+        let raw: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        // A transposed 2x3 view of a 3x2 storage.
+        let t = gather(&view(0, vec![2, 3], vec![1, 2]), &raw).unwrap();
+        assert_eq!(t.data, vec![0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
+        assert!(gather(&view(1, vec![2, 3], vec![3, 1]), &raw).is_err());
+        assert!(gather(&view(0, vec![7], vec![1]), &raw).is_err());
+        assert!(gather(&view(usize::MAX, vec![2], vec![1]), &raw).is_err());
+        assert!(gather(&view(0, vec![2, usize::MAX], vec![1, usize::MAX]), &raw).is_err());
+    }
+
+    #[test]
+    fn garbage_files_are_errors_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("m3-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in [
+            ("a.safetensors", &b"\x10\x00\x00\x00\x00\x00\x00\x00{}"[..]),
+            ("b.bin", &b"PK\x03\x04garbage"[..]),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let e = read_checkpoint(&p).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

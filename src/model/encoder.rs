@@ -11,7 +11,7 @@ use crate::tensor::{HostData, Tensor};
 
 /// `x Wᵀ + b` in the activations' dtype.
 pub fn linear<B: Backend>(be: &B, x: &Tensor<B>, l: &Linear<B>) -> Result<Tensor<B>> {
-    be.matmul(x, false, &l.w, true, Some(&l.b), x.dtype())
+    be.matmul(x, false, &l.wt, false, Some(&l.b), x.dtype())
 }
 
 /// Last hidden states `[tokens, hidden]` of a packed batch.

@@ -79,18 +79,17 @@ where
     }
 }
 
-/// Exact GELU `x·Φ(x)`, evaluated in f64 so the reference is not the weak link.
+/// Exact GELU `x·Φ(x)`, with `Φ(x) = erfc(-x/√2)/2` so the left tail keeps its relative
+/// accuracy (no `1 + erf` cancellation).
 pub fn gelu_scalar(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+    0.5 * x * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2)
 }
 
 /// Derivative of exact GELU: `Φ(x) + x·φ(x)`.
 pub fn gelu_grad_scalar(x: f32) -> f32 {
-    let x = x as f64;
-    let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
-    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    (cdf + x * pdf) as f32
+    let cdf = 0.5 * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2);
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+    cdf + x * pdf
 }
 
 impl Backend for Cpu {
