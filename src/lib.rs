@@ -13,6 +13,7 @@ pub mod model;
 pub mod score;
 pub mod tensor;
 pub mod text;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, HostData, Tensor};

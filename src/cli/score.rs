@@ -101,13 +101,9 @@ struct Line<'a> {
 impl Job for ScoreArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let model = Embedder::load(be, &self.model.model, dtype)?;
-        let opts = |max_length| EncodeOptions {
-            max_length,
-            batch_tokens: self.model.batch_tokens,
-            colbert: true,
-            ..EncodeOptions::default()
-        };
-        let (qo, po) = (opts(self.query_max_length), opts(self.passage_max_length));
+        let batch_tokens = self.model.batch_tokens;
+        let qo = EncodeOptions::all_outputs(self.query_max_length, batch_tokens);
+        let po = EncodeOptions::all_outputs(self.passage_max_length, batch_tokens);
         let mut lines = Lines::open(&self.input)?;
         let mut sink = Sink::create(&self.output)?;
         let pb = progress("pairs");

@@ -106,12 +106,7 @@ fn read_f32(path: &Path, name: &str) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
 impl Job for IndexArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let model = Embedder::load(be, &self.model.model, dtype)?;
-        let opts = EncodeOptions {
-            max_length: self.max_length,
-            batch_tokens: self.model.batch_tokens,
-            colbert: true,
-            ..EncodeOptions::default()
-        };
+        let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.corpus)?;
         let pb = progress("passages");
         let (mut ids, mut dense, mut colbert, mut offsets, mut lexical) =
@@ -287,12 +282,7 @@ impl Job for QueryArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let index = Index::load(&self.index)?;
         let model = Embedder::load(be, &self.model.model, dtype)?;
-        let opts = EncodeOptions {
-            max_length: self.max_length,
-            batch_tokens: self.model.batch_tokens,
-            colbert: true,
-            ..EncodeOptions::default()
-        };
+        let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.input)?;
         let mut sink = Sink::create(&self.output)?;
         let d = index.meta.dense_dim;

@@ -47,6 +47,18 @@ impl Default for EncodeOptions {
     }
 }
 
+impl EncodeOptions {
+    /// Dense, lexical and colbert outputs (what scoring and search need), CLS pooling.
+    pub fn all_outputs(max_length: usize, batch_tokens: usize) -> Self {
+        EncodeOptions {
+            max_length,
+            batch_tokens,
+            colbert: true,
+            ..EncodeOptions::default()
+        }
+    }
+}
+
 /// The outputs for one text; absent ones were not requested.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Embedding {
