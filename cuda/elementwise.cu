@@ -29,10 +29,26 @@ __device__ void sum_rows(const T* __restrict__ x, float* __restrict__ out, int r
   }
 }
 
+// scale: y[i] = c * x[i]. n elements; 1-D grid-stride, 256 threads per block.
+template <typename T>
+__device__ void scale(const T* __restrict__ x, T* __restrict__ y, float c, int64_t n) {
+  GRID_STRIDE(i, n) y[i] = from_f<T>(c * to_f(x[i]));
+}
+
+// fill: y[i] = v. n elements; 1-D grid-stride, 256 threads per block.
+template <typename T>
+__device__ void fill(T* __restrict__ y, float v, int64_t n) {
+  GRID_STRIDE(i, n) y[i] = from_f<T>(v);
+}
+
 #define INSTANTIATE(SUF, T)                                                           \
   extern "C" __global__ void add_##SUF(const T* a, const T* b, T* y, int64_t n) {      \
     add<T>(a, b, y, n);                                                                \
   }                                                                                    \
+  extern "C" __global__ void scale_##SUF(const T* x, T* y, float c, int64_t n) {       \
+    scale<T>(x, y, c, n);                                                              \
+  }                                                                                    \
+  extern "C" __global__ void fill_##SUF(T* y, float v, int64_t n) { fill<T>(y, v, n); } \
   extern "C" __global__ void sum_rows_##SUF(const T* x, float* out, int rows, int cols) { \
     sum_rows<T>(x, out, rows, cols);                                                   \
   }

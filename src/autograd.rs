@@ -6,7 +6,7 @@
 //! [`Op`] is matched without a wildcard, so adding an op without its backward does not
 //! compile. Inference calls the backend directly and never builds a tape.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, LexicalSide};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
 
@@ -69,6 +69,34 @@ enum Op<B: Backend> {
         heads: usize,
         scale: f32,
         lse: Tensor<B>,
+    },
+    /// `c · x`.
+    Scale { x: Var, c: f32 },
+    /// Sum of all elements.
+    SumAll { x: Var },
+    /// Cross-entropy against soft (detached) targets, with the saved log-sum-exp.
+    SoftCrossEntropy {
+        logits: Var,
+        targets: Tensor<B>,
+        lse: Tensor<B>,
+    },
+    /// Colbert max-sim scores with the saved arg-max rows.
+    MaxSim {
+        q: Var,
+        q_cu: Vec<u32>,
+        p: Var,
+        p_cu: Vec<u32>,
+        argmax: Tensor<B>,
+    },
+    /// Lexical scatter-max scores (ids and offsets kept on the host).
+    Lexical {
+        q: Var,
+        q_ids: Vec<u32>,
+        q_cu: Vec<u32>,
+        p: Var,
+        p_ids: Vec<u32>,
+        p_cu: Vec<u32>,
+        excluded: Vec<u32>,
     },
     /// Per-row softmax cross-entropy with the saved log-sum-exp.
     SoftmaxCrossEntropy {
@@ -310,6 +338,99 @@ impl<'a, B: Backend> Tape<'a, B> {
         ))
     }
 
+    /// Records `c · x`.
+    pub fn scale(&mut self, x: Var, c: f32) -> Result<Var> {
+        let y = self.backend.scale(self.value(x), c)?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Scale { x, c }, needs))
+    }
+
+    /// Records the sum of all elements (f32 `[1]`).
+    pub fn sum_all(&mut self, x: Var) -> Result<Var> {
+        let y = self.backend.sum_all(self.value(x))?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::SumAll { x }, needs))
+    }
+
+    /// Records the per-row cross-entropy of `logits` against soft `targets` (f32, same
+    /// shape, no gradient: a detached teacher).
+    pub fn soft_cross_entropy(&mut self, logits: Var, targets: Tensor<B>) -> Result<Var> {
+        let (loss, lse) = self
+            .backend
+            .soft_cross_entropy(self.value(logits), &targets)?;
+        let needs = self.needs(&[logits]);
+        Ok(self.push(
+            Value::Owned(loss),
+            Op::SoftCrossEntropy {
+                logits,
+                targets,
+                lse,
+            },
+            needs,
+        ))
+    }
+
+    /// Records colbert max-sim scores between packed queries and passages.
+    pub fn maxsim(&mut self, q: Var, q_cu: &[u32], p: Var, p_cu: &[u32]) -> Result<Var> {
+        let (s, argmax) = self
+            .backend
+            .maxsim(self.value(q), q_cu, self.value(p), p_cu)?;
+        let needs = self.needs(&[q, p]);
+        Ok(self.push(
+            Value::Owned(s),
+            Op::MaxSim {
+                q,
+                q_cu: q_cu.to_vec(),
+                p,
+                p_cu: p_cu.to_vec(),
+                argmax,
+            },
+            needs,
+        ))
+    }
+
+    /// Records lexical scatter-max scores from per-token weights `q` and `p` (f32 `[T]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lexical_scores(
+        &mut self,
+        q: Var,
+        q_ids: &[u32],
+        q_cu: &[u32],
+        p: Var,
+        p_ids: &[u32],
+        p_cu: &[u32],
+        excluded: &[u32],
+    ) -> Result<Var> {
+        let s = self.backend.lexical_scores(
+            &LexicalSide {
+                weights: self.value(q),
+                ids: q_ids,
+                cu: q_cu,
+                excluded,
+            },
+            &LexicalSide {
+                weights: self.value(p),
+                ids: p_ids,
+                cu: p_cu,
+                excluded,
+            },
+        )?;
+        let needs = self.needs(&[q, p]);
+        Ok(self.push(
+            Value::Owned(s),
+            Op::Lexical {
+                q,
+                q_ids: q_ids.to_vec(),
+                q_cu: q_cu.to_vec(),
+                p,
+                p_ids: p_ids.to_vec(),
+                p_cu: p_cu.to_vec(),
+                excluded: excluded.to_vec(),
+            },
+            needs,
+        ))
+    }
+
     /// Records the per-row softmax cross-entropy of `logits` against `targets` (u32
     /// column per row); the value is the f32 loss per row.
     pub fn softmax_cross_entropy(&mut self, logits: Var, targets: Tensor<B>) -> Result<Var> {
@@ -455,6 +576,58 @@ impl<'a, B: Backend> Tape<'a, B> {
                         *scale,
                     )?;
                     vec![(*q, dq), (*k, dk), (*v, dv)]
+                }
+                Op::Scale { x, c } => vec![(*x, be.scale(&g, *c)?)],
+                Op::SumAll { x } => {
+                    let v = be.to_vec_f32(&g)?[0];
+                    let xv = val(*x);
+                    vec![(*x, be.fill(xv.shape(), v, xv.dtype())?)]
+                }
+                Op::SoftCrossEntropy {
+                    logits,
+                    targets,
+                    lse,
+                } => {
+                    vec![(
+                        *logits,
+                        be.soft_cross_entropy_backward(&g, val(*logits), lse, targets)?,
+                    )]
+                }
+                Op::MaxSim {
+                    q,
+                    q_cu,
+                    p,
+                    p_cu,
+                    argmax,
+                } => {
+                    let (dq, dp) = be.maxsim_backward(&g, val(*q), q_cu, val(*p), p_cu, argmax)?;
+                    vec![(*q, dq), (*p, dp)]
+                }
+                Op::Lexical {
+                    q,
+                    q_ids,
+                    q_cu,
+                    p,
+                    p_ids,
+                    p_cu,
+                    excluded,
+                } => {
+                    let (dq, dp) = be.lexical_scores_backward(
+                        &g,
+                        &LexicalSide {
+                            weights: val(*q),
+                            ids: q_ids,
+                            cu: q_cu,
+                            excluded,
+                        },
+                        &LexicalSide {
+                            weights: val(*p),
+                            ids: p_ids,
+                            cu: p_cu,
+                            excluded,
+                        },
+                    )?;
+                    vec![(*q, dq), (*p, dp)]
                 }
                 Op::SoftmaxCrossEntropy {
                     logits,

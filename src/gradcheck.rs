@@ -284,9 +284,19 @@ pub struct Case<B: Backend> {
     pub inputs: Vec<Input>,
     /// Records the op on a tape.
     pub f: CaseFn<B>,
-    /// Whether device backends implement this op's backward yet (cross-checks compare
-    /// only the forward output where they do not).
-    pub device_backward: bool,
+    /// How far device backends implement the op yet.
+    pub device: DeviceCheck,
+}
+
+/// How much of an op the device backends implement, so cross-checks compare what exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCheck {
+    /// Forward and backward.
+    Full,
+    /// Forward only (the backward kernel is later work).
+    Forward,
+    /// Neither yet (CPU only).
+    Skip,
 }
 
 /// Sizes for [`op_cases`]: `rows` × `cols` activations, `inner` the other matmul dimension,
@@ -345,7 +355,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             ),
             inputs,
             f: Box::new(move |t, v| t.matmul(v[0], ta, v[1], tb, v.get(2).copied())),
-            device_backward: true,
+            device: DeviceCheck::Full,
         });
     }
     cases.push(Case {
@@ -355,7 +365,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             float(&[m, n], rng.vec(m * n, -1.0, 1.0)),
         ],
         f: Box::new(|t, v| t.add(v[0], v[1])),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     // LayerNorm varies on the scale of a row's spread; rows whose values nearly coincide
     // (likely with two columns) would put that scale below the finite-difference step.
@@ -379,13 +389,13 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             float(&[n], rng.vec(n, -0.5, 0.5)),
         ],
         f: Box::new(|t, v| t.layernorm(v[0], v[1], v[2], 1e-5)),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     cases.push(Case {
         name: "gelu".into(),
         inputs: vec![float(&[m, n], rng.vec(m * n, -3.0, 3.0))],
         f: Box::new(|t, v| t.gelu(v[0])),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     // Keep ReLU inputs a step away from the kink so central differences are exact.
     let relu_in: Vec<f32> = rng
@@ -397,7 +407,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         name: "relu".into(),
         inputs: vec![float(&[m, n], relu_in)],
         f: Box::new(|t, v| t.relu(v[0])),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     let ids: Vec<u32> = (0..m).map(|_| rng.below(vocab as u32)).collect();
     cases.push(Case {
@@ -413,7 +423,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             let ids = t.value(v[1]).clone_ids(t.backend())?;
             t.embedding(v[0], ids)
         }),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     // x/‖x‖ curves on the scale of ‖x‖ (with one column it is a step at 0): keep row norms
     // well above the finite-difference step.
@@ -431,7 +441,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         name: "l2_normalize".into(),
         inputs: vec![float(&[m, n], l2_in)],
         f: Box::new(|t, v| t.l2_normalize(v[0], 1e-12)),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     let targets: Vec<u32> = (0..m).map(|_| rng.below(n as u32)).collect();
     cases.push(Case {
@@ -447,7 +457,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             let targets = t.value(v[1]).clone_ids(t.backend())?;
             t.softmax_cross_entropy(v[0], targets)
         }),
-        device_backward: true,
+        device: DeviceCheck::Full,
     });
     // Attention, the rows split into up to three sequences (an empty one possible): two
     // heads of dim 32, and three heads of dim 8 (CUDA leaves lanes idle for small heads).
@@ -463,10 +473,124 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             name: format!("attention({heads}x{head_dim})"),
             inputs: qkv,
             f: Box::new(move |t, v| t.attention(v[0], v[1], v[2], &cu, heads, 0.25)),
-            device_backward: false,
+            device: DeviceCheck::Forward,
         });
     }
+    cases.push(Case {
+        name: "scale".into(),
+        inputs: vec![float(&[m, n], rng.vec(m * n, -1.0, 1.0))],
+        f: Box::new(|t, v| t.scale(v[0], -0.7)),
+        device: DeviceCheck::Full,
+    });
+    cases.push(Case {
+        name: "sum_all".into(),
+        inputs: vec![float(&[m, n], rng.vec(m * n, -1.0, 1.0))],
+        f: Box::new(|t, v| t.sum_all(v[0])),
+        device: DeviceCheck::Full,
+    });
+    // Soft targets: a random distribution per row (a detached teacher).
+    let mut teacher = rng.vec(m * n, 0.0, 1.0);
+    for row in teacher.chunks_mut(n) {
+        let s: f32 = row.iter().sum();
+        row.iter_mut().for_each(|x| *x /= s);
+    }
+    cases.push(Case {
+        name: "soft_cross_entropy".into(),
+        inputs: vec![
+            float(&[m, n], rng.vec(m * n, -3.0, 3.0)),
+            Input::Float {
+                shape: vec![m, n],
+                data: teacher,
+                grad: false,
+            },
+        ],
+        f: Box::new(|t, v| {
+            let targets = t.backend().cast(t.value(v[1]), DType::F32)?;
+            t.soft_cross_entropy(v[0], targets)
+        }),
+        device: DeviceCheck::Skip,
+    });
+    cases.push(maxsim_case(rng, m, k.max(2)));
+    cases.push(lexical_case(rng, m, vocab.max(2)));
     cases
+}
+
+/// Cut points splitting `rows` into three packed sequences (some possibly empty).
+fn three_way(rng: &mut Rng, rows: usize) -> Vec<u32> {
+    let a = rng.below(rows as u32 + 1);
+    let b = a + rng.below(rows as u32 - a + 1);
+    vec![0, a, b, rows as u32]
+}
+
+/// Max-sim over random packed queries and passages. Max is piecewise linear: inputs are
+/// redrawn until every query row's best passage row leads the runner-up by 0.05, far more
+/// than a finite-difference step can move a similarity.
+fn max_sim_inputs(
+    rng: &mut Rng,
+    tq: usize,
+    tp: usize,
+    d: usize,
+    p_cu: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    loop {
+        let (q, p) = (rng.vec(tq * d, -1.0, 1.0), rng.vec(tp * d, -1.0, 1.0));
+        let separated = (0..tq).all(|i| {
+            p_cu.windows(2).all(|w| {
+                let mut sims: Vec<f32> = (w[0] as usize..w[1] as usize)
+                    .map(|j| (0..d).map(|c| q[i * d + c] * p[j * d + c]).sum())
+                    .collect();
+                sims.sort_by(|a, b| b.total_cmp(a));
+                sims.len() < 2 || sims[0] - sims[1] >= 0.05
+            })
+        });
+        if separated {
+            return (q, p);
+        }
+    }
+}
+
+fn maxsim_case<B: Backend + 'static>(rng: &mut Rng, rows: usize, d: usize) -> Case<B> {
+    let (tq, tp) = (rows, rows + 1);
+    let (q_cu, p_cu) = (three_way(rng, tq), three_way(rng, tp));
+    let (q, p) = max_sim_inputs(rng, tq, tp, d, &p_cu);
+    Case {
+        name: "maxsim".into(),
+        inputs: vec![float(&[tq, d], q), float(&[tp, d], p)],
+        f: Box::new(move |t, v| t.maxsim(v[0], &q_cu, v[1], &p_cu)),
+        device: DeviceCheck::Skip,
+    }
+}
+
+/// Lexical scores over random ids from a small vocabulary (so sequences share tokens) and
+/// positive weights; id 0 plays a special token. Repeated ids in a sequence get weights at
+/// least 0.05 apart, so the scatter-max never ties within a finite-difference step.
+fn lexical_case<B: Backend + 'static>(rng: &mut Rng, rows: usize, vocab: usize) -> Case<B> {
+    let side = |rng: &mut Rng, t: usize| {
+        let cu = three_way(rng, t);
+        let ids: Vec<u32> = (0..t).map(|_| rng.below(vocab as u32)).collect();
+        let w = loop {
+            let w = rng.vec(t, 0.1, 2.0);
+            let ok = cu.windows(2).all(|s| {
+                let r = s[0] as usize..s[1] as usize;
+                r.clone().all(|a| {
+                    r.clone()
+                        .all(|b| a == b || ids[a] != ids[b] || (w[a] - w[b]).abs() >= 0.05)
+                })
+            });
+            if ok {
+                break w;
+            }
+        };
+        (cu, ids, w)
+    };
+    let (q_cu, q_ids, qw) = side(rng, rows);
+    let (p_cu, p_ids, pw) = side(rng, rows + 2);
+    Case {
+        name: "lexical_scores".into(),
+        inputs: vec![float(&[rows], qw), float(&[rows + 2], pw)],
+        f: Box::new(move |t, v| t.lexical_scores(v[0], &q_ids, &q_cu, v[1], &p_ids, &p_cu, &[0])),
+        device: DeviceCheck::Skip,
+    }
 }
 
 impl Input {
@@ -563,16 +687,16 @@ pub fn cross_check<D: Backend + 'static>(
         } else {
             rc.inputs.clone()
         };
-        let (want, got) = if dc.device_backward {
-            (
+        let (want, got) = match dc.device {
+            DeviceCheck::Full => (
                 evaluate(&cpu, &inputs, &*rc.f, DType::F32, seed)?,
                 evaluate(dev, &inputs, &*dc.f, dtype, seed)?,
-            )
-        } else {
-            (
+            ),
+            DeviceCheck::Forward => (
                 forward_only(&cpu, &inputs, &*rc.f, DType::F32)?,
                 forward_only(dev, &inputs, &*dc.f, dtype)?,
-            )
+            ),
+            DeviceCheck::Skip => continue,
         };
         let (error, worst) = compare(&got, &want);
         rows.push(CrossCheck {

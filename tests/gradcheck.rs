@@ -139,6 +139,49 @@ fn forward_values_by_hand() {
 }
 
 #[test]
+fn retrieval_scores_by_hand() {
+    use m3::backend::LexicalSide;
+    let be = Cpu;
+    // Max-sim: one query [[1,0],[0,1]]; passages {[0.6,0.8], [-1,0]} and {[0,1]}.
+    let q = up(&[1., 0., 0., 1.], &[2, 2]);
+    let p = up(&[0.6, 0.8, -1., 0., 0., 1.], &[3, 2]);
+    let (s, arg) = be.maxsim(&q, &[0, 2], &p, &[0, 2, 3]).unwrap();
+    close(&be.to_vec_f32(&s).unwrap(), &[0.7, 0.5], 1e-6);
+    assert_eq!(be.to_vec_u32(&arg).unwrap(), vec![0, 2, 0, 2]);
+    // Lexical: query ids [0,5,7,5] (0 excluded) -> {5: 3, 7: 2}; passage [5,7,7] -> {5: 2, 7: 4}.
+    let (wq, wp) = (up(&[9., 1., 2., 3.], &[4]), up(&[2., 1., 4.], &[3]));
+    let qs = LexicalSide {
+        weights: &wq,
+        ids: &[0, 5, 7, 5],
+        cu: &[0, 4],
+        excluded: &[0],
+    };
+    let ps = LexicalSide {
+        weights: &wp,
+        ids: &[5, 7, 7],
+        cu: &[0, 3],
+        excluded: &[0],
+    };
+    let s = be.lexical_scores(&qs, &ps).unwrap();
+    close(&be.to_vec_f32(&s).unwrap(), &[14.0], 0.0);
+    // Gradients land on the arg-max occurrence only.
+    let (dq, dp) = be
+        .lexical_scores_backward(&up(&[1.0], &[1, 1]), &qs, &ps)
+        .unwrap();
+    close(&be.to_vec_f32(&dq).unwrap(), &[0., 0., 4., 2.], 0.0);
+    close(&be.to_vec_f32(&dp).unwrap(), &[3., 0., 2.], 0.0);
+    // Soft cross-entropy of [0, ln 3] against [1/2, 1/2]: -(ln 1/4 + ln 3/4) / 2.
+    let (loss, _) = be
+        .soft_cross_entropy(&up(&[0.0, 3f32.ln()], &[1, 2]), &up(&[0.5, 0.5], &[1, 2]))
+        .unwrap();
+    close(
+        &be.to_vec_f32(&loss).unwrap(),
+        &[-(0.25f32.ln() + 0.75f32.ln()) / 2.0],
+        1e-6,
+    );
+}
+
+#[test]
 fn bad_inputs_are_named_errors() {
     let be = Cpu;
     let a = up(&[0.; 6], &[2, 3]);

@@ -165,6 +165,83 @@ pub trait Backend: Sized + Send + Sync {
         lse: &Tensor<Self>,
         targets: &Tensor<Self>,
     ) -> Result<Tensor<Self>>;
+
+    /// `y = c · x`.
+    fn scale(&self, x: &Tensor<Self>, c: f32) -> Result<Tensor<Self>>;
+    /// The sum of all elements, f32 `[1]`.
+    fn sum_all(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// A tensor of `shape` with every element `value`.
+    fn fill(&self, shape: &[usize], value: f32, dtype: DType) -> Result<Tensor<Self>>;
+
+    /// Row-wise cross-entropy against soft targets: `loss[r] = -Σ_c t[r,c] ·
+    /// log_softmax(logits)[r,c]` (f32 `[rows]`), with the f32 log-sum-exp `[rows]` saved.
+    /// `targets` is f32 `[rows, cols]` (a detached teacher distribution).
+    fn soft_cross_entropy(
+        &self,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// `dlogits[r,c] = dloss[r] · (softmax[r,c] · Σ_c t[r,c] - t[r,c])`.
+    fn soft_cross_entropy_backward(
+        &self,
+        dloss: &Tensor<Self>,
+        logits: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        targets: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
+
+    /// Late-interaction (colbert) scores of every query against every passage, both packed:
+    /// `s[b,n] = (1/L_b) Σ_{i in query b} max_{j in passage n} <q_i, p_j>` (0 where either
+    /// side is empty), f32 `[B_q, B_p]`; also the arg-max row `j` per (query row, passage),
+    /// u32 `[T_q, B_p]`, for the backward pass.
+    fn maxsim(
+        &self,
+        q: &Tensor<Self>,
+        q_cu: &[u32],
+        p: &Tensor<Self>,
+        p_cu: &[u32],
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// Max-sim backward through the saved arg-max: `(dq, dp)`.
+    fn maxsim_backward(
+        &self,
+        ds: &Tensor<Self>,
+        q: &Tensor<Self>,
+        q_cu: &[u32],
+        p: &Tensor<Self>,
+        p_cu: &[u32],
+        argmax: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// Lexical matching scores between packed sequences from per-token weights (SPEC §5):
+    /// each sequence's weight for a token id is the max over its occurrences, tokens in
+    /// `excluded` (CLS, EOS, PAD, UNK) count 0, and `s[b,n] = Σ_t w_b(t) · w_n(t)`, f32
+    /// `[B_q, B_p]`. Scatter-max by id: memory O(tokens), never batch × vocabulary.
+    fn lexical_scores(
+        &self,
+        q: &LexicalSide<'_, Self>,
+        p: &LexicalSide<'_, Self>,
+    ) -> Result<Tensor<Self>>;
+    /// Lexical-score backward, each token id's gradient routed to its arg-max occurrence:
+    /// `(dw_q, dw_p)`, f32 `[T]` each.
+    fn lexical_scores_backward(
+        &self,
+        ds: &Tensor<Self>,
+        q: &LexicalSide<'_, Self>,
+        p: &LexicalSide<'_, Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+}
+
+/// One side (queries or passages) of a lexical score: token weights on the device and the
+/// ids and sequence offsets on the host.
+pub struct LexicalSide<'a, B: Backend> {
+    /// Token weights, f32 `[T]` (after ReLU).
+    pub weights: &'a Tensor<B>,
+    /// Token ids `[T]`.
+    pub ids: &'a [u32],
+    /// Sequence offsets `[B + 1]`.
+    pub cu: &'a [u32],
+    /// Ids whose weight counts as 0.
+    pub excluded: &'a [u32],
 }
 
 /// Requires a float tensor (f32 or bf16).
@@ -402,4 +479,57 @@ pub(crate) fn attention_dims<B: Backend>(
         );
     }
     Ok((t, hidden, hidden / heads))
+}
+
+/// Checks packed offsets: rising from 0 to `rows`.
+fn check_cu(op: &'static str, name: &str, cu: &[u32], rows: usize) -> Result<()> {
+    let ok = cu.first() == Some(&0)
+        && cu.last().map(|&x| x as usize) == Some(rows)
+        && cu.windows(2).all(|w| w[0] <= w[1]);
+    if ok {
+        Ok(())
+    } else {
+        shape_err(
+            op,
+            format!("{name} must rise from 0 to {rows} rows, got {cu:?}"),
+        )
+    }
+}
+
+/// Validated max-sim geometry `(query rows, dim)`.
+pub(crate) fn maxsim_dims<B: Backend>(
+    q: &Tensor<B>,
+    q_cu: &[u32],
+    p: &Tensor<B>,
+    p_cu: &[u32],
+) -> Result<(usize, usize)> {
+    const OP: &str = "maxsim";
+    check_float(OP, "q", q)?;
+    if q.shape().len() != 2
+        || p.shape().len() != 2
+        || q.shape()[1] != p.shape()[1]
+        || q.dtype() != p.dtype()
+    {
+        return shape_err(
+            OP,
+            format!(
+                "q and p must be [rows, dim] of one dim and dtype, got {:?} {} and {:?} {}",
+                q.shape(),
+                q.dtype(),
+                p.shape(),
+                p.dtype()
+            ),
+        );
+    }
+    check_cu(OP, "q_cu", q_cu, q.shape()[0])?;
+    check_cu(OP, "p_cu", p_cu, p.shape()[0])?;
+    Ok((q.shape()[0], q.shape()[1]))
+}
+
+/// Validates one lexical side: f32 weights `[T]`, ids `[T]`, offsets over T.
+pub(crate) fn check_lexical_side<B: Backend>(w: &Tensor<B>, ids: &[u32], cu: &[u32]) -> Result<()> {
+    const OP: &str = "lexical_scores";
+    check_dtype(OP, "weights", w, DType::F32)?;
+    check_vec(OP, "weights", w, ids.len())?;
+    check_cu(OP, "cu", cu, ids.len())
 }

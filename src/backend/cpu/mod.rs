@@ -6,15 +6,16 @@
 
 mod attention;
 mod linalg;
+mod retrieval;
 
 use half::bf16;
 use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    attention_dims, check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims,
-    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads,
-    LayerNormOut,
+    attention_dims, check_dtype, check_float, check_ids, check_lexical_side, check_same, check_vec,
+    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
+    maxsim_dims, Backend, LayerNormGrads, LayerNormOut, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -534,4 +535,167 @@ impl Backend for Cpu {
         });
         Ok(tensor(logits.shape(), out))
     }
+    fn scale(&self, x: &T, c: f32) -> Result<T> {
+        let v = f32s("scale", "x", x)?;
+        Ok(tensor(x.shape(), v.iter().map(|a| a * c).collect()))
+    }
+
+    fn sum_all(&self, x: &T) -> Result<T> {
+        let v = f32s("sum_all", "x", x)?;
+        Ok(tensor(
+            &[1],
+            vec![v.iter().map(|&a| a as f64).sum::<f64>() as f32],
+        ))
+    }
+
+    fn fill(&self, shape: &[usize], value: f32, dtype: DType) -> Result<T> {
+        let t = tensor(shape, vec![value; shape.iter().product()]);
+        if dtype == DType::F32 {
+            Ok(t)
+        } else {
+            self.cast(&t, dtype)
+        }
+    }
+
+    fn soft_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
+        const OP: &str = "soft_cross_entropy";
+        check_same(OP, ("logits", logits), ("targets", targets))?;
+        let (rows, cols) = logits.rows_cols();
+        let (lv, tv) = (f32s(OP, "logits", logits)?, f32s(OP, "targets", targets)?);
+        let mut loss = vec![0f32; rows];
+        let mut lse = vec![0f32; rows];
+        for r in 0..rows {
+            let row = &lv[r * cols..(r + 1) * cols];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let s: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            lse[r] = max + s.ln() as f32;
+            loss[r] = (0..cols)
+                .map(|c| -tv[r * cols + c] * (row[c] - lse[r]))
+                .sum();
+        }
+        Ok((tensor(&[rows], loss), tensor(&[rows], lse)))
+    }
+
+    fn soft_cross_entropy_backward(
+        &self,
+        dloss: &T,
+        logits: &T,
+        lse: &T,
+        targets: &T,
+    ) -> Result<T> {
+        const OP: &str = "soft_cross_entropy_backward";
+        check_same(OP, ("logits", logits), ("targets", targets))?;
+        let (rows, cols) = logits.rows_cols();
+        check_vec(OP, "dloss", dloss, rows)?;
+        check_vec(OP, "lse", lse, rows)?;
+        let (dv, lv, sv, tv) = (
+            f32s(OP, "dloss", dloss)?,
+            f32s(OP, "logits", logits)?,
+            f32s(OP, "lse", lse)?,
+            f32s(OP, "targets", targets)?,
+        );
+        let mut out = vec![0f32; rows * cols];
+        rows_mut(&mut out, cols, |r, o| {
+            let t = &tv[r * cols..(r + 1) * cols];
+            let total: f32 = t.iter().sum();
+            for c in 0..cols {
+                o[c] = dv[r] * ((lv[r * cols + c] - sv[r]).exp() * total - t[c]);
+            }
+        });
+        Ok(tensor(logits.shape(), out))
+    }
+
+    fn maxsim(&self, q: &T, q_cu: &[u32], p: &T, p_cu: &[u32]) -> Result<(T, T)> {
+        let (tq, d) = maxsim_dims(q, q_cu, p, p_cu)?;
+        let (s, arg) = retrieval::maxsim(
+            f32s("maxsim", "q", q)?,
+            q_cu,
+            f32s("maxsim", "p", p)?,
+            p_cu,
+            d,
+        );
+        let bp = p_cu.len() - 1;
+        Ok((
+            tensor(&[q_cu.len() - 1, bp], s),
+            Tensor::from_parts(vec![tq, bp], DType::U32, CpuStorage::U32(arg)),
+        ))
+    }
+
+    fn maxsim_backward(
+        &self,
+        ds: &T,
+        q: &T,
+        q_cu: &[u32],
+        p: &T,
+        p_cu: &[u32],
+        argmax: &T,
+    ) -> Result<(T, T)> {
+        const OP: &str = "maxsim_backward";
+        let (tq, d) = maxsim_dims(q, q_cu, p, p_cu)?;
+        let bp = p_cu.len() - 1;
+        if ds.shape() != [q_cu.len() - 1, bp] || argmax.shape() != [tq, bp] {
+            return shape_err(
+                OP,
+                format!(
+                    "ds {:?} / argmax {:?} do not match the sequences",
+                    ds.shape(),
+                    argmax.shape()
+                ),
+            );
+        }
+        let arg = u32s(OP, "argmax", argmax)?;
+        let (dq, dp) = retrieval::maxsim_backward(
+            f32s(OP, "ds", ds)?,
+            f32s(OP, "q", q)?,
+            q_cu,
+            f32s(OP, "p", p)?,
+            p_cu,
+            arg,
+            d,
+        );
+        Ok((tensor(q.shape(), dq), tensor(p.shape(), dp)))
+    }
+
+    fn lexical_scores(&self, q: &LexicalSide<'_, Self>, p: &LexicalSide<'_, Self>) -> Result<T> {
+        let (sq, sp) = (lexical_side(q)?, lexical_side(p)?);
+        Ok(tensor(
+            &[q.cu.len() - 1, p.cu.len() - 1],
+            retrieval::lexical(&sq, &sp),
+        ))
+    }
+
+    fn lexical_scores_backward(
+        &self,
+        ds: &T,
+        q: &LexicalSide<'_, Self>,
+        p: &LexicalSide<'_, Self>,
+    ) -> Result<(T, T)> {
+        let (sq, sp) = (lexical_side(q)?, lexical_side(p)?);
+        if ds.shape() != [q.cu.len() - 1, p.cu.len() - 1] {
+            return shape_err(
+                "lexical_scores_backward",
+                format!(
+                    "ds is {:?} for {} x {} sequences",
+                    ds.shape(),
+                    q.cu.len() - 1,
+                    p.cu.len() - 1
+                ),
+            );
+        }
+        let (dq, dp) =
+            retrieval::lexical_backward(f32s("lexical_scores_backward", "ds", ds)?, &sq, &sp);
+        Ok((tensor(q.weights.shape(), dq), tensor(p.weights.shape(), dp)))
+    }
+}
+
+/// A validated host view of one lexical side.
+fn lexical_side<'a>(s: &'a LexicalSide<'a, Cpu>) -> Result<retrieval::Side<'a>> {
+    let w = f32s("lexical_scores", "weights", s.weights)?;
+    check_lexical_side(s.weights, s.ids, s.cu)?;
+    Ok(retrieval::Side {
+        w,
+        ids: s.ids,
+        cu: s.cu,
+        excluded: s.excluded,
+    })
 }

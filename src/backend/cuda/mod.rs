@@ -17,7 +17,7 @@ use half::bf16;
 use super::{
     attention_dims, check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims,
     embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads,
-    LayerNormOut,
+    LayerNormOut, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -813,4 +813,95 @@ impl Backend for Cuda {
         }
         Ok(d)
     }
+    fn scale(&self, x: &T, c: f32) -> Result<T> {
+        check_float("scale", "x", x)?;
+        let f = self.func("elementwise", &format!("scale_{}", sfx(x.dtype())))?;
+        let mut y = self.alloc(x.shape(), x.dtype())?;
+        let n = x.numel() as i64;
+        if n > 0 {
+            launch!(self, f, grid_1d(n as usize), [x, &mut y, &c, &n])?;
+        }
+        Ok(y)
+    }
+
+    fn sum_all(&self, x: &T) -> Result<T> {
+        check_float("sum_all", "x", x)?;
+        let mut out = self.zeros(&[1], DType::F32)?;
+        let n = to_i32("sum_all", "elements", x.numel())?;
+        if n > 0 {
+            // The column-sum kernel over x viewed as [n, 1]: one column, 8 row lanes.
+            let f = self.func("elementwise", &format!("sum_rows_{}", sfx(x.dtype())))?;
+            let one = 1i32;
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, f, cfg, [x, &mut out, &n, &one])?;
+        }
+        Ok(out)
+    }
+
+    fn fill(&self, shape: &[usize], value: f32, dtype: DType) -> Result<T> {
+        if !dtype.is_float() {
+            return dtype_err("fill", "fill makes f32 or bf16 tensors");
+        }
+        let f = self.func("elementwise", &format!("fill_{}", sfx(dtype)))?;
+        let mut y = self.alloc(shape, dtype)?;
+        let n = y.numel() as i64;
+        if n > 0 {
+            launch!(self, f, grid_1d(n as usize), [&mut y, &value, &n])?;
+        }
+        Ok(y)
+    }
+
+    fn soft_cross_entropy(&self, _logits: &T, _targets: &T) -> Result<(T, T)> {
+        Err(not_yet("soft_cross_entropy", "distill.cu"))
+    }
+
+    fn soft_cross_entropy_backward(
+        &self,
+        _dloss: &T,
+        _logits: &T,
+        _lse: &T,
+        _targets: &T,
+    ) -> Result<T> {
+        Err(not_yet("soft_cross_entropy_backward", "distill.cu"))
+    }
+
+    fn maxsim(&self, _q: &T, _q_cu: &[u32], _p: &T, _p_cu: &[u32]) -> Result<(T, T)> {
+        Err(not_yet("maxsim", "maxsim.cu"))
+    }
+
+    fn maxsim_backward(
+        &self,
+        _ds: &T,
+        _q: &T,
+        _q_cu: &[u32],
+        _p: &T,
+        _p_cu: &[u32],
+        _argmax: &T,
+    ) -> Result<(T, T)> {
+        Err(not_yet("maxsim_backward", "maxsim.cu"))
+    }
+
+    fn lexical_scores(&self, _q: &LexicalSide<'_, Self>, _p: &LexicalSide<'_, Self>) -> Result<T> {
+        Err(not_yet("lexical_scores", "sparse.cu"))
+    }
+
+    fn lexical_scores_backward(
+        &self,
+        _ds: &T,
+        _q: &LexicalSide<'_, Self>,
+        _p: &LexicalSide<'_, Self>,
+    ) -> Result<(T, T)> {
+        Err(not_yet("lexical_scores_backward", "sparse.cu"))
+    }
+}
+
+/// The error for an op whose CUDA kernel is not written yet (issues 5 and 6).
+fn not_yet(op: &str, file: &str) -> Error {
+    Error::Cuda(format!(
+        "{op} has no CUDA kernel yet (cuda/{file}, issues 5-6); use --device cpu"
+    ))
 }
