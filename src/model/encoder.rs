@@ -51,3 +51,144 @@ pub fn forward<B: Backend>(
     }
     Ok(x)
 }
+
+/// Tape values of one linear layer: transposed weight `[in, out]` and bias.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearVars {
+    /// Transposed weight.
+    pub wt: crate::autograd::Var,
+    /// Bias.
+    pub b: crate::autograd::Var,
+}
+
+/// Tape values of one LayerNorm.
+#[derive(Debug, Clone, Copy)]
+pub struct NormVars {
+    /// Gain.
+    pub g: crate::autograd::Var,
+    /// Shift.
+    pub b: crate::autograd::Var,
+}
+
+/// Tape values of one transformer layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerVars {
+    /// Query, key, value, attention output projections.
+    pub q: LinearVars,
+    /// Key projection.
+    pub k: LinearVars,
+    /// Value projection.
+    pub v: LinearVars,
+    /// Attention output projection.
+    pub attn_out: LinearVars,
+    /// LayerNorm after attention.
+    pub attn_norm: NormVars,
+    /// FFN up projection.
+    pub ffn_in: LinearVars,
+    /// FFN down projection.
+    pub ffn_out: LinearVars,
+    /// LayerNorm after the FFN.
+    pub ffn_norm: NormVars,
+}
+
+/// The encoder's parameters recorded on a tape (for training and gradient checks).
+#[derive(Debug, Clone)]
+pub struct EncoderVars {
+    /// Word embeddings.
+    pub word: crate::autograd::Var,
+    /// Position embeddings.
+    pub position: crate::autograd::Var,
+    /// Token-type row 0.
+    pub token_type0: crate::autograd::Var,
+    /// Embedding LayerNorm.
+    pub emb_norm: NormVars,
+    /// Layers.
+    pub layers: Vec<LayerVars>,
+}
+
+impl EncoderVars {
+    /// Records every weight of `w` on the tape as a borrowed parameter.
+    pub fn record<'a, B: Backend>(
+        t: &mut crate::autograd::Tape<'a, B>,
+        w: &'a EncoderWeights<B>,
+    ) -> Self {
+        let lin = |t: &mut crate::autograd::Tape<'a, B>, l: &'a Linear<B>| LinearVars {
+            wt: t.param(&l.wt),
+            b: t.param(&l.b),
+        };
+        let word = t.param(&w.word);
+        let position = t.param(&w.position);
+        let token_type0 = t.param(&w.token_type0);
+        let emb_norm = NormVars {
+            g: t.param(&w.emb_norm.g),
+            b: t.param(&w.emb_norm.b),
+        };
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| LayerVars {
+                q: lin(t, &l.q),
+                k: lin(t, &l.k),
+                v: lin(t, &l.v),
+                attn_out: lin(t, &l.attn_out),
+                attn_norm: NormVars {
+                    g: t.param(&l.attn_norm.g),
+                    b: t.param(&l.attn_norm.b),
+                },
+                ffn_in: lin(t, &l.ffn_in),
+                ffn_out: lin(t, &l.ffn_out),
+                ffn_norm: NormVars {
+                    g: t.param(&l.ffn_norm.g),
+                    b: t.param(&l.ffn_norm.b),
+                },
+            })
+            .collect();
+        EncoderVars {
+            word,
+            position,
+            token_type0,
+            emb_norm,
+            layers,
+        }
+    }
+}
+
+/// The same forward as [`forward`], recorded on a tape so gradients reach every weight.
+pub fn forward_taped<B: Backend>(
+    t: &mut crate::autograd::Tape<'_, B>,
+    w: &EncoderVars,
+    c: &Config,
+    batch: &PackedBatch,
+) -> Result<crate::autograd::Var> {
+    let n = batch.tokens();
+    let be = t.backend();
+    let ids = be.upload(HostData::U32(&batch.ids), &[n])?;
+    let pos = be.upload(HostData::U32(&batch.positions), &[n])?;
+    let zeros = be.upload(HostData::U32(&vec![0; n]), &[n])?;
+    let e = t.embedding(w.word, ids)?;
+    let p = t.embedding(w.position, pos)?;
+    let ty = t.embedding(w.token_type0, zeros)?;
+    let x = t.add(e, p)?;
+    let x = t.add(x, ty)?;
+    let eps = c.layer_norm_eps;
+    let mut x = t.layernorm(x, w.emb_norm.g, w.emb_norm.b, eps)?;
+    let scale = 1.0 / (c.head_dim() as f32).sqrt();
+    let lin = |t: &mut crate::autograd::Tape<'_, B>, x, l: &LinearVars| {
+        t.matmul(x, false, l.wt, false, Some(l.b))
+    };
+    for l in &w.layers {
+        let q = lin(t, x, &l.q)?;
+        let k = lin(t, x, &l.k)?;
+        let v = lin(t, x, &l.v)?;
+        let a = t.attention(q, k, v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
+        let o = lin(t, a, &l.attn_out)?;
+        let r = t.add(o, x)?;
+        x = t.layernorm(r, l.attn_norm.g, l.attn_norm.b, eps)?;
+        let h = lin(t, x, &l.ffn_in)?;
+        let h = t.gelu(h)?;
+        let o = lin(t, h, &l.ffn_out)?;
+        let r = t.add(o, x)?;
+        x = t.layernorm(r, l.ffn_norm.g, l.ffn_norm.b, eps)?;
+    }
+    Ok(x)
+}
