@@ -72,6 +72,8 @@ enum Op<B: Backend> {
     },
     /// `c · x`.
     Scale { x: Var, c: f32 },
+    /// The same elements under another shape.
+    Reshape { x: Var },
     /// Sum of all elements.
     SumAll { x: Var },
     /// Cross-entropy against soft (detached) targets, with the saved log-sum-exp.
@@ -345,6 +347,14 @@ impl<'a, B: Backend> Tape<'a, B> {
         Ok(self.push(Value::Owned(y), Op::Scale { x, c }, needs))
     }
 
+    /// Records a reshape (a copy under the new shape; same element count).
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let v = self.value(x);
+        let y = self.backend.cast(v, v.dtype())?.reshape(shape)?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Reshape { x }, needs))
+    }
+
     /// Records the sum of all elements (f32 `[1]`).
     pub fn sum_all(&mut self, x: Var) -> Result<Var> {
         let y = self.backend.sum_all(self.value(x))?;
@@ -578,6 +588,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                     vec![(*q, dq), (*k, dk), (*v, dv)]
                 }
                 Op::Scale { x, c } => vec![(*x, be.scale(&g, *c)?)],
+                Op::Reshape { x } => vec![(*x, g.reshape(val(*x).shape())?)],
                 Op::SumAll { x } => {
                     let v = be.to_vec_f32(&g)?[0];
                     let xv = val(*x);

@@ -64,6 +64,20 @@ pub fn pack(texts: &[Encoded], budget: usize, position_offset: u32) -> Vec<Packe
     batches
 }
 
+/// Packs `texts` into one batch in the given order (training: each query's group of
+/// passages must stay contiguous, positive first).
+pub fn pack_in_order(texts: &[Encoded], position_offset: u32) -> PackedBatch {
+    let mut b = empty();
+    for (i, t) in texts.iter().enumerate() {
+        b.ids.extend_from_slice(&t.ids);
+        b.positions
+            .extend((0..t.ids.len() as u32).map(|p| p + position_offset));
+        b.cu_seqlens.push(b.ids.len() as u32);
+        b.origin.push(i);
+    }
+    b
+}
+
 fn empty() -> PackedBatch {
     PackedBatch {
         ids: Vec::new(),

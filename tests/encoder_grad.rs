@@ -155,3 +155,75 @@ fn whole_encoder_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn batch_loss_gradients_match_finite_differences() {
+    use m3::batch::pack_in_order;
+    use m3::text::Encoded;
+    use m3::train::forward::{batch_loss, HeadVars};
+    use m3::train::loss::LossConfig;
+    let layers = 1;
+    let config = tiny_config(layers);
+    let seq = |ids: &[u32]| Encoded {
+        ids: ids.to_vec(),
+        cls_positions: vec![0],
+        truncated: false,
+    };
+    // Two queries, two passages each (positive first); no id repeats within a sequence, so
+    // the lexical scatter-max has no ties.
+    let q = pack_in_order(
+        &[seq(&[0, 4, 7, 2]), seq(&[0, 5, 9, 2])],
+        config.position_offset(),
+    );
+    let p = pack_in_order(
+        &[
+            seq(&[0, 4, 6, 7, 2]),
+            seq(&[0, 8, 3, 2]),
+            seq(&[0, 5, 9, 6, 2]),
+            seq(&[0, 7, 4, 2]),
+        ],
+        config.position_offset(),
+    );
+    let cfg = LossConfig {
+        temperature: 0.5,
+        group: 2,
+        dense_only: false,
+        self_distill: false,
+        excluded: vec![0, 1, 2, 3],
+    };
+    let mut rng = Rng::new(5);
+    let mut inputs = tiny_inputs(&mut rng, layers);
+    let n_enc = inputs.len();
+    let s = 1.0 / (H as f32).sqrt();
+    for (shape, lo, hi) in [
+        (vec![H, 1], -s, s),
+        (vec![1], 0.5, 0.6),
+        (vec![H, 6], -s, s),
+        (vec![6], -0.1, 0.1),
+    ] {
+        let n = shape.iter().product();
+        inputs.push(Input::Float {
+            shape,
+            data: rng.vec(n, lo, hi),
+            grad: true,
+        });
+    }
+    let f = move |t: &mut Tape<'_, Cpu>, v: &[Var]| {
+        let enc = vars_from(v, layers);
+        let heads = HeadVars {
+            sparse: LinearVars {
+                wt: v[n_enc],
+                b: v[n_enc + 1],
+            },
+            colbert: LinearVars {
+                wt: v[n_enc + 2],
+                b: v[n_enc + 3],
+            },
+        };
+        Ok(batch_loss(t, &enc, &heads, &config, &q, &p, &cfg)?.0)
+    };
+    let reports = check(&Cpu, &inputs, &f, Tolerance::default(), 5).unwrap();
+    for r in reports {
+        assert!(r.worst_ratio <= 1.0, "weight #{} off: {r:?}", r.input);
+    }
+}

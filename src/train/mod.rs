@@ -4,5 +4,6 @@
 //! and the demo are the rest of issue 4.
 
 pub mod data;
+pub mod forward;
 pub mod loss;
 pub mod optim;
