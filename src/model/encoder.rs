@@ -153,6 +153,34 @@ impl EncoderVars {
     }
 }
 
+impl EncoderVars {
+    /// Every tape value, in the order of [`EncoderWeights::named_tensors_mut`].
+    pub fn all(&self) -> Vec<crate::autograd::Var> {
+        let mut v = vec![
+            self.word,
+            self.position,
+            self.token_type0,
+            self.emb_norm.g,
+            self.emb_norm.b,
+        ];
+        for l in &self.layers {
+            for lin in [l.q, l.k, l.v, l.attn_out] {
+                v.extend([lin.wt, lin.b]);
+            }
+            v.extend([
+                l.attn_norm.g,
+                l.attn_norm.b,
+                l.ffn_in.wt,
+                l.ffn_in.b,
+                l.ffn_out.wt,
+                l.ffn_out.b,
+            ]);
+            v.extend([l.ffn_norm.g, l.ffn_norm.b]);
+        }
+        v
+    }
+}
+
 /// The same forward as [`forward`], recorded on a tape so gradients reach every weight.
 pub fn forward_taped<B: Backend>(
     t: &mut crate::autograd::Tape<'_, B>,

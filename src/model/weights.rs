@@ -160,6 +160,51 @@ impl<B: Backend> Loader<'_, B> {
 }
 
 impl<B: Backend> EncoderWeights<B> {
+    /// Every weight with its HF name (linear weights are stored transposed, `[in, out]`),
+    /// in the order [`crate::model::encoder::EncoderVars::all`] lists their tape values.
+    pub fn named_tensors_mut(&mut self) -> Vec<(String, &mut Tensor<B>)> {
+        let mut v: Vec<(String, &mut Tensor<B>)> = vec![
+            ("embeddings.word_embeddings.weight".into(), &mut self.word),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                &mut self.position,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                &mut self.token_type0,
+            ),
+            ("embeddings.LayerNorm.weight".into(), &mut self.emb_norm.g),
+            ("embeddings.LayerNorm.bias".into(), &mut self.emb_norm.b),
+        ];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            for (name, lin) in [
+                ("attention.self.query", &mut l.q),
+                ("attention.self.key", &mut l.k),
+                ("attention.self.value", &mut l.v),
+                ("attention.output.dense", &mut l.attn_out),
+            ] {
+                v.push((format!("{p}.{name}.weight"), &mut lin.wt));
+                v.push((format!("{p}.{name}.bias"), &mut lin.b));
+            }
+            v.push((
+                format!("{p}.attention.output.LayerNorm.weight"),
+                &mut l.attn_norm.g,
+            ));
+            v.push((
+                format!("{p}.attention.output.LayerNorm.bias"),
+                &mut l.attn_norm.b,
+            ));
+            v.push((format!("{p}.intermediate.dense.weight"), &mut l.ffn_in.wt));
+            v.push((format!("{p}.intermediate.dense.bias"), &mut l.ffn_in.b));
+            v.push((format!("{p}.output.dense.weight"), &mut l.ffn_out.wt));
+            v.push((format!("{p}.output.dense.bias"), &mut l.ffn_out.b));
+            v.push((format!("{p}.output.LayerNorm.weight"), &mut l.ffn_norm.g));
+            v.push((format!("{p}.output.LayerNorm.bias"), &mut l.ffn_norm.b));
+        }
+        v
+    }
+
     /// Loads the encoder from a checkpoint file, compute weights in `dtype`.
     pub fn load(be: &B, file: &mut TensorFile, c: &Config, dtype: DType) -> anyhow::Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
