@@ -74,6 +74,8 @@ enum Op<B: Backend> {
     Scale { x: Var, c: f32 },
     /// The same elements under another shape.
     Reshape { x: Var },
+    /// Inverted dropout with a counter-based mask (recomputed, not stored).
+    Dropout { x: Var, p: f32, seed: u64 },
     /// Sum of all elements.
     SumAll { x: Var },
     /// Cross-entropy against soft (detached) targets, with the saved log-sum-exp.
@@ -347,6 +349,17 @@ impl<'a, B: Backend> Tape<'a, B> {
         Ok(self.push(Value::Owned(y), Op::Scale { x, c }, needs))
     }
 
+    /// Records inverted dropout with drop probability `p` and mask seed `seed`; `p = 0`
+    /// records nothing and returns `x`.
+    pub fn dropout(&mut self, x: Var, p: f32, seed: u64) -> Result<Var> {
+        if p <= 0.0 {
+            return Ok(x);
+        }
+        let y = self.backend.dropout(self.value(x), p, seed)?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Dropout { x, p, seed }, needs))
+    }
+
     /// Records a reshape (a copy under the new shape; same element count).
     pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
         let v = self.value(x);
@@ -589,6 +602,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 }
                 Op::Scale { x, c } => vec![(*x, be.scale(&g, *c)?)],
                 Op::Reshape { x } => vec![(*x, g.reshape(val(*x).shape())?)],
+                Op::Dropout { x, p, seed } => vec![(*x, be.dropout(&g, *p, *seed)?)],
                 Op::SumAll { x } => {
                     let v = be.to_vec_f32(&g)?[0];
                     let xv = val(*x);

@@ -483,6 +483,12 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         device: DeviceCheck::Full,
     });
     cases.push(Case {
+        name: "dropout".into(),
+        inputs: vec![float(&[m, n], rng.vec(m * n, -1.0, 1.0))],
+        f: Box::new(|t, v| t.dropout(v[0], 0.3, 0xD0D0)),
+        device: DeviceCheck::Full,
+    });
+    cases.push(Case {
         name: "sum_all".into(),
         inputs: vec![float(&[m, n], rng.vec(m * n, -1.0, 1.0))],
         f: Box::new(|t, v| t.sum_all(v[0])),

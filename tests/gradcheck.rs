@@ -255,3 +255,25 @@ fn regression_cases() {
     )
     .unwrap();
 }
+
+#[test]
+fn dropout_drops_about_p_and_rescales_the_rest() {
+    let be = Cpu;
+    let n = 20_000;
+    let y = be
+        .to_vec_f32(&be.dropout(&up(&vec![1.0; n], &[n]), 0.25, 9).unwrap())
+        .unwrap();
+    let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+    assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    // The mask is a function of (seed, index): the same call gives the same mask, another
+    // seed another one.
+    let again = be
+        .to_vec_f32(&be.dropout(&up(&vec![1.0; n], &[n]), 0.25, 9).unwrap())
+        .unwrap();
+    assert_eq!(y, again);
+    let other = be
+        .to_vec_f32(&be.dropout(&up(&vec![1.0; n], &[n]), 0.25, 10).unwrap())
+        .unwrap();
+    assert_ne!(y, other);
+}

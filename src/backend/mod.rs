@@ -168,6 +168,11 @@ pub trait Backend: Sized + Send + Sync {
 
     /// `y = c · x`.
     fn scale(&self, x: &Tensor<Self>, c: f32) -> Result<Tensor<Self>>;
+    /// Inverted dropout with a counter-based mask: element `i` is kept (and scaled by
+    /// `1/(1-p)`) unless [`dropout_keep`]`(seed, i, p)` says 0. The mask is a pure function of
+    /// `(seed, i)`, identical on every backend and in both passes of a sub-batch, and the
+    /// backward pass is the same op applied to the gradient.
+    fn dropout(&self, x: &Tensor<Self>, p: f32, seed: u64) -> Result<Tensor<Self>>;
     /// The sum of all elements, f32 `[1]`.
     fn sum_all(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
     /// A tensor of `shape` with every element `value`.
@@ -532,4 +537,20 @@ pub(crate) fn check_lexical_side<B: Backend>(w: &Tensor<B>, ids: &[u32], cu: &[u
     check_dtype(OP, "weights", w, DType::F32)?;
     check_vec(OP, "weights", w, ids.len())?;
     check_cu(OP, "cu", cu, ids.len())
+}
+
+/// The dropout multiplier of element `i` under `seed`: 0 with probability `p`, else
+/// `1/(1-p)`. SplitMix64 of `seed + (i+1)·φ`, top 24 bits as a uniform in [0, 1); the CUDA
+/// kernel computes the same bits, so masks agree exactly across backends.
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> f32 {
+    let mut z = seed.wrapping_add((i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 / (1u32 << 24) as f32;
+    if u < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
 }

@@ -540,6 +540,17 @@ impl Backend for Cpu {
         Ok(tensor(x.shape(), v.iter().map(|a| a * c).collect()))
     }
 
+    fn dropout(&self, x: &T, p: f32, seed: u64) -> Result<T> {
+        let v = f32s("dropout", "x", x)?;
+        Ok(tensor(
+            x.shape(),
+            v.iter()
+                .enumerate()
+                .map(|(i, &a)| a * super::dropout_keep(seed, i as u64, p))
+                .collect(),
+        ))
+    }
+
     fn sum_all(&self, x: &T) -> Result<T> {
         let v = f32s("sum_all", "x", x)?;
         Ok(tensor(

@@ -144,7 +144,7 @@ macro_rules! scalar_arg {
         }
     )*};
 }
-scalar_arg!(i32, i64, f32);
+scalar_arg!(i32, i64, u64, f32);
 
 /// Launches `$f` with config `$cfg` and the listed arguments, in the kernel's order.
 /// SAFETY (for every use): the arguments match the kernel's signature and the buffers are
@@ -820,6 +820,17 @@ impl Backend for Cuda {
         let n = x.numel() as i64;
         if n > 0 {
             launch!(self, f, grid_1d(n as usize), [x, &mut y, &c, &n])?;
+        }
+        Ok(y)
+    }
+
+    fn dropout(&self, x: &T, p: f32, seed: u64) -> Result<T> {
+        check_float("dropout", "x", x)?;
+        let f = self.func("activation", &format!("dropout_{}", sfx(x.dtype())))?;
+        let mut y = self.alloc(x.shape(), x.dtype())?;
+        let n = x.numel() as i64;
+        if n > 0 {
+            launch!(self, f, grid_1d(n as usize), [x, &mut y, &p, &seed, &n])?;
         }
         Ok(y)
     }
