@@ -61,6 +61,21 @@ fn tensor(shape: &[usize], v: Vec<f32>) -> T {
     Tensor::from_parts(shape.to_vec(), DType::F32, CpuStorage::F32(v))
 }
 
+/// `dx[i] = f(dy[i], x[i])` for the pointwise activations' backward passes.
+fn pointwise_backward(
+    op: &'static str,
+    dy: &T,
+    x: &T,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<T> {
+    check_same(op, ("dy", dy), ("x", x))?;
+    let (dyv, xv) = (f32s(op, "dy", dy)?, f32s(op, "x", x)?);
+    Ok(tensor(
+        x.shape(),
+        dyv.par_iter().zip(xv).map(|(&d, &v)| f(d, v)).collect(),
+    ))
+}
+
 /// Applies `f` to each row pair of `out` and `src`, in parallel when the work is large.
 fn rows_mut<F>(out: &mut [f32], cols: usize, f: F)
 where
@@ -306,16 +321,7 @@ impl Backend for Cpu {
     }
 
     fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        check_same("gelu_backward", ("dy", dy), ("x", x))?;
-        let dyv = f32s("gelu_backward", "dy", dy)?;
-        let xv = f32s("gelu_backward", "x", x)?;
-        Ok(tensor(
-            x.shape(),
-            dyv.par_iter()
-                .zip(xv)
-                .map(|(&d, &v)| d * gelu_grad_scalar(v))
-                .collect(),
-        ))
+        pointwise_backward("gelu_backward", dy, x, |d, v| d * gelu_grad_scalar(v))
     }
 
     fn relu(&self, x: &T) -> Result<T> {
@@ -324,16 +330,7 @@ impl Backend for Cpu {
     }
 
     fn relu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        check_same("relu_backward", ("dy", dy), ("x", x))?;
-        let dyv = f32s("relu_backward", "dy", dy)?;
-        let xv = f32s("relu_backward", "x", x)?;
-        Ok(tensor(
-            x.shape(),
-            dyv.iter()
-                .zip(xv)
-                .map(|(&d, &v)| if v > 0.0 { d } else { 0.0 })
-                .collect(),
-        ))
+        pointwise_backward("relu_backward", dy, x, |d, v| if v > 0.0 { d } else { 0.0 })
     }
 
     fn embedding(&self, table: &T, ids: &T) -> Result<T> {
