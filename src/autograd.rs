@@ -491,21 +491,34 @@ impl<'a, B: Backend> Tape<'a, B> {
     /// Backward from `root` seeded with `seed` (same shape as the root): the gradients of
     /// `Σ seed ⊙ root`. The two-pass sub-batch backward seeds the encoder's outputs this way.
     pub fn backward_with(&self, root: Var, seed: Tensor<B>) -> Result<Grads<B>> {
-        if root.0 >= self.nodes.len() {
-            return Err(Error::Autograd(format!("{root:?} is not on this tape")));
-        }
-        let rv = self.value(root);
-        if seed.shape() != rv.shape() {
-            return Err(Error::Autograd(format!(
-                "seed gradient is {:?} but the root is {:?}",
-                seed.shape(),
-                rv.shape()
-            )));
-        }
+        self.backward_seeds(vec![(root, seed)])
+    }
+
+    /// Backpropagates several seeded roots at once: the gradient of `Σ_k <seed_k, root_k>`
+    /// (the second pass of sub-batching seeds each head output with its loss gradient).
+    pub fn backward_seeds(&self, seeds: Vec<(Var, Tensor<B>)>) -> Result<Grads<B>> {
         let be = self.backend;
         let mut grads: Vec<Option<Tensor<B>>> = (0..self.nodes.len()).map(|_| None).collect();
-        grads[root.0] = Some(seed);
-        for i in (0..=root.0).rev() {
+        let mut last = 0;
+        for (root, seed) in seeds {
+            if root.0 >= self.nodes.len() {
+                return Err(Error::Autograd(format!("{root:?} is not on this tape")));
+            }
+            let rv = self.value(root);
+            if seed.shape() != rv.shape() {
+                return Err(Error::Autograd(format!(
+                    "seed gradient is {:?} but the root is {:?}",
+                    seed.shape(),
+                    rv.shape()
+                )));
+            }
+            grads[root.0] = Some(match grads[root.0].take() {
+                Some(g) => be.add(&g, &seed)?,
+                None => seed,
+            });
+            last = last.max(root.0);
+        }
+        for i in (0..=last).rev() {
             let node = &self.nodes[i];
             if !node.needs_grad {
                 continue;

@@ -33,6 +33,23 @@ impl PackedBatch {
         self.ids.len()
     }
 
+    /// Sequences `range` as a batch of their own (offsets rebased; origins 0..).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> PackedBatch {
+        let (lo, hi) = (
+            self.cu_seqlens[range.start] as usize,
+            self.cu_seqlens[range.end] as usize,
+        );
+        PackedBatch {
+            ids: self.ids[lo..hi].to_vec(),
+            positions: self.positions[lo..hi].to_vec(),
+            cu_seqlens: self.cu_seqlens[range.start..=range.end]
+                .iter()
+                .map(|&c| c - lo as u32)
+                .collect(),
+            origin: (0..range.len()).collect(),
+        }
+    }
+
     /// Row range of sequence `i`.
     pub fn range(&self, i: usize) -> std::ops::Range<usize> {
         self.cu_seqlens[i] as usize..self.cu_seqlens[i + 1] as usize

@@ -112,6 +112,8 @@ fn config(self_distill: bool, dense_only: bool) -> LossConfig {
         dense_only,
         self_distill,
         excluded: vec![0],
+        in_batch_neg: true,
+        teacher: None,
     }
 }
 

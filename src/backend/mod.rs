@@ -539,6 +539,13 @@ pub(crate) fn check_lexical_side<B: Backend>(w: &Tensor<B>, ids: &[u32], cu: &[u
     check_cu(OP, "cu", cu, ids.len())
 }
 
+/// The seed whose mask equals `seed`'s mask shifted by `offset` elements:
+/// `dropout_keep(dropout_seed_at(s, o), i, p) == dropout_keep(s, o + i, p)`. A sub-batch
+/// starting `o` elements into a batch draws the same mask as the whole batch would.
+pub fn dropout_seed_at(seed: u64, offset: u64) -> u64 {
+    seed.wrapping_add(offset.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 /// The dropout multiplier of element `i` under `seed`: 0 with probability `p`, else
 /// `1/(1-p)`. SplitMix64 of `seed + (i+1)·φ`, top 24 bits as a uniform in [0, 1); the CUDA
 /// kernel computes the same bits, so masks agree exactly across backends.

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use m3::backend::Backend;
 use m3::batch::pack;
 use m3::gradcheck::Rng;
+use m3::model::checkpoint::write_safetensors;
 use m3::model::config::Config;
 use m3::model::encoder;
 use m3::model::weights::{EncoderWeights, TensorFile};
@@ -23,8 +24,8 @@ use super::DeviceArg;
 /// `m3 bench` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Write a random model directory (config.json + model.safetensors), BGE-M3's shape by
-    /// default: 24 layers, hidden 1024, 16 heads, FFN 4096, vocab 250002, 8194 positions.
+    /// Write a random model directory (config.json, model.safetensors, colbert_linear and
+    /// sparse_linear heads), BGE-M3's shape by default: 24 layers, hidden 1024, 16 heads, FFN 4096, vocab 250002, 8194 positions.
     MakeModel(MakeModelArgs),
     /// Time the encoder's forward pass over packed batches of random token ids.
     Encode(EncodeBenchArgs),
@@ -135,33 +136,36 @@ fn make_model(a: &MakeModelArgs) -> anyhow::Result<ExitCode> {
     }
     let mut rng = Rng::new(a.seed);
     // BERT-style initialisation: weights ~ U(-0.035, 0.035) (std 0.02), LayerNorm gains 1.
-    let data: Vec<Vec<u8>> = shapes
+    let data: Vec<Vec<f32>> = shapes
         .iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+            if name.ends_with("LayerNorm.weight") {
                 vec![1.0; n]
             } else {
                 rng.vec(n, -0.035, 0.035)
-            };
-            bytemuck::cast_slice(&v).to_vec()
+            }
         })
         .collect();
-    let views = shapes
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = shapes
         .iter()
         .zip(&data)
-        .map(|((name, shape), bytes)| {
-            Ok((
-                name.clone(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytes,
-                )?,
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    safetensors::tensor::serialize_to_file(views, None, &a.out.join("model.safetensors"))?;
+        .map(|((name, shape), v)| (name.clone(), shape.clone(), v.as_slice()))
+        .collect();
+    write_safetensors(&a.out.join("model.safetensors"), &tensors)?;
+    // Heads as `torch.nn.Linear` initialises them (U(±1/√hidden)), so training runs too.
+    let bound = 1.0 / (h as f32).sqrt();
+    for (stem, out) in [("colbert_linear", h), ("sparse_linear", 1)] {
+        let w = rng.vec(out * h, -bound, bound);
+        let b = rng.vec(out, -bound, bound);
+        write_safetensors(
+            &a.out.join(format!("{stem}.safetensors")),
+            &[
+                ("weight".into(), vec![out, h], &w),
+                ("bias".into(), vec![out], &b),
+            ],
+        )?;
+    }
     eprintln!(
         "wrote a random {}-layer model to {}",
         a.layers,

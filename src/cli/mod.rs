@@ -8,6 +8,7 @@ mod kernels;
 mod score;
 mod search;
 mod selfcheck;
+mod train;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,9 @@ enum Command {
     /// Build a search index over a corpus, or query it with hybrid retrieval.
     #[command(subcommand)]
     Search(search::SearchCommand),
+    /// Fine-tune: unified dense + sparse + colbert loss with self-knowledge distillation,
+    /// length-bucketed batches, optional sub-batching, checkpoints and resume.
+    Train(train::TrainArgs),
     /// Benchmarks: random full-size models and encoder throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Score(a) => score::run(a),
         Command::Search(c) => search::run(c),
+        Command::Train(a) => train::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Selfcheck { device, seed } => selfcheck::run(device, seed),
         Command::Kernels => kernels::run(),

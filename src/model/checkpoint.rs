@@ -48,6 +48,35 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, HostTensor>, Check
     }
 }
 
+/// Writes f32 tensors `(name, shape, values)` as a safetensors file, through a temporary
+/// name and a rename so a reader never sees half a file.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            if shape.iter().product::<usize>() != data.len() {
+                anyhow::bail!("tensor {name}: shape {shape:?} but {} values", data.len());
+            }
+            Ok((
+                name.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(data),
+                )?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(views, None, &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
 fn read_safetensors(
     path: &Path,
     bytes: &[u8],

@@ -181,12 +181,43 @@ impl EncoderVars {
     }
 }
 
-/// The same forward as [`forward`], recorded on a tape so gradients reach every weight.
+/// Hidden-state dropout of a taped forward (BERT's sites: after the embedding LayerNorm and
+/// on each attention and FFN output before its residual; attention-probability dropout is
+/// not applied, SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Drop probability (0 disables).
+    pub p: f32,
+    /// Mask seed of this forward (one per step and side).
+    pub seed: u64,
+    /// Tokens before this batch in the batch it is a sub-batch of, so a sub-batch draws the
+    /// whole batch's mask for its rows.
+    pub token_offset: u64,
+}
+
+impl Dropout {
+    /// No dropout.
+    pub const OFF: Dropout = Dropout {
+        p: 0.0,
+        seed: 0,
+        token_offset: 0,
+    };
+
+    /// The mask seed of site `k` for rows of width `hidden`.
+    fn site(&self, k: u64, hidden: usize) -> u64 {
+        let mut r = crate::gradcheck::Rng::new(self.seed ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        crate::backend::dropout_seed_at(r.next_u64(), self.token_offset * hidden as u64)
+    }
+}
+
+/// The same forward as [`forward`], recorded on a tape so gradients reach every weight,
+/// with hidden-state dropout `drop`.
 pub fn forward_taped<B: Backend>(
     t: &mut crate::autograd::Tape<'_, B>,
     w: &EncoderVars,
     c: &Config,
     batch: &PackedBatch,
+    drop: &Dropout,
 ) -> Result<crate::autograd::Var> {
     let n = batch.tokens();
     let be = t.backend();
@@ -199,22 +230,27 @@ pub fn forward_taped<B: Backend>(
     let x = t.add(e, p)?;
     let x = t.add(x, ty)?;
     let eps = c.layer_norm_eps;
-    let mut x = t.layernorm(x, w.emb_norm.g, w.emb_norm.b, eps)?;
+    let x = t.layernorm(x, w.emb_norm.g, w.emb_norm.b, eps)?;
+    let hidden = c.hidden_size;
+    let mut x = t.dropout(x, drop.p, drop.site(0, hidden))?;
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     let lin = |t: &mut crate::autograd::Tape<'_, B>, x, l: &LinearVars| {
         t.matmul(x, false, l.wt, false, Some(l.b))
     };
-    for l in &w.layers {
+    for (i, l) in w.layers.iter().enumerate() {
+        let site = 1 + 2 * i as u64;
         let q = lin(t, x, &l.q)?;
         let k = lin(t, x, &l.k)?;
         let v = lin(t, x, &l.v)?;
         let a = t.attention(q, k, v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
         let o = lin(t, a, &l.attn_out)?;
+        let o = t.dropout(o, drop.p, drop.site(site, hidden))?;
         let r = t.add(o, x)?;
         x = t.layernorm(r, l.attn_norm.g, l.attn_norm.b, eps)?;
         let h = lin(t, x, &l.ffn_in)?;
         let h = t.gelu(h)?;
         let o = lin(t, h, &l.ffn_out)?;
+        let o = t.dropout(o, drop.p, drop.site(site + 1, hidden))?;
         let r = t.add(o, x)?;
         x = t.layernorm(r, l.ffn_norm.g, l.ffn_norm.b, eps)?;
     }

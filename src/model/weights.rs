@@ -26,17 +26,28 @@ impl TensorFile {
         })
     }
 
-    /// Takes tensor `name` (also tried with `roberta.` and `bert.` prefixes), checking its
-    /// shape; a missing tensor or a wrong shape names the tensor, the file and both shapes.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<HostTensor> {
-        let key = [
+    /// The stored key of tensor `name`, also tried with `roberta.` and `bert.` prefixes.
+    fn key(&self, name: &str) -> Option<String> {
+        [
             name.to_string(),
             format!("roberta.{name}"),
             format!("bert.{name}"),
         ]
         .into_iter()
         .find(|k| self.tensors.contains_key(k))
-        .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
+    }
+
+    /// Tensor `name` (prefixes as [`TensorFile::take`]) without taking it.
+    pub fn peek(&self, name: &str) -> Option<&HostTensor> {
+        self.key(name).and_then(|k| self.tensors.get(&k))
+    }
+
+    /// Takes tensor `name` (also tried with `roberta.` and `bert.` prefixes), checking its
+    /// shape; a missing tensor or a wrong shape names the tensor, the file and both shapes.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<HostTensor> {
+        let key = self
+            .key(name)
+            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))?;
         let t = self.tensors.remove(&key).unwrap();
         if t.shape != shape {
             bail!(

@@ -1,16 +1,18 @@
-//! The training forward on the tape: encoder, the three heads as training uses them
-//! (SPEC §3, §5), and the unified loss for one batch of packed queries and passages.
+//! The training forward and backward of one batch: encoder, the three heads as training
+//! uses them (SPEC §3, §5), the unified loss, and the gradient of every weight, either in
+//! one pass or by the two-pass sub-batch recompute of DESIGN "The tape" (GradCache style).
 
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
 use crate::model::config::Config;
-use crate::model::encoder::{forward_taped, EncoderVars, LinearVars};
+use crate::model::encoder::{forward_taped, Dropout, EncoderVars, LinearVars};
 use crate::model::heads::NORM_EPS;
-use crate::tensor::HostData;
+use crate::tensor::{HostData, Tensor};
 
-use super::loss::{m3_loss, LossConfig, LossParts, Side};
+use super::loss::{m3_loss, LossConfig, LossParts, LossValues, Side};
+use super::model::TrainModel;
 
 /// The heads' weights on the tape.
 #[derive(Debug, Clone, Copy)]
@@ -30,8 +32,9 @@ pub fn heads<B: Backend>(
     heads: &HeadVars,
     c: &Config,
     batch: &PackedBatch,
+    drop: &Dropout,
 ) -> Result<Side> {
-    let h = forward_taped(t, enc, c, batch)?;
+    let h = forward_taped(t, enc, c, batch, drop)?;
     let n = batch.tokens();
     let cls: Vec<u32> = batch.cu_seqlens[..batch.len()].to_vec();
     let cls = t.backend().upload(HostData::U32(&cls), &[batch.len()])?;
@@ -43,10 +46,6 @@ pub fn heads<B: Backend>(
     let rows: Vec<u32> = (0..batch.len())
         .flat_map(|i| batch.range(i).skip(1).map(|r| r as u32))
         .collect();
-    let mut colbert_cu = vec![0u32];
-    for i in 0..batch.len() {
-        colbert_cu.push(colbert_cu[i] + batch.range(i).len().saturating_sub(1) as u32);
-    }
     let all = t.matmul(h, false, heads.colbert.wt, false, Some(heads.colbert.b))?;
     let rows_t = t.backend().upload(HostData::U32(&rows), &[rows.len()])?;
     let picked = t.embedding(all, rows_t)?;
@@ -57,12 +56,22 @@ pub fn heads<B: Backend>(
         ids: batch.ids.clone(),
         cu: batch.cu_seqlens.clone(),
         colbert,
-        colbert_cu,
+        colbert_cu: colbert_offsets(batch),
     })
 }
 
+/// Offsets of each sequence's colbert rows (every token but the CLS).
+fn colbert_offsets(batch: &PackedBatch) -> Vec<u32> {
+    let mut cu = vec![0u32];
+    for i in 0..batch.len() {
+        cu.push(cu[i] + batch.range(i).len().saturating_sub(1) as u32);
+    }
+    cu
+}
+
 /// The unified loss of one batch: queries `q` (B sequences) and passages `p` (B·G, each
-/// query's group contiguous, positive first).
+/// query's group contiguous, positive first), with dropout `dq` / `dp` on each side.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_loss<B: Backend>(
     t: &mut Tape<'_, B>,
     enc: &EncoderVars,
@@ -71,9 +80,217 @@ pub fn batch_loss<B: Backend>(
     q: &PackedBatch,
     p: &PackedBatch,
     cfg: &LossConfig,
+    drop: [&Dropout; 2],
 ) -> Result<(Var, LossParts)> {
-    let qs = heads(t, enc, head_vars, c, q)?;
-    let ps = heads(t, enc, head_vars, c, p)?;
+    let qs = heads(t, enc, head_vars, c, q, drop[0])?;
+    let ps = heads(t, enc, head_vars, c, p, drop[1])?;
     let parts = m3_loss(t, &qs, &ps, cfg)?;
     Ok((parts.loss, parts))
+}
+
+/// One training batch, tokenized and packed: queries and their groups of passages.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    /// B queries.
+    pub q: PackedBatch,
+    /// B·G passages, each query's group contiguous, positive first.
+    pub p: PackedBatch,
+}
+
+/// Dropout of one step: probability and the step's seed (each side derives its own).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepDropout {
+    /// Drop probability.
+    pub p: f32,
+    /// Seed of this step.
+    pub seed: u64,
+}
+
+impl StepDropout {
+    /// Dropout of side `side` (0 queries, 1 passages) for the rows from token `offset` on.
+    fn side(&self, side: u64, offset: usize) -> Dropout {
+        Dropout {
+            p: self.p,
+            seed: self.seed ^ side.wrapping_mul(0xA24B_AED4_963E_E407),
+            token_offset: offset as u64,
+        }
+    }
+}
+
+/// The loss of one batch and the gradient of every weight (in [`TrainModel::named_mut`]
+/// order; `None` for a weight the loss does not reach). With `sub_batch = Some(n)` the
+/// encoder sees at most `n` sequences at a time: pass one encodes every sub-batch and keeps
+/// only the heads' outputs, the loss is taken on those, and pass two re-encodes each
+/// sub-batch on a fresh tape seeded with the loss gradient of its outputs. Dropout masks
+/// are keyed by token position in the whole batch, so both passes and the unsplit batch
+/// draw the same mask.
+pub fn step_grads<B: Backend>(
+    be: &B,
+    model: &TrainModel<B>,
+    batch: &StepBatch,
+    cfg: &LossConfig,
+    dropout: StepDropout,
+    sub_batch: Option<usize>,
+) -> Result<(LossValues, Vec<Option<Tensor<B>>>)> {
+    let c = &model.config;
+    let sides = [&batch.q, &batch.p];
+    let n = match sub_batch {
+        Some(n) if sides.iter().any(|b| b.len() > n) => n.max(1),
+        _ => {
+            let mut t = Tape::new(be);
+            let vars = model.record(&mut t);
+            let (dq, dp) = (dropout.side(0, 0), dropout.side(1, 0));
+            let (loss, parts) = batch_loss(
+                &mut t,
+                &vars.encoder,
+                &vars.heads,
+                c,
+                &batch.q,
+                &batch.p,
+                cfg,
+                [&dq, &dp],
+            )?;
+            let mut g = t.backward(loss)?;
+            let grads = vars.all().into_iter().map(|v| g.take(v)).collect();
+            return Ok((parts.values(&t)?, grads));
+        }
+    };
+    let chunks = |b: &PackedBatch| -> Vec<std::ops::Range<usize>> {
+        (0..b.len())
+            .step_by(n)
+            .map(|s| s..(s + n).min(b.len()))
+            .collect()
+    };
+    // Pass one: heads' outputs of every sub-batch, no activations kept.
+    let mut outs: Vec<SideValues> = Vec::new();
+    for (k, b) in sides.iter().enumerate() {
+        let mut all = SideValues::default();
+        for r in chunks(b) {
+            let sb = b.slice(r.clone());
+            let d = dropout.side(k as u64, b.cu_seqlens[r.start] as usize);
+            let mut t = Tape::new(be);
+            let vars = model.record(&mut t);
+            let s = heads(&mut t, &vars.encoder, &vars.heads, c, &sb, &d)?;
+            all.extend(be, &t, &s)?;
+        }
+        outs.push(all);
+    }
+    // The loss on the gathered outputs, and its gradient with respect to them.
+    let (values, mut seeds) = {
+        let mut t = Tape::new(be);
+        let q = outs[0].record(be, &mut t, &batch.q)?;
+        let p = outs[1].record(be, &mut t, &batch.p)?;
+        let parts = m3_loss(&mut t, &q, &p, cfg)?;
+        let mut g = t.backward(parts.loss)?;
+        let mut seeds = Vec::new();
+        for (s, o) in [(&q, &outs[0]), (&p, &outs[1])] {
+            seeds.push(o.split_grads(be, &mut g, s)?);
+        }
+        (parts.values(&t)?, seeds)
+    };
+    drop(outs);
+    // Pass two: re-encode each sub-batch and backpropagate its outputs' gradients.
+    let mut grads: Vec<Option<Tensor<B>>> = Vec::new();
+    for (k, b) in sides.iter().enumerate() {
+        for (j, r) in chunks(b).into_iter().enumerate() {
+            let sb = b.slice(r.clone());
+            let d = dropout.side(k as u64, b.cu_seqlens[r.start] as usize);
+            let mut t = Tape::new(be);
+            let vars = model.record(&mut t);
+            let s = heads(&mut t, &vars.encoder, &vars.heads, c, &sb, &d)?;
+            let [gd, gs, gc] = std::mem::take(&mut seeds[k][j]);
+            let roots: Vec<(Var, Tensor<B>)> = [(s.dense, gd), (s.sparse, gs), (s.colbert, gc)]
+                .into_iter()
+                .filter_map(|(v, g)| g.map(|g| (v, g)))
+                .collect();
+            let mut g = t.backward_seeds(roots)?;
+            let fresh: Vec<Option<Tensor<B>>> = vars.all().into_iter().map(|v| g.take(v)).collect();
+            if grads.is_empty() {
+                grads = fresh;
+            } else {
+                for (acc, f) in grads.iter_mut().zip(fresh) {
+                    *acc = match (acc.take(), f) {
+                        (Some(a), Some(f)) => Some(be.add(&a, &f)?),
+                        (a, f) => a.or(f),
+                    };
+                }
+            }
+        }
+    }
+    Ok((values, grads))
+}
+
+/// One side's head outputs gathered over its sub-batches (host copies: pass one keeps
+/// these and nothing else).
+#[derive(Default)]
+struct SideValues {
+    dense: Vec<f32>,
+    sparse: Vec<f32>,
+    colbert: Vec<f32>,
+    /// Per sub-batch: sequences, tokens, colbert rows.
+    parts: Vec<(usize, usize, usize)>,
+    /// Dense and colbert widths.
+    dims: (usize, usize),
+}
+
+type OutputGrads<B> = [Option<Tensor<B>>; 3];
+
+impl SideValues {
+    fn extend<B: Backend>(&mut self, be: &B, t: &Tape<'_, B>, s: &Side) -> Result<()> {
+        let (d, sp, co) = (t.value(s.dense), t.value(s.sparse), t.value(s.colbert));
+        self.dims = (d.shape()[1], co.shape()[1]);
+        self.parts
+            .push((d.shape()[0], sp.shape()[0], co.shape()[0]));
+        self.dense.extend(be.to_vec_f32(d)?);
+        self.sparse.extend(be.to_vec_f32(sp)?);
+        self.colbert.extend(be.to_vec_f32(co)?);
+        Ok(())
+    }
+
+    /// The gathered outputs as tape leaves that take a gradient.
+    fn record<B: Backend>(&self, be: &B, t: &mut Tape<'_, B>, b: &PackedBatch) -> Result<Side> {
+        let (d, dc) = self.dims;
+        let rows = self.colbert.len() / dc.max(1);
+        Ok(Side {
+            dense: t.param_owned(be.upload(HostData::F32(&self.dense), &[b.len(), d])?),
+            sparse: t.param_owned(be.upload(HostData::F32(&self.sparse), &[b.tokens()])?),
+            colbert: t.param_owned(be.upload(HostData::F32(&self.colbert), &[rows, dc])?),
+            ids: b.ids.clone(),
+            cu: b.cu_seqlens.clone(),
+            colbert_cu: colbert_offsets(b),
+        })
+    }
+
+    /// The loss gradient of each sub-batch's outputs (`None` where the loss does not use
+    /// an output, e.g. `dense_only`, so those heads get no gradient as in PyTorch).
+    fn split_grads<B: Backend>(
+        &self,
+        be: &B,
+        g: &mut crate::autograd::Grads<B>,
+        s: &Side,
+    ) -> Result<Vec<OutputGrads<B>>> {
+        let (d, dc) = self.dims;
+        let host = |g: &mut crate::autograd::Grads<B>, v: Var| -> Result<Option<Vec<f32>>> {
+            g.take(v).map(|t| be.to_vec_f32(&t)).transpose()
+        };
+        let (gd, gs, gc) = (host(g, s.dense)?, host(g, s.sparse)?, host(g, s.colbert)?);
+        let mut out = Vec::new();
+        let (mut o_d, mut o_s, mut o_c) = (0, 0, 0);
+        for &(n, tokens, rows) in &self.parts {
+            let piece = |v: &Option<Vec<f32>>, at: usize, len: usize, shape: &[usize]| {
+                v.as_ref()
+                    .map(|v| be.upload(HostData::F32(&v[at..at + len]), shape))
+                    .transpose()
+            };
+            out.push([
+                piece(&gd, o_d, n * d, &[n, d])?,
+                piece(&gs, o_s, tokens, &[tokens])?,
+                piece(&gc, o_c, rows * dc, &[rows, dc])?,
+            ]);
+            o_d += n * d;
+            o_s += tokens;
+            o_c += rows * dc;
+        }
+        Ok(out)
+    }
 }

@@ -1,10 +1,15 @@
 //! The unified fine-tuning loss with self-knowledge distillation (SPEC §5), recorded on the
 //! tape from the three heads' outputs of a batch of B queries and B·G passages.
 //!
-//! Done: in-batch negatives with groups, temperature, dense / sparse / colbert / ensemble
-//! cross-entropies with their weights, self-distillation from the detached ensemble, and
-//! `dense_only`. Not yet: no-in-batch-negative datasets, teacher scores from the data
-//! (`kl_div`, `m3_kd_loss`) and cross-device negatives (rest of issue 4).
+//! In-batch negatives with groups (or, for datasets without them, each query's own group
+//! only), temperature, dense / sparse / colbert / ensemble cross-entropies with their
+//! weights, self-distillation from the detached ensemble, `dense_only`, and teacher scores
+//! from the data (`kl_div`, `m3_kd_loss`). Not here: cross-device negatives (one rank).
+//!
+//! Restricting a row to some columns is done by adding [`MASKED`] to the others: `exp` of it
+//! underflows to exactly 0 in f32, so the softmax, the cross-entropy and their gradients
+//! equal those over the kept columns alone, and a zero teacher weight times the masked
+//! log-probability stays 0 (with `-inf` it would be NaN).
 
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
@@ -27,6 +32,19 @@ pub struct Side {
     pub colbert_cu: Vec<u32>,
 }
 
+/// Added to a score to take its column out of a row's softmax (see the module doc).
+pub const MASKED: f32 = -1.0e4;
+
+/// How teacher scores in the data enter the loss (FlagEmbedding's `--kd_loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KdLoss {
+    /// Hard-label CE plus cross-entropy against the teacher's softmax over the group.
+    KlDiv,
+    /// BGE-M3's: for each passage i of the group, CE with target i over the row with the
+    /// group's earlier passages masked, weighted by the teacher's probability of i.
+    M3KdLoss,
+}
+
 /// Loss settings.
 #[derive(Debug, Clone)]
 pub struct LossConfig {
@@ -40,6 +58,26 @@ pub struct LossConfig {
     pub self_distill: bool,
     /// Token ids whose lexical weight counts 0 (CLS, EOS, PAD, UNK).
     pub excluded: Vec<u32>,
+    /// Score each query against every passage of the batch (false: its own group only).
+    pub in_batch_neg: bool,
+    /// Teacher scores per passage `[B·G]` from the data, and how to use them.
+    pub teacher: Option<(Vec<f32>, KdLoss)>,
+}
+
+impl LossConfig {
+    /// The SPEC defaults for a group size: τ 0.02, unified with self-distillation, in-batch
+    /// negatives, no teacher.
+    pub fn new(group: usize, excluded: Vec<u32>) -> Self {
+        LossConfig {
+            temperature: 0.02,
+            group,
+            dense_only: false,
+            self_distill: true,
+            excluded,
+            in_batch_neg: true,
+            teacher: None,
+        }
+    }
 }
 
 /// The loss and its parts (each a scalar `[1]` on the tape).
@@ -54,14 +92,106 @@ pub struct LossParts {
     pub distill: Option<Var>,
 }
 
-/// Mean over rows of cross-entropy with target column `b·G` for row `b`.
-fn ce<B: Backend>(t: &mut Tape<'_, B>, s: Var, group: usize) -> Result<Var> {
+/// The loss and its parts as numbers (the metrics of one step).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LossValues {
+    /// The total.
+    pub loss: f32,
+    /// Dense term.
+    pub dense: f32,
+    /// Sparse, colbert and ensemble terms when unified.
+    pub unified: Option<[f32; 3]>,
+    /// Self-distillation term.
+    pub distill: Option<f32>,
+}
+
+impl LossParts {
+    /// Reads the parts back from the tape.
+    pub fn values<B: Backend>(&self, t: &Tape<'_, B>) -> Result<LossValues> {
+        let get = |v: Var| -> Result<f32> { Ok(t.backend().to_vec_f32(t.value(v))?[0]) };
+        Ok(LossValues {
+            loss: get(self.loss)?,
+            dense: get(self.dense)?,
+            unified: match self.unified {
+                Some([a, b, c]) => Some([get(a)?, get(b)?, get(c)?]),
+                None => None,
+            },
+            distill: self.distill.map(get).transpose()?,
+        })
+    }
+}
+
+/// Mean over rows of cross-entropy with target column `b·G + i` for row `b`.
+fn ce<B: Backend>(t: &mut Tape<'_, B>, s: Var, group: usize, i: usize) -> Result<Var> {
     let rows = t.value(s).shape()[0];
-    let targets: Vec<u32> = (0..rows as u32).map(|b| b * group as u32).collect();
+    let targets: Vec<u32> = (0..rows).map(|b| (b * group + i) as u32).collect();
     let targets = t.backend().upload(HostData::U32(&targets), &[rows])?;
     let per_row = t.softmax_cross_entropy(s, targets)?;
     let total = t.sum_all(per_row)?;
     t.scale(total, 1.0 / rows.max(1) as f32)
+}
+
+/// `s` plus a constant `[rows, cols]` mask: [`MASKED`] where `keep(b, c)` is false.
+fn masked<B: Backend>(
+    t: &mut Tape<'_, B>,
+    s: Var,
+    keep: impl Fn(usize, usize) -> bool,
+) -> Result<Var> {
+    let (rows, cols) = t.value(s).rows_cols();
+    let m: Vec<f32> = (0..rows * cols)
+        .map(|k| {
+            if keep(k / cols, k % cols) {
+                0.0
+            } else {
+                MASKED
+            }
+        })
+        .collect();
+    let m = t.backend().upload(HostData::F32(&m), &[rows, cols])?;
+    let m = t.input(m);
+    t.add(s, m)
+}
+
+/// The loss of one score matrix `[B, B·G]` against its labels: hard-label CE, and the
+/// teacher's terms when the data has teacher scores (SPEC §5).
+fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig) -> Result<Var> {
+    let g = cfg.group;
+    let Some((scores, kind)) = &cfg.teacher else {
+        return ce(t, s, g, 0);
+    };
+    let (rows, cols) = t.value(s).rows_cols();
+    // The teacher's distribution over each query's own group.
+    let probs = softmax_rows(scores, g);
+    match kind {
+        KdLoss::KlDiv => {
+            let hard = ce(t, s, g, 0)?;
+            let local = masked(t, s, |b, c| c / g == b)?;
+            let mut target = vec![0f32; rows * cols];
+            for b in 0..rows {
+                for i in 0..g {
+                    target[b * cols + b * g + i] = probs[b * g + i];
+                }
+            }
+            let soft = kd(t, local, &target)?;
+            t.add(hard, soft)
+        }
+        KdLoss::M3KdLoss => {
+            let mut total: Option<Var> = None;
+            for i in 0..g {
+                let si = masked(t, s, |b, c| !(c >= b * g && c < b * g + i))?;
+                let mut target = vec![0f32; rows * cols];
+                for b in 0..rows {
+                    target[b * cols + b * g + i] = probs[b * g + i];
+                }
+                let term = kd(t, si, &target)?;
+                total = Some(match total {
+                    Some(acc) => t.add(acc, term)?,
+                    None => term,
+                });
+            }
+            Ok(total.expect("group size is at least 1"))
+        }
+    }
 }
 
 /// `-mean_b Σ_c T[b,c] · log_softmax(S)[b,c]` against a detached teacher.
@@ -94,8 +224,17 @@ pub fn m3_loss<B: Backend>(
 ) -> Result<LossParts> {
     let inv_tau = 1.0 / cfg.temperature;
     let dot = t.matmul(q.dense, false, p.dense, true, None)?;
+    let g = cfg.group;
+    let own_group = |t: &mut Tape<'_, B>, s: Var| -> Result<Var> {
+        if cfg.in_batch_neg {
+            Ok(s)
+        } else {
+            masked(t, s, |b, c| c / g == b)
+        }
+    };
     let s_d = t.scale(dot, inv_tau)?;
-    let ce_d = ce(t, s_d, cfg.group)?;
+    let s_d = own_group(t, s_d)?;
+    let ce_d = labelled(t, s_d, cfg)?;
     if cfg.dense_only {
         return Ok(LossParts {
             loss: ce_d,
@@ -114,15 +253,17 @@ pub fn m3_loss<B: Backend>(
         &cfg.excluded,
     )?;
     let s_s = t.scale(lex, inv_tau)?;
+    let s_s = own_group(t, s_s)?;
     let ms = t.maxsim(q.colbert, &q.colbert_cu, p.colbert, &p.colbert_cu)?;
     let s_m = t.scale(ms, inv_tau)?;
+    let s_m = own_group(t, s_m)?;
     let s_s3 = t.scale(s_s, 0.3)?;
     let s_e = t.add(s_d, s_s3)?;
     let s_e = t.add(s_e, s_m)?;
     let (ce_s, ce_m, ce_e) = (
-        ce(t, s_s, cfg.group)?,
-        ce(t, s_m, cfg.group)?,
-        ce(t, s_e, cfg.group)?,
+        labelled(t, s_s, cfg)?,
+        labelled(t, s_m, cfg)?,
+        labelled(t, s_e, cfg)?,
     );
     let ce_s1 = t.scale(ce_s, 0.1)?;
     let a = t.add(ce_d, ce_e)?;

@@ -3,7 +3,7 @@
 //! optimiser kernel (issue 6) will be tested against.
 
 /// AdamW hyper-parameters (PyTorch defaults but the learning rate).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamW {
     /// Peak learning rate.
     pub lr: f32,

@@ -1,8 +1,6 @@
 //! Training-time retrieval scores on the CPU: colbert max-sim and lexical scatter-max
 //! matching between packed query and passage sequences, with their backward passes.
 
-use std::collections::HashMap;
-
 use rayon::prelude::*;
 
 fn ranges(cu: &[u32]) -> Vec<std::ops::Range<usize>> {
@@ -89,29 +87,50 @@ pub fn maxsim_backward(
     (dq, dp)
 }
 
-/// Per sequence: token id → (max weight, row of the first occurrence holding it).
-fn scatter_max(
-    w: &[f32],
-    ids: &[u32],
-    cu: &[u32],
-    excluded: &[u32],
-) -> Vec<HashMap<u32, (f32, usize)>> {
+/// One sequence's lexical vector: `(id, max weight, row of the first occurrence holding
+/// it)`, sorted by id. Sorted lists make every score a merge in a fixed order, so sums
+/// (and training runs) are bit-reproducible, which hash-map iteration order is not.
+type Lexical = Vec<(u32, f32, usize)>;
+
+/// Per sequence: its [`Lexical`] vector.
+fn scatter_max(w: &[f32], ids: &[u32], cu: &[u32], excluded: &[u32]) -> Vec<Lexical> {
     ranges(cu)
         .into_iter()
         .map(|r| {
-            let mut m: HashMap<u32, (f32, usize)> = HashMap::new();
-            for row in r {
-                if excluded.contains(&ids[row]) {
-                    continue;
+            let mut v: Lexical = r
+                .filter(|&row| !excluded.contains(&ids[row]))
+                .map(|row| (ids[row], w[row], row))
+                .collect();
+            // By id, then by row, so the first row of each id comes first among equals.
+            v.sort_by_key(|&(id, _, row)| (id, row));
+            v.dedup_by(|later, first| {
+                if later.0 != first.0 {
+                    return false;
                 }
-                let e = m.entry(ids[row]).or_insert((w[row], row));
-                if w[row] > e.0 {
-                    *e = (w[row], row);
+                if later.1 > first.1 {
+                    *first = *later;
                 }
-            }
-            m
+                true
+            });
+            v
         })
         .collect()
+}
+
+/// Calls `f(wa, row_a, wb, row_b)` for each id two sorted vectors share, in id order.
+fn shared(a: &Lexical, b: &Lexical, mut f: impl FnMut(f32, usize, f32, usize)) {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                f(a[i].1, a[i].2, b[j].1, b[j].2);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
 }
 
 /// One side of a lexical score on the host.
@@ -135,10 +154,9 @@ pub fn lexical(q: &Side, p: &Side) -> Vec<f32> {
     let mut s = vec![0f32; mq.len() * mp.len()];
     for (b, a) in mq.iter().enumerate() {
         for (n, c) in mp.iter().enumerate() {
-            s[b * mp.len() + n] = a
-                .iter()
-                .filter_map(|(id, (wa, _))| c.get(id).map(|(wc, _)| wa * wc))
-                .sum();
+            let mut acc = 0f32;
+            shared(a, c, |wa, _, wc, _| acc += wa * wc);
+            s[b * mp.len() + n] = acc;
         }
     }
     s
@@ -156,12 +174,10 @@ pub fn lexical_backward(ds: &[f32], q: &Side, p: &Side) -> (Vec<f32>, Vec<f32>) 
     for (b, a) in mq.iter().enumerate() {
         for (n, c) in mp.iter().enumerate() {
             let g = ds[b * bp + n];
-            for (id, &(wa, ra)) in a {
-                if let Some(&(wc, rc)) = c.get(id) {
-                    dq[ra] += g * wc;
-                    dp[rc] += g * wa;
-                }
-            }
+            shared(a, c, |wa, ra, wc, rc| {
+                dq[ra] += g * wc;
+                dp[rc] += g * wa;
+            });
         }
     }
     (dq, dp)

@@ -1,0 +1,183 @@
+//! `m3 train`: fine-tuning with FlagEmbedding's flag names in kebab case (SPEC §5–6).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use m3::backend::Backend;
+use m3::train::loss::KdLoss;
+use m3::train::optim::AdamW;
+use m3::train::trainer::{run_training, TrainOptions};
+use m3::DType;
+
+use super::device::{on_device, Job};
+use super::DeviceArg;
+
+/// Learning-rate schedules.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedulerArg {
+    /// Linear warm-up over `--warmup-ratio` of the steps, then linear decay to 0.
+    Linear,
+    /// The peak rate throughout.
+    Constant,
+}
+
+/// Teacher-score losses.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KdArg {
+    /// Hard-label CE plus CE against the teacher's distribution over the group.
+    KlDiv,
+    /// BGE-M3's per-passage masked CE weighted by the teacher.
+    M3KdLoss,
+}
+
+/// `m3 train` flags. Defaults follow the paper's fine-tuning recipe.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Model directory to start from (config.json, weights, tokenizer; heads optional:
+    /// missing ones start as PyTorch initialises a Linear).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data: a JSONL file, or a directory of them (one dataset per file; a
+    /// directory named `*no_in_batch_neg` scores queries only against their own group).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where checkpoints (`checkpoint-N/`) and the final model go.
+    #[arg(long)]
+    output_dir: PathBuf,
+    /// Queries per batch (for texts under 500 tokens; longer buckets take fewer).
+    #[arg(long, default_value_t = 8)]
+    per_device_train_batch_size: usize,
+    /// Passages per query: one positive and G-1 negatives.
+    #[arg(long, default_value_t = 8)]
+    train_group_size: usize,
+    /// Query truncation (tokens).
+    #[arg(long, default_value_t = 32)]
+    query_max_len: usize,
+    /// Passage truncation (tokens).
+    #[arg(long, default_value_t = 128)]
+    passage_max_len: usize,
+    /// Temperature τ of every score.
+    #[arg(long, default_value_t = 0.02)]
+    temperature: f32,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    learning_rate: f32,
+    /// Decoupled weight decay (not on biases and LayerNorm weights).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = SchedulerArg::Linear)]
+    lr_scheduler_type: SchedulerArg,
+    /// Warm-up fraction of the steps (linear schedule).
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    /// Stop after this many optimiser steps (overrides --num-train-epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Epochs over the data.
+    #[arg(long, default_value_t = 1.0)]
+    num_train_epochs: f64,
+    /// Seed of shuffling, negative sampling, dropout and new heads (the same on every rank).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Batches in file order; each query's first positive and its negatives in order.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Hidden-state dropout (default: the config's hidden_dropout_prob; 0 disables).
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Encode at most N sequences at a time (two-pass recompute; same gradient, less memory).
+    #[arg(long)]
+    sub_batch_size: Option<usize>,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    save_steps: Option<u64>,
+    /// Continue from the newest checkpoint in --output-dir.
+    #[arg(long)]
+    resume: bool,
+    /// Gradient-norm clipping (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Only the dense loss (no unified fine-tuning).
+    #[arg(long)]
+    dense_only: bool,
+    /// Self-distillation on steps after this one (0-based; -1: from the first step).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    self_distill_start_step: i64,
+    /// Turn self-distillation off.
+    #[arg(long)]
+    no_self_distill: bool,
+    /// How teacher scores in the data (`pos_scores`, `neg_scores`) enter the loss.
+    #[arg(long, value_enum, default_value_t = KdArg::M3KdLoss)]
+    kd_loss_type: KdArg,
+    /// Write one JSON object per optimiser step (loss, its parts, lr, grad_norm, tokens/s).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Where to run (auto means the CPU until the CUDA training kernels land: the CUDA
+    /// backend has no max-sim, lexical or soft-CE kernel yet).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+impl TrainArgs {
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            output_dir: self.output_dir.clone(),
+            batch_size: self.per_device_train_batch_size,
+            group: self.train_group_size,
+            query_max_len: self.query_max_len,
+            passage_max_len: self.passage_max_len,
+            temperature: self.temperature,
+            adamw: AdamW {
+                lr: self.learning_rate,
+                weight_decay: self.weight_decay,
+                ..AdamW::default()
+            },
+            linear_schedule: self.lr_scheduler_type == SchedulerArg::Linear,
+            warmup_ratio: self.warmup_ratio,
+            max_steps: self.max_steps,
+            epochs: self.num_train_epochs,
+            seed: self.seed,
+            shuffle: !self.no_shuffle,
+            dropout: self.dropout,
+            sub_batch: self.sub_batch_size,
+            save_steps: self.save_steps,
+            max_grad_norm: self.max_grad_norm,
+            dense_only: self.dense_only,
+            self_distill_start_step: self.self_distill_start_step,
+            no_self_distill: self.no_self_distill,
+            kd_loss: match self.kd_loss_type {
+                KdArg::KlDiv => KdLoss::KlDiv,
+                KdArg::M3KdLoss => KdLoss::M3KdLoss,
+            },
+        }
+    }
+}
+
+impl Job for TrainArgs {
+    fn run<B: Backend>(self, be: &B, _dtype: DType) -> anyhow::Result<ExitCode> {
+        // The masters are f32; compute copies are f32 until the CUDA training kernels land.
+        run_training(
+            be,
+            self.options(),
+            DType::F32,
+            self.resume,
+            self.metrics.as_deref(),
+            false,
+        )?;
+        eprintln!("wrote the trained model to {}", self.output_dir.display());
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Runs `m3 train`.
+pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let device = match a.device {
+        DeviceArg::Auto => DeviceArg::Cpu,
+        d => d,
+    };
+    on_device(device, a)
+}

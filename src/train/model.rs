@@ -1,0 +1,226 @@
+//! The model being trained: the encoder and both heads as compute tensors on a backend, the
+//! f32 master copy the optimiser updates, and the published directory layout it is read
+//! from and written back to (model.safetensors, head files, config, tokenizer).
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use crate::autograd::{Tape, Var};
+use crate::backend::Backend;
+use crate::gradcheck::Rng;
+use crate::model::config::Config;
+use crate::model::encoder::{EncoderVars, LinearVars};
+use crate::model::weights::{load_head, EncoderWeights, Linear, TensorFile};
+use crate::tensor::{DType, HostData, Tensor};
+
+use super::forward::HeadVars;
+
+/// Files of a model directory copied unchanged into every checkpoint.
+pub const SIDE_FILES: [&str; 5] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+];
+
+/// One trainable tensor's f32 master copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Master {
+    /// HF name (`encoder.layer.0.attention.self.query.weight`, `colbert_linear.bias`, ...).
+    pub name: String,
+    /// Shape as m3 holds it (linear weights transposed, `[in, out]`).
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+impl Master {
+    /// Whether m3 holds this weight transposed relative to PyTorch (`[in, out]`): every
+    /// linear layer's weight, but not embeddings or LayerNorm gains.
+    pub fn transposed(&self) -> bool {
+        self.shape.len() == 2 && !self.name.starts_with("embeddings.")
+    }
+
+    /// Shape and values in PyTorch's layout.
+    pub fn torch_layout(&self) -> (Vec<usize>, Vec<f32>) {
+        if !self.transposed() {
+            return (self.shape.clone(), self.data.clone());
+        }
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                out[j * r + i] = self.data[i * c + j];
+            }
+        }
+        (vec![c, r], out)
+    }
+}
+
+/// The encoder and heads in compute precision on a backend, plus the token-type rows m3
+/// does not use (kept so a checkpoint writes the table back whole).
+pub struct TrainModel<B: Backend> {
+    /// `config.json`.
+    pub config: Config,
+    /// Encoder weights.
+    pub encoder: EncoderWeights<B>,
+    /// `sparse_linear` (`[hidden, 1]` transposed).
+    pub sparse: Linear<B>,
+    /// `colbert_linear` (`[hidden, d]` transposed).
+    pub colbert: Linear<B>,
+    /// Rows 1.. of the token-type table, unchanged by training.
+    pub token_type_rest: Vec<f32>,
+}
+
+/// A head as `torch.nn.Linear` initialises one (`U(-1/√in, 1/√in)` for weight and bias),
+/// for model directories that have no head file yet (a base model).
+fn random_head<B: Backend>(
+    be: &B,
+    inp: usize,
+    out: usize,
+    rng: &mut Rng,
+    dtype: DType,
+) -> anyhow::Result<Linear<B>> {
+    let bound = 1.0 / (inp as f32).sqrt();
+    let wt = rng.vec(inp * out, -bound, bound);
+    let b = rng.vec(out, -bound, bound);
+    Ok(Linear {
+        wt: be.cast(&be.upload(HostData::F32(&wt), &[inp, out])?, dtype)?,
+        b: be.cast(&be.upload(HostData::F32(&b), &[out])?, dtype)?,
+    })
+}
+
+impl<B: Backend> TrainModel<B> {
+    /// Loads a model directory; a missing head is initialised as PyTorch would, from `seed`.
+    pub fn load(be: &B, dir: &Path, dtype: DType, seed: u64) -> anyhow::Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let weights = ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "{}: no model.safetensors or pytorch_model.bin",
+                    dir.display()
+                )
+            })?;
+        let mut file = TensorFile::open(&weights)?;
+        let h = config.hidden_size;
+        let types = file
+            .peek("embeddings.token_type_embeddings.weight")
+            .map(|t| t.data[h.min(t.data.len())..].to_vec())
+            .unwrap_or_default();
+        let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        let mut rng = Rng::new(seed ^ 0x4845_4144);
+        let sparse = match load_head(be, dir, "sparse_linear", Some(1), h, dtype)? {
+            Some(l) => l,
+            None => random_head(be, h, 1, &mut rng, dtype)?,
+        };
+        let colbert = match load_head(be, dir, "colbert_linear", None, h, dtype)? {
+            Some(l) => l,
+            None => random_head(be, h, h, &mut rng, dtype)?,
+        };
+        Ok(TrainModel {
+            config,
+            encoder,
+            sparse,
+            colbert,
+            token_type_rest: types,
+        })
+    }
+
+    /// Every trainable tensor with its HF name, in the order of [`TrainVars::all`].
+    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor<B>)> {
+        let mut v = self.encoder.named_tensors_mut();
+        v.push(("sparse_linear.weight".into(), &mut self.sparse.wt));
+        v.push(("sparse_linear.bias".into(), &mut self.sparse.b));
+        v.push(("colbert_linear.weight".into(), &mut self.colbert.wt));
+        v.push(("colbert_linear.bias".into(), &mut self.colbert.b));
+        v
+    }
+
+    /// The f32 master copy of every trainable tensor.
+    pub fn masters(&mut self, be: &B) -> anyhow::Result<Vec<Master>> {
+        self.named_mut()
+            .into_iter()
+            .map(|(name, t)| {
+                Ok(Master {
+                    shape: t.shape().to_vec(),
+                    data: be.to_vec_f32(t)?,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// Refreshes the compute tensors from the masters (cast to the compute dtype).
+    pub fn refresh(&mut self, be: &B, masters: &[Master]) -> anyhow::Result<()> {
+        let named = self.named_mut();
+        if named.len() != masters.len() {
+            bail!("{} masters for {} tensors", masters.len(), named.len());
+        }
+        for ((name, t), m) in named.into_iter().zip(masters) {
+            if name != m.name || t.shape() != m.shape.as_slice() {
+                bail!(
+                    "master {} {:?} does not match tensor {name} {:?}",
+                    m.name,
+                    m.shape,
+                    t.shape()
+                );
+            }
+            let dtype = t.dtype();
+            let f = be.upload(HostData::F32(&m.data), &m.shape)?;
+            *t = if dtype == DType::F32 {
+                f
+            } else {
+                be.cast(&f, dtype)?
+            };
+        }
+        Ok(())
+    }
+
+    /// Casts every compute tensor to `dtype` (bf16 compute copies on a GPU).
+    pub fn cast(&mut self, be: &B, dtype: DType) -> anyhow::Result<()> {
+        for (_, t) in self.named_mut() {
+            *t = be.cast(t, dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Records every weight on a tape as a borrowed parameter.
+    pub fn record<'a>(&'a self, t: &mut Tape<'a, B>) -> TrainVars {
+        let encoder = EncoderVars::record(t, &self.encoder);
+        let heads = HeadVars {
+            sparse: LinearVars {
+                wt: t.param(&self.sparse.wt),
+                b: t.param(&self.sparse.b),
+            },
+            colbert: LinearVars {
+                wt: t.param(&self.colbert.wt),
+                b: t.param(&self.colbert.b),
+            },
+        };
+        TrainVars { encoder, heads }
+    }
+}
+
+/// The model's weights on one tape.
+#[derive(Debug, Clone)]
+pub struct TrainVars {
+    /// Encoder.
+    pub encoder: EncoderVars,
+    /// Heads.
+    pub heads: HeadVars,
+}
+
+impl TrainVars {
+    /// Every tape value, in the order of [`TrainModel::named_mut`].
+    pub fn all(&self) -> Vec<Var> {
+        let mut v = self.encoder.all();
+        let h = &self.heads;
+        v.extend([h.sparse.wt, h.sparse.b, h.colbert.wt, h.colbert.b]);
+        v
+    }
+}

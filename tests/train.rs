@@ -1,0 +1,310 @@
+//! The trainer on the fixture model: the loss goes down, checkpoints load for encoding,
+//! `--resume` continues bit-identically, sub-batches give the unsplit gradient, and a
+//! non-finite loss stops training naming the step.
+
+use std::path::{Path, PathBuf};
+
+use m3::backend::cpu::Cpu;
+use m3::backend::Backend;
+use m3::batch::pack_in_order;
+use m3::model::embedder::{Embedder, EncodeOptions};
+use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::loss::{KdLoss, LossConfig};
+use m3::train::model::TrainModel;
+use m3::train::optim::AdamW;
+use m3::train::trainer::{run_training, TrainOptions, Trainer};
+use m3::DType;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("m3-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Eight multilingual records, each with a positive and three negatives.
+fn write_data(dir: &Path) -> PathBuf {
+    let topics = [
+        (
+            "What is the capital of France?",
+            "Paris is the capital of France.",
+        ),
+        (
+            "Der schnelle braune Fuchs",
+            "The quick brown fox jumps over the lazy dog.",
+        ),
+        (
+            "Быстрая коричневая лиса",
+            "Быстрая коричневая лиса прыгает через собаку.",
+        ),
+        ("狐狸", "敏捷的棕色狐狸跳过了懒狗。"),
+        (
+            "How tall is Mount Everest?",
+            "Mount Everest is 8849 metres high.",
+        ),
+        (
+            "Qu'est-ce que la photosynthèse ?",
+            "La photosynthèse convertit la lumière en énergie.",
+        ),
+        (
+            "Who wrote Hamlet?",
+            "Hamlet is a tragedy written by William Shakespeare.",
+        ),
+        ("Wie spät ist es?", "Es ist halb drei am Nachmittag."),
+    ];
+    let mut lines = String::new();
+    for (i, (q, p)) in topics.iter().enumerate() {
+        let negs: Vec<&str> = (1..4).map(|k| topics[(i + k) % topics.len()].1).collect();
+        let rec = serde_json::json!({"query": q, "pos": [p], "neg": negs});
+        lines.push_str(&format!("{rec}\n"));
+    }
+    let path = dir.join("train.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+fn options(data: PathBuf, out: PathBuf) -> TrainOptions {
+    TrainOptions {
+        model: fixture(),
+        data,
+        output_dir: out,
+        batch_size: 2,
+        group: 3,
+        query_max_len: 16,
+        passage_max_len: 24,
+        temperature: 0.05,
+        adamw: AdamW {
+            lr: 2e-3,
+            ..AdamW::default()
+        },
+        linear_schedule: false,
+        warmup_ratio: 0.0,
+        max_steps: Some(8),
+        epochs: 1.0,
+        seed: 11,
+        shuffle: true,
+        dropout: Some(0.0),
+        sub_batch: None,
+        save_steps: None,
+        max_grad_norm: 1.0,
+        dense_only: false,
+        self_distill_start_step: -1,
+        no_self_distill: false,
+        kd_loss: KdLoss::M3KdLoss,
+    }
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_a_model_that_encodes() {
+    let d = tmp("lower");
+    let out = d.join("out");
+    let metrics = d.join("metrics.jsonl");
+    let opts = options(write_data(&d), out.clone());
+    run_training(&Cpu, opts, DType::F32, false, Some(&metrics), true).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        for key in [
+            "loss",
+            "dense",
+            "sparse",
+            "colbert",
+            "ensemble",
+            "distill",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+        ] {
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key} in {l}");
+        }
+    }
+    // One epoch is 4 batches of 2; the second epoch sees the same records again.
+    let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
+    let first: f64 = (0..4).map(loss).sum();
+    let second: f64 = (4..8).map(loss).sum();
+    assert!(second < 0.7 * first, "epoch losses {first} then {second}");
+    // The output directory is a model `m3 encode` loads, and training changed its vectors.
+    let before = Embedder::load(&Cpu, &fixture(), DType::F32).unwrap();
+    let after = Embedder::load(&Cpu, &out, DType::F32).unwrap();
+    let opts = EncodeOptions {
+        sparse: true,
+        colbert: true,
+        ..EncodeOptions::default()
+    };
+    let texts = ["Paris is the capital of France."];
+    let a = before.encode(&Cpu, &texts, &opts, &mut |_| {}).unwrap();
+    let b = after.encode(&Cpu, &texts, &opts, &mut |_| {}).unwrap();
+    let (va, vb) = (
+        a.embeddings[0].dense.as_ref().unwrap(),
+        b.embeddings[0].dense.as_ref().unwrap(),
+    );
+    let diff: f32 = va.iter().zip(vb).map(|(x, y)| (x - y).abs()).sum();
+    assert!(diff > 1e-3, "dense vector unchanged by training");
+    assert!(b.embeddings[0].lexical.is_some() && b.embeddings[0].colbert.is_some());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn resume_continues_bit_identically() {
+    let d = tmp("resume");
+    let data = write_data(&d);
+    let mut opts = options(data, d.join("straight"));
+    opts.max_steps = Some(4);
+    opts.dropout = Some(0.1);
+    opts.linear_schedule = true;
+    opts.warmup_ratio = 0.25;
+    // Four steps in one go...
+    let mut a = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    let mut losses_a = Vec::new();
+    while !a.finished() {
+        losses_a.push(a.step().unwrap().loss.loss);
+    }
+    // ...against two steps, a checkpoint, a new process state, and two more.
+    opts.output_dir = d.join("split");
+    std::fs::create_dir_all(&opts.output_dir).unwrap();
+    let mut b = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    let mut losses_b = vec![b.step().unwrap().loss.loss, b.step().unwrap().loss.loss];
+    b.save_checkpoint().unwrap();
+    drop(b);
+    let mut c = Trainer::new(&Cpu, opts, DType::F32, true).unwrap();
+    assert_eq!(c.state().step, 2);
+    while !c.finished() {
+        losses_b.push(c.step().unwrap().loss.loss);
+    }
+    assert_eq!(
+        losses_a.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        losses_b.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        "{losses_a:?} vs {losses_b:?}"
+    );
+    for (x, y) in a.masters().iter().zip(c.masters()) {
+        assert_eq!(x.name, y.name);
+        assert!(
+            x.data
+                .iter()
+                .zip(&y.data)
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{} differs after resuming",
+            x.name
+        );
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn resume_refuses_other_settings_and_a_missing_checkpoint() {
+    let d = tmp("refuse");
+    let mut opts = options(write_data(&d), d.join("out"));
+    std::fs::create_dir_all(&opts.output_dir).unwrap();
+    let e = Trainer::new(&Cpu, opts.clone(), DType::F32, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+    let mut t = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    t.step().unwrap();
+    t.save_checkpoint().unwrap();
+    opts.seed += 1;
+    let e = format!(
+        "{:#}",
+        Trainer::new(&Cpu, opts, DType::F32, true).err().unwrap()
+    );
+    assert!(e.contains("other settings"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
+    let d = tmp("nan");
+    let mut opts = options(write_data(&d), d.join("out"));
+    // A first step this large sends the weights to ±1e38; the next forward overflows.
+    opts.adamw.lr = 1e38;
+    opts.max_grad_norm = 0.0;
+    opts.save_steps = Some(1);
+    let e =
+        run_training(&Cpu, opts, DType::F32, false, None, true).expect_err("training should stop");
+    let e = format!("{e:#}");
+    assert!(e.contains("step 2") && e.contains("checkpoint-1"), "{e}");
+    assert!(d.join("out/checkpoint-1/model.safetensors").exists());
+    assert!(!d.join("out/checkpoint-2").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn sub_batches_give_the_unsplit_gradient() {
+    let model = TrainModel::load(&Cpu, &fixture(), DType::F32, 0).unwrap();
+    let m = Embedder::load(&Cpu, &fixture(), DType::F32).unwrap();
+    let enc = |t: &str| m.tokenize(t, &EncodeOptions::default()).unwrap();
+    let off = model.config.position_offset();
+    let batch = StepBatch {
+        q: pack_in_order(
+            &[
+                enc("What is the capital of France?"),
+                enc("Der schnelle braune Fuchs"),
+                enc("狐狸"),
+            ],
+            off,
+        ),
+        p: pack_in_order(
+            &[
+                "Paris is the capital of France.",
+                "Быстрая коричневая лиса прыгает",
+                "The quick brown fox jumps over the lazy dog.",
+                "敏捷的棕色狐狸跳过了懒狗。",
+                "Mount Everest is 8849 metres high.",
+                "Es ist halb drei am Nachmittag.",
+            ]
+            .map(enc),
+            off,
+        ),
+    };
+    let s = m.tokenizer.specials;
+    let mut cfg = LossConfig::new(2, vec![s.cls, s.eos, s.pad.unwrap(), s.unk.unwrap()]);
+    cfg.temperature = 0.05;
+    cfg.teacher = Some((vec![1.0, 0.2, 0.5, 0.4, 2.0, -1.0], KdLoss::KlDiv));
+    // Dropout on: the masks must follow tokens, not sub-batches.
+    let drop = StepDropout { p: 0.2, seed: 3 };
+    let (lw, whole) = step_grads(&Cpu, &model, &batch, &cfg, drop, None).unwrap();
+    for n in [1, 2, 4] {
+        let (ls, split) = step_grads(&Cpu, &model, &batch, &cfg, drop, Some(n)).unwrap();
+        assert!(
+            (lw.loss - ls.loss).abs() <= 1e-5 * lw.loss.abs(),
+            "sub-batch {n}: loss {} vs {}",
+            lw.loss,
+            ls.loss
+        );
+        assert_eq!(whole.len(), split.len());
+        let host = |g: &[Option<m3::Tensor<Cpu>>]| -> Vec<Vec<f32>> {
+            g.iter()
+                .map(|t| Cpu.to_vec_f32(t.as_ref().unwrap()).unwrap())
+                .collect()
+        };
+        let (whole_h, split_h) = (host(&whole), host(&split));
+        let global = whole_h.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        for (k, (a, b)) in whole_h.iter().zip(&split_h).enumerate() {
+            // A tensor whose exact gradient is 0 (the key bias: softmax ignores a constant
+            // per row) holds rounding noise; measure it against the gradient as a whole.
+            let scale = a
+                .iter()
+                .fold(0f32, |m, x| m.max(x.abs()))
+                .max(1e-3 * global);
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5 * scale,
+                "sub-batch {n}: tensor #{k} differs by {worst} (scale {scale})"
+            );
+        }
+    }
+}
