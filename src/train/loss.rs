@@ -9,7 +9,8 @@
 //! Restricting a row to some columns is done by adding [`MASKED`] to the others: `exp` of it
 //! underflows to exactly 0 in f32, so the softmax, the cross-entropy and their gradients
 //! equal those over the kept columns alone, and a zero teacher weight times the masked
-//! log-probability stays 0 (with `-inf` it would be NaN).
+//! log-probability stays 0 (with `-inf` it would be NaN). It is far below any score yet
+//! finite when a few masks add up (FlagEmbedding adds `finfo.min`, which overflows then).
 
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
@@ -33,7 +34,7 @@ pub struct Side {
 }
 
 /// Added to a score to take its column out of a row's softmax (see the module doc).
-pub const MASKED: f32 = -1.0e4;
+pub const MASKED: f32 = -1.0e30;
 
 /// How teacher scores in the data enter the loss (FlagEmbedding's `--kd_loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
