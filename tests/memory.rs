@@ -1,0 +1,153 @@
+//! Peak heap memory of training pieces, counted by a global allocator: the lexical loss
+//! is O(tokens), never batch × length × vocabulary, and sub-batching bounds activation
+//! memory by the sub-batch, not the batch.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use m3::autograd::Tape;
+use m3::backend::cpu::Cpu;
+use m3::backend::Backend;
+use m3::batch::pack_in_order;
+use m3::gradcheck::Rng;
+use m3::text::Encoded;
+use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::loss::LossConfig;
+use m3::train::model::TrainModel;
+use m3::{DType, HostData};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = CURRENT.fetch_add(n, Ordering::SeqCst) + n;
+    PEAK.fetch_max(now, Ordering::SeqCst);
+}
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        CURRENT.fetch_sub(l.size(), Ordering::SeqCst);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            CURRENT.fetch_sub(l.size(), Ordering::SeqCst);
+            grew(new);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Peak bytes allocated by `f` above what was live when it started.
+fn peak_of<R>(f: impl FnOnce() -> R) -> (usize, R) {
+    let base = CURRENT.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let r = f();
+    (PEAK.load(Ordering::SeqCst).saturating_sub(base), r)
+}
+
+fn random_seqs(rng: &mut Rng, n: usize, len: usize, vocab: u32) -> Vec<Encoded> {
+    (0..n)
+        .map(|_| {
+            let mut ids = vec![0u32];
+            ids.extend((0..len - 2).map(|_| 4 + rng.below(vocab - 4)));
+            ids.push(2);
+            Encoded {
+                ids,
+                cls_positions: vec![0],
+                truncated: false,
+            }
+        })
+        .collect()
+}
+
+fn lexical_peak(queries: usize, passages: usize, len: usize, vocab: u32) -> usize {
+    let mut rng = Rng::new(1);
+    let q = pack_in_order(&random_seqs(&mut rng, queries, len, vocab), 2);
+    let p = pack_in_order(&random_seqs(&mut rng, passages, len, vocab), 2);
+    let wq = rng.vec(q.tokens(), 0.0, 1.0);
+    let wp = rng.vec(p.tokens(), 0.0, 1.0);
+    let (peak, ()) = peak_of(|| {
+        let mut t = Tape::new(&Cpu);
+        let a = t.param_owned(Cpu.upload(HostData::F32(&wq), &[wq.len()]).unwrap());
+        let b = t.param_owned(Cpu.upload(HostData::F32(&wp), &[wp.len()]).unwrap());
+        let s = t
+            .lexical_scores(
+                a,
+                &q.ids,
+                &q.cu_seqlens,
+                b,
+                &p.ids,
+                &p.cu_seqlens,
+                &[0, 1, 2, 3],
+            )
+            .unwrap();
+        let total = t.sum_all(s).unwrap();
+        let g = t.backward(total).unwrap();
+        assert!(g.get(a).is_some() && g.get(b).is_some());
+    });
+    peak
+}
+
+fn step_peak(model: &TrainModel<Cpu>, queries: usize, group: usize, sub: Option<usize>) -> usize {
+    let mut rng = Rng::new(2);
+    let vocab = model.config.vocab_size as u32;
+    let batch = StepBatch {
+        q: pack_in_order(&random_seqs(&mut rng, queries, 48, vocab), 2),
+        p: pack_in_order(&random_seqs(&mut rng, queries * group, 96, vocab), 2),
+    };
+    let cfg = LossConfig::new(group, vec![0, 1, 2, 3]);
+    let drop = StepDropout { p: 0.1, seed: 5 };
+    let (peak, r) = peak_of(|| step_grads(&Cpu, model, &batch, &cfg, drop, sub));
+    assert!(r.unwrap().0.loss.is_finite());
+    peak
+}
+
+// One test: the counter is global, so the measurements must not run concurrently.
+#[test]
+fn peak_memory_follows_tokens_and_sub_batches() {
+    // Lexical scores at BGE-M3's vocabulary: FlagEmbedding's dense B × L × vocab tensor
+    // would be 16 × 128 × 250002 × 4 bytes = 2 GB for the passages alone.
+    let vocab = 250_002;
+    let small = lexical_peak(4, 16, 128, vocab);
+    let large = lexical_peak(8, 32, 128, vocab);
+    let tokens = 20 * 128;
+    eprintln!("lexical loss peak: {small} bytes for {tokens} tokens, {large} for twice as many");
+    assert!(
+        small < 128 * tokens,
+        "lexical peak {small} bytes is not O(tokens) ({tokens} tokens)"
+    );
+    assert!(
+        small < vocab as usize * 4,
+        "a vocabulary-sized buffer was allocated"
+    );
+    // Twice the tokens: the score matrix grows 4×, the rest 2×; far from vocab-sized.
+    assert!(large < 4 * small, "{large} vs {small}");
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3");
+    let model = TrainModel::load(&Cpu, &dir, DType::F32, 0).unwrap();
+    let whole4 = step_peak(&model, 4, 4, None);
+    let whole2 = step_peak(&model, 2, 4, None);
+    let sub4 = step_peak(&model, 4, 4, Some(2));
+    let sub2 = step_peak(&model, 2, 4, Some(2));
+    eprintln!("step peak bytes: whole batch of 4: {whole4}, of 2: {whole2}; sub-batches of 2 sequences: batch 4 {sub4}, batch 2 {sub2}");
+    // Without sub-batches the peak grows with the batch...
+    assert!(whole4 as f64 > 1.7 * whole2 as f64, "{whole4} vs {whole2}");
+    // ...with them it stays near one sub-batch's, whatever the batch.
+    assert!((sub4 as f64) < 1.3 * sub2 as f64, "{sub4} vs {sub2}");
+    assert!((sub4 as f64) < 0.25 * whole4 as f64, "{sub4} vs {whole4}");
+}
