@@ -330,7 +330,129 @@ fn search_finds_a_passage_by_its_own_text() {
 fn help_documents_every_subcommand() {
     let out = m3(&["--help"], b"");
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["encode", "score", "search", "selfcheck", "kernels"] {
+    for cmd in [
+        "demo",
+        "encode",
+        "score",
+        "search",
+        "train",
+        "bench",
+        "selfcheck",
+        "kernels",
+    ] {
         assert!(text.contains(cmd), "{text}");
+    }
+}
+
+#[test]
+fn train_writes_checkpoints_metrics_and_a_model_encode_loads() {
+    let d = tmp("train");
+    let data = d.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"query\": \"capital of France\", \"pos\": [\"Paris is the capital of France.\"], \"neg\": [\"The fox jumps.\"]}\n\
+         {\"query\": \"schneller Fuchs\", \"pos\": [\"Der schnelle braune Fuchs\"], \"neg\": [\"Paris\"]}\n",
+    )
+    .unwrap();
+    let out_dir = d.join("out");
+    let metrics = d.join("metrics.jsonl");
+    let model = fixture("tiny-m3");
+    let args = [
+        "train",
+        MODEL,
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+        "--per-device-train-batch-size",
+        "2",
+        "--train-group-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "--learning-rate",
+        "1e-3",
+    ];
+    let out = m3(&args, b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Vec<Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(m.len(), 2);
+    assert!(m[1]["loss"].as_f64().unwrap().is_finite());
+    for c in ["checkpoint-1", "checkpoint-2"] {
+        for f in [
+            "model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+            "tokenizer.json",
+        ] {
+            assert!(out_dir.join(c).join(f).exists(), "{c}/{f}");
+        }
+    }
+    // The final model in the output directory encodes with all three outputs.
+    let out = m3(
+        &[
+            "encode",
+            MODEL,
+            out_dir.to_str().unwrap(),
+            "--outputs",
+            "dense,sparse,colbert",
+        ],
+        b"{\"text\": \"Paris\"}\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines(&out)[0]["dense_vecs"].as_array().unwrap().len(), 32);
+    // A bad record is an error naming its file and line, before any step.
+    std::fs::write(
+        &data,
+        "{\"query\": \"q\", \"pos\": [\"p\"]}\n{\"query\": \"q\"}\n",
+    )
+    .unwrap();
+    let out = m3(&args, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("train.jsonl:2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn the_demo_improves_every_retrieval_mode() {
+    let out = m3(&["demo", "--steps", "300"], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for mode in ["dense", "sparse", "colbert", "hybrid"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(mode))
+            .unwrap_or_else(|| panic!("no {mode} row in {text}"));
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // recall@1 before, after; recall@10 before, after
+        assert_eq!(v.len(), 4, "{line}");
+        assert!(v[1] > v[0] && v[3] > v[2], "{mode} did not improve: {line}");
     }
 }

@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use m3::backend::Backend;
 use m3::batch::pack;
 use m3::gradcheck::Rng;
-use m3::model::checkpoint::write_safetensors;
 use m3::model::config::Config;
 use m3::model::encoder;
+use m3::model::random::write_random_model;
 use m3::model::weights::{EncoderWeights, TensorFile};
 use m3::text::Encoded;
 use m3::DType;
@@ -29,6 +29,48 @@ pub enum BenchCommand {
     MakeModel(MakeModelArgs),
     /// Time the encoder's forward pass over packed batches of random token ids.
     Encode(EncodeBenchArgs),
+    /// Time full training steps (forward, backward, clipping, AdamW, weight refresh) on one
+    /// batch of random token ids; `scripts/bench_torch_train.py` is the PyTorch peer.
+    Train(TrainBenchArgs),
+}
+
+/// `m3 bench train` flags.
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    /// Model directory with heads, e.g. from `m3 bench make-model`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Queries per batch B.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Passages per query G.
+    #[arg(long, default_value_t = 4)]
+    group: usize,
+    /// Query length in tokens (CLS and EOS included).
+    #[arg(long, default_value_t = 32)]
+    query_len: usize,
+    /// Passage length in tokens.
+    #[arg(long, default_value_t = 128)]
+    passage_len: usize,
+    /// Temperature τ.
+    #[arg(long, default_value_t = 0.02)]
+    temperature: f32,
+    /// Timed steps after one warm-up step; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Encode at most N sequences at a time.
+    #[arg(long)]
+    sub_batch_size: Option<usize>,
+    /// Write the batch (`{"queries", "passages", "group", "temperature", "excluded"}`)
+    /// for the PyTorch peer.
+    #[arg(long)]
+    save_inputs: Option<PathBuf>,
+    /// Random seed of the token ids.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
 }
 
 /// `m3 bench make-model` flags.
@@ -105,67 +147,8 @@ fn make_model(a: &MakeModelArgs) -> anyhow::Result<ExitCode> {
         a.out.join("config.json"),
         serde_json::to_vec_pretty(&config)?,
     )?;
-    let (h, i) = (a.hidden, a.intermediate);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![a.vocab, h]),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            vec![a.positions, h],
-        ),
-        ("embeddings.token_type_embeddings.weight".into(), vec![1, h]),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-    ];
-    for l in 0..a.layers {
-        let p = format!("encoder.layer.{l}");
-        for (name, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", i, h),
-            ("output.dense", h, i),
-        ] {
-            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
-            shapes.push((format!("{p}.{name}.bias"), vec![out]));
-        }
-        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            shapes.push((format!("{p}.{n}.weight"), vec![h]));
-            shapes.push((format!("{p}.{n}.bias"), vec![h]));
-        }
-    }
-    let mut rng = Rng::new(a.seed);
-    // BERT-style initialisation: weights ~ U(-0.035, 0.035) (std 0.02), LayerNorm gains 1.
-    let data: Vec<Vec<f32>> = shapes
-        .iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            if name.ends_with("LayerNorm.weight") {
-                vec![1.0; n]
-            } else {
-                rng.vec(n, -0.035, 0.035)
-            }
-        })
-        .collect();
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = shapes
-        .iter()
-        .zip(&data)
-        .map(|((name, shape), v)| (name.clone(), shape.clone(), v.as_slice()))
-        .collect();
-    write_safetensors(&a.out.join("model.safetensors"), &tensors)?;
-    // Heads as `torch.nn.Linear` initialises them (U(±1/√hidden)), so training runs too.
-    let bound = 1.0 / (h as f32).sqrt();
-    for (stem, out) in [("colbert_linear", h), ("sparse_linear", 1)] {
-        let w = rng.vec(out * h, -bound, bound);
-        let b = rng.vec(out, -bound, bound);
-        write_safetensors(
-            &a.out.join(format!("{stem}.safetensors")),
-            &[
-                ("weight".into(), vec![out, h], &w),
-                ("bias".into(), vec![out], &b),
-            ],
-        )?;
-    }
+    let c = Config::from_file(&a.out.join("config.json"))?;
+    write_random_model(&a.out, &c, a.seed)?;
     eprintln!(
         "wrote a random {}-layer model to {}",
         a.layers,
@@ -260,10 +243,124 @@ impl Job for EncodeBenchArgs {
     }
 }
 
+impl Job for TrainBenchArgs {
+    fn run<B: Backend>(self, be: &B, _dtype: DType) -> anyhow::Result<ExitCode> {
+        use m3::batch::pack_in_order;
+        use m3::train::forward::{step_grads, StepBatch, StepDropout};
+        use m3::train::loss::LossConfig;
+        use m3::train::model::TrainModel;
+        use m3::train::optim::Moments;
+        use m3::train::trainer::{adamw_update, global_norm, host_grads};
+
+        let mut model = TrainModel::load(be, &self.model, DType::F32, self.seed)?;
+        let mut masters = model.masters(be)?;
+        let mut moments: Vec<Moments> = masters
+            .iter()
+            .map(|m| Moments::zeros(m.data.len()))
+            .collect();
+        let c = model.config.clone();
+        let vocab = c.vocab_size;
+        let seqs = |n: usize, len: usize, seed: u64| {
+            inputs(
+                &format!("uniform:{len}"),
+                n * len,
+                vocab,
+                c.max_tokens(),
+                seed,
+            )
+        };
+        let queries = seqs(self.batch, self.query_len, self.seed)?;
+        let passages = seqs(self.batch * self.group, self.passage_len, self.seed + 1)?;
+        let excluded = vec![0, 1, 2, 3];
+        if let Some(path) = &self.save_inputs {
+            let ids = |v: &[Encoded]| v.iter().map(|e| e.ids.clone()).collect::<Vec<_>>();
+            let batch = json!({
+                "queries": ids(&queries), "passages": ids(&passages), "group": self.group,
+                "temperature": self.temperature, "excluded": excluded,
+            });
+            std::fs::write(path, serde_json::to_vec(&batch)?)?;
+        }
+        let off = c.position_offset();
+        let batch = StepBatch {
+            q: pack_in_order(&queries, off),
+            p: pack_in_order(&passages, off),
+        };
+        let tokens = batch.q.tokens() + batch.p.tokens();
+        let mut cfg = LossConfig::new(self.group, excluded);
+        cfg.temperature = self.temperature;
+        let opts = m3::train::trainer::TrainOptions {
+            model: self.model.clone(),
+            data: PathBuf::new(),
+            output_dir: PathBuf::new(),
+            batch_size: self.batch,
+            group: self.group,
+            query_max_len: self.query_len,
+            passage_max_len: self.passage_len,
+            temperature: self.temperature,
+            adamw: m3::train::optim::AdamW::default(),
+            linear_schedule: false,
+            warmup_ratio: 0.0,
+            max_steps: None,
+            epochs: 1.0,
+            seed: self.seed,
+            shuffle: false,
+            dropout: Some(0.0),
+            sub_batch: self.sub_batch_size,
+            save_steps: None,
+            max_grad_norm: 1.0,
+            dense_only: false,
+            self_distill_start_step: -1,
+            no_self_distill: false,
+            kd_loss: m3::train::loss::KdLoss::M3KdLoss,
+        };
+        let mut losses = Vec::new();
+        let mut times = Vec::new();
+        for k in 0..=self.steps {
+            let t0 = Instant::now();
+            let drop = StepDropout { p: 0.0, seed: 0 };
+            let (loss, grads) = step_grads(be, &model, &batch, &cfg, drop, self.sub_batch_size)?;
+            let grads = host_grads(be, grads)?;
+            let norm = global_norm(&grads);
+            adamw_update(
+                &mut masters,
+                &mut moments,
+                grads,
+                k as u64 + 1,
+                opts.adamw.lr,
+                norm,
+                &opts,
+            );
+            model.refresh(be, &masters)?;
+            if k > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            losses.push(loss.loss);
+            eprintln!(
+                "step {k}: loss {} ({:.2} s)",
+                loss.loss,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        println!(
+            "{}",
+            json!({
+                "impl": "m3", "device": be.name(), "threads": rayon::current_num_threads(),
+                "batch": self.batch, "group": self.group, "tokens": tokens,
+                "first_loss": losses[0], "losses": losses, "step_s_median": median,
+                "step_s_all": times, "tokens_per_s": tokens as f64 / median,
+            })
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 /// Runs `m3 bench ...`.
 pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
         BenchCommand::MakeModel(a) => make_model(&a),
         BenchCommand::Encode(a) => on_device(a.device, a),
+        BenchCommand::Train(a) => on_device(a.device, a),
     }
 }

@@ -5,5 +5,6 @@ pub mod config;
 pub mod embedder;
 pub mod encoder;
 pub mod heads;
+pub mod random;
 pub mod torch_pickle;
 pub mod weights;

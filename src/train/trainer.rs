@@ -366,17 +366,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let (loss, grads) = step_grads(self.be, &self.model, &batch, &cfg, dropout, o.sub_batch)
             .with_context(|| format!("step {}", k + 1))?;
-        let grads: Vec<Option<Vec<f32>>> = grads
-            .into_iter()
-            .map(|g| g.map(|g| self.be.to_vec_f32(&g)).transpose())
-            .collect::<Result<_, _>>()?;
-        let norm = grads
-            .iter()
-            .flatten()
-            .flat_map(|g| g.iter())
-            .map(|&x| x as f64 * x as f64)
-            .sum::<f64>()
-            .sqrt();
+        let grads = host_grads(self.be, grads)?;
+        let norm = global_norm(&grads);
         if !loss.loss.is_finite() || !norm.is_finite() {
             let last = match &self.last_checkpoint {
                 Some(c) => format!("the last good checkpoint is {}", c.display()),
@@ -389,27 +380,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 loss.loss
             );
         }
-        let clip = if o.max_grad_norm > 0.0 {
-            clip_factor(norm, o.max_grad_norm)
-        } else {
-            1.0
-        };
         let lr = o.adamw.lr * self.schedule.factor(k);
-        let h = o.adamw;
         let tokens = batch.q.tokens() + batch.p.tokens();
-        self.masters
-            .par_iter_mut()
-            .zip(self.moments.par_iter_mut())
-            .zip(grads.into_par_iter())
-            .for_each(|((m, mo), g)| {
-                // A weight the loss does not reach gets no update (PyTorch skips `grad is None`).
-                if let Some(mut g) = g {
-                    if clip != 1.0 {
-                        g.iter_mut().for_each(|x| *x *= clip);
-                    }
-                    adamw_step(&mut m.data, &g, mo, k + 1, lr, decays(&m.name), &h);
-                }
-            });
+        adamw_update(
+            &mut self.masters,
+            &mut self.moments,
+            grads,
+            k + 1,
+            lr,
+            norm,
+            o,
+        );
         self.model.refresh(self.be, &self.masters)?;
         self.state.step += 1;
         self.state.index += 1;
@@ -528,6 +509,61 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         Ok(())
     }
+}
+
+/// Every gradient copied to the host (`None` stays `None`).
+pub fn host_grads<B: Backend>(
+    be: &B,
+    grads: Vec<Option<crate::tensor::Tensor<B>>>,
+) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
+    Ok(grads
+        .into_iter()
+        .map(|g| g.map(|g| be.to_vec_f32(&g)).transpose())
+        .collect::<Result<_, _>>()?)
+}
+
+/// The global L2 norm of all gradients (f64 accumulation, as `clip_grad_norm_` in f32 would
+/// be less exact).
+pub fn global_norm(grads: &[Option<Vec<f32>>]) -> f64 {
+    grads
+        .iter()
+        .flatten()
+        .flat_map(|g| g.iter())
+        .map(|&x| x as f64 * x as f64)
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Clips by `norm` to `o.max_grad_norm` and takes AdamW step `t` (1-based) at rate `lr` on
+/// every master that has a gradient; a weight the loss does not reach gets no update, as
+/// PyTorch skips parameters whose `grad` is `None`.
+pub fn adamw_update(
+    masters: &mut [Master],
+    moments: &mut [Moments],
+    grads: Vec<Option<Vec<f32>>>,
+    t: u64,
+    lr: f32,
+    norm: f64,
+    o: &TrainOptions,
+) {
+    let clip = if o.max_grad_norm > 0.0 {
+        clip_factor(norm, o.max_grad_norm)
+    } else {
+        1.0
+    };
+    let h = o.adamw;
+    masters
+        .par_iter_mut()
+        .zip(moments.par_iter_mut())
+        .zip(grads.into_par_iter())
+        .for_each(|((m, mo), g)| {
+            if let Some(mut g) = g {
+                if clip != 1.0 {
+                    g.iter_mut().for_each(|x| *x *= clip);
+                }
+                adamw_step(&mut m.data, &g, mo, t, lr, decays(&m.name), &h);
+            }
+        });
 }
 
 /// The per-device batch size of `bucket` for dataset `d`: the dataset's own (first
