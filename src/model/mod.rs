@@ -7,4 +7,5 @@ pub mod encoder;
 pub mod heads;
 pub mod random;
 pub mod torch_pickle;
+pub mod torch_save;
 pub mod weights;

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::backend::Backend;
 use crate::batch::pack_in_order;
 use crate::model::checkpoint::{read_checkpoint, write_safetensors};
+use crate::model::torch_save::write_torch_state_dict;
 use crate::tensor::DType;
 use crate::text::TextTokenizer;
 
@@ -460,7 +461,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// The published layout: model.safetensors (PyTorch's names and `[out, in]` linear
-    /// weights), the two heads, and the source's config and tokenizer files.
+    /// weights), `colbert_linear.pt` and `sparse_linear.pt`, and the source's config and
+    /// tokenizer files.
     fn write_model(&self, dir: &Path) -> anyhow::Result<()> {
         let h = self.model.config.hidden_size;
         let mut encoder: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -494,11 +496,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
             write_safetensors(&path, &t)
         };
         write(dir.join("model.safetensors"), &encoder)?;
+        // Heads as the published `.pt` files FlagEmbedding's `torch.load` reads.
         for stem in ["colbert_linear", "sparse_linear"] {
-            write(
-                dir.join(format!("{stem}.safetensors")),
-                &view(&heads, &format!("{stem}.")),
-            )?;
+            let v = view(&heads, &format!("{stem}."));
+            let t: Vec<(String, Vec<usize>, &[f32])> = v
+                .iter()
+                .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
+                .collect();
+            write_torch_state_dict(&dir.join(format!("{stem}.pt")), &t)?;
         }
         for f in SIDE_FILES {
             let src = self.source.join(f);
