@@ -418,12 +418,21 @@ fn train_writes_checkpoints_metrics_and_a_model_encode_loads() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lines(&out)[0]["dense_vecs"].as_array().unwrap().len(), 32);
+    // Training again into the same directory needs --resume or --overwrite-output-dir.
+    let out = m3(&args, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--overwrite-output-dir"),
+        "{err}"
+    );
     // A bad record is an error naming its file and line, before any step.
     std::fs::write(
         &data,
         "{\"query\": \"q\", \"pos\": [\"p\"]}\n{\"query\": \"q\"}\n",
     )
     .unwrap();
+    let mut args = args.to_vec();
+    args.push("--overwrite-output-dir");
     let out = m3(&args, b"");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

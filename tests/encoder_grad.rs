@@ -196,6 +196,7 @@ fn batch_loss_gradients_match_finite_differences() {
         excluded: vec![0, 1, 2, 3],
         in_batch_neg: true,
         teacher: None,
+        masked_columns: Vec::new(),
     };
     let configs = [
         base.clone(),

@@ -8,7 +8,7 @@ use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
 use m3::gradcheck::{check, Input, Rng, Tolerance};
 use m3::score;
-use m3::train::loss::{m3_loss, LossConfig, Side};
+use m3::train::loss::{m3_loss, KdLoss, LossConfig, Side};
 
 const B: usize = 2;
 const G: usize = 2;
@@ -114,7 +114,116 @@ fn config(self_distill: bool, dense_only: bool) -> LossConfig {
         excluded: vec![0],
         in_batch_neg: true,
         teacher: None,
+        masked_columns: Vec::new(),
     }
+}
+
+/// The variants beyond plain in-batch negatives: each query's own group only, the two
+/// teacher losses (with and without in-batch negatives), and a masked stand-in column.
+fn variants() -> Vec<(&'static str, LossConfig)> {
+    let teacher = vec![0.7, -0.2, 1.1, 0.4];
+    let base = config(false, false);
+    vec![
+        (
+            "own group",
+            LossConfig {
+                in_batch_neg: false,
+                ..base.clone()
+            },
+        ),
+        (
+            "kl_div",
+            LossConfig {
+                teacher: Some((teacher.clone(), KdLoss::KlDiv)),
+                ..base.clone()
+            },
+        ),
+        (
+            "m3_kd_loss, own group",
+            LossConfig {
+                in_batch_neg: false,
+                teacher: Some((teacher.clone(), KdLoss::M3KdLoss)),
+                ..base.clone()
+            },
+        ),
+        (
+            "stand-in masked, m3_kd_loss",
+            LossConfig {
+                teacher: Some((teacher, KdLoss::M3KdLoss)),
+                masked_columns: vec![3],
+                ..base
+            },
+        ),
+    ]
+}
+
+#[test]
+fn loss_variants_gradients_match_finite_differences() {
+    for seed in 0..4u64 {
+        let mut rng = Rng::new(100 + seed);
+        let (q, p) = (layout(&mut rng, B), layout(&mut rng, B * G));
+        let ins = inputs(&mut rng, &q, &p);
+        for (name, cfg) in variants() {
+            let (q, p) = (q.clone(), p.clone());
+            let f = move |t: &mut Tape<'_, Cpu>, v: &[Var]| {
+                let (qs, ps) = sides(v, &q, &p);
+                Ok(m3_loss(t, &qs, &ps, &cfg)?.loss)
+            };
+            for r in check(&Cpu, &ins, &f, Tolerance::default(), seed).unwrap() {
+                assert!(
+                    r.worst_ratio <= 1.0,
+                    "seed {seed} {name} input {}: {r:?}",
+                    r.input
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_masked_stand_in_passage_does_not_enter_the_loss() {
+    // Passage 3 (the second of query 1's group) is a stand-in: changing its vectors and
+    // weights changes nothing, and it gets no gradient.
+    let mut rng = Rng::new(7);
+    let (q, p) = (layout(&mut rng, B), layout(&mut rng, B * G));
+    let ins = inputs(&mut rng, &q, &p);
+    let cfg = variants().pop().unwrap().1;
+    let run = |ins: &[Input]| -> (f32, Vec<f32>, Vec<f32>) {
+        let mut t = Tape::new(&Cpu);
+        let vars: Vec<Var> = ins
+            .iter()
+            .map(|i| match i {
+                Input::Float { shape, data, .. } => {
+                    t.param_owned(Cpu.upload(m3::HostData::F32(data), shape).unwrap())
+                }
+                Input::Ids { .. } => unreachable!(),
+            })
+            .collect();
+        let (qs, ps) = sides(&vars, &q, &p);
+        let loss = m3_loss(&mut t, &qs, &ps, &cfg).unwrap().loss;
+        let g = t.backward(loss).unwrap();
+        let grad = |k: usize| Cpu.to_vec_f32(g.get(vars[k]).unwrap()).unwrap();
+        (
+            Cpu.to_vec_f32(t.value(loss)).unwrap()[0],
+            grad(1)[3 * D..4 * D].to_vec(),
+            grad(3)[p.cu[3] as usize..p.cu[4] as usize].to_vec(),
+        )
+    };
+    let (l0, gd, gs) = run(&ins);
+    assert!(gd.iter().chain(&gs).all(|&x| x == 0.0), "{gd:?} {gs:?}");
+    let mut moved = ins.clone();
+    if let Input::Float { data, .. } = &mut moved[1] {
+        for x in &mut data[3 * D..4 * D] {
+            *x = -*x;
+        }
+    }
+    if let Input::Float { data, .. } = &mut moved[3] {
+        for x in &mut data[p.cu[3] as usize..p.cu[4] as usize] {
+            *x += 0.5;
+        }
+    }
+    let (l1, _, _) = run(&moved);
+    assert_eq!(l0.to_bits(), l1.to_bits(), "{l0} vs {l1}");
 }
 
 #[test]

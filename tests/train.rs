@@ -68,34 +68,21 @@ fn write_data(dir: &Path) -> PathBuf {
 }
 
 fn options(data: PathBuf, out: PathBuf) -> TrainOptions {
-    TrainOptions {
-        model: fixture(),
-        data,
-        output_dir: out,
-        batch_size: 2,
-        group: 3,
-        query_max_len: 16,
-        passage_max_len: 24,
-        temperature: 0.05,
-        adamw: AdamW {
-            lr: 2e-3,
-            ..AdamW::default()
-        },
-        linear_schedule: false,
-        warmup_ratio: 0.0,
-        max_steps: Some(8),
-        epochs: 1.0,
-        seed: 11,
-        shuffle: true,
-        dropout: Some(0.0),
-        sub_batch: None,
-        save_steps: None,
-        max_grad_norm: 1.0,
-        dense_only: false,
-        self_distill_start_step: -1,
-        no_self_distill: false,
-        kd_loss: KdLoss::M3KdLoss,
-    }
+    let mut o = TrainOptions::new(fixture(), vec![data], out);
+    o.batch_size = 2;
+    o.group = 3;
+    o.query_max_len = 16;
+    o.passage_max_len = 24;
+    o.temperature = 0.05;
+    o.adamw = AdamW {
+        lr: 2e-3,
+        ..AdamW::default()
+    };
+    o.linear_schedule = false;
+    o.max_steps = Some(8);
+    o.seed = 11;
+    o.dropout = Some(0.0);
+    o
 }
 
 #[test]
@@ -149,7 +136,21 @@ fn training_lowers_the_loss_and_writes_a_model_that_encodes() {
     );
     let diff: f32 = va.iter().zip(vb).map(|(x, y)| (x - y).abs()).sum();
     assert!(diff > 1e-3, "dense vector unchanged by training");
-    assert!(b.embeddings[0].lexical.is_some() && b.embeddings[0].colbert.is_some());
+    // The heads trained too: the token weights and colbert vectors moved.
+    let weight = |v: &[(u32, f32)], id: u32| v.iter().find(|e| e.0 == id).map_or(0.0, |e| e.1);
+    let (la, lb) = (
+        a.embeddings[0].lexical.as_ref().unwrap(),
+        b.embeddings[0].lexical.as_ref().unwrap(),
+    );
+    assert!(la
+        .iter()
+        .chain(lb)
+        .any(|&(id, _)| (weight(la, id) - weight(lb, id)).abs() > 1e-3));
+    let (ca, cb) = (
+        &a.embeddings[0].colbert.as_ref().unwrap()[0],
+        &b.embeddings[0].colbert.as_ref().unwrap()[0],
+    );
+    assert!(ca.iter().zip(cb).any(|(x, y)| (x - y).abs() > 1e-3));
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -157,35 +158,64 @@ fn training_lowers_the_loss_and_writes_a_model_that_encodes() {
 fn resume_continues_bit_identically() {
     let d = tmp("resume");
     let data = write_data(&d);
+    // Six steps cross the epoch boundary (4 batches of 2); dropout, a warm-up schedule and
+    // sub-batches all on.
     let mut opts = options(data, d.join("straight"));
-    opts.max_steps = Some(4);
+    opts.max_steps = Some(6);
     opts.dropout = Some(0.1);
     opts.linear_schedule = true;
     opts.warmup_ratio = 0.25;
-    // Four steps in one go...
+    opts.sub_batch = Some(2);
     let mut a = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
     let mut losses_a = Vec::new();
     while !a.finished() {
         losses_a.push(a.step().unwrap().loss.loss);
     }
-    // ...against two steps, a checkpoint, a new process state, and two more.
+    // The same run stopped after step 4 (its checkpoint, then two steps that are lost, as
+    // in a crash), then resumed through `run_training` with the metrics file.
     opts.output_dir = d.join("split");
+    opts.save_steps = Some(4);
     std::fs::create_dir_all(&opts.output_dir).unwrap();
+    let metrics = d.join("metrics.jsonl");
     let mut b = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
-    let mut losses_b = vec![b.step().unwrap().loss.loss, b.step().unwrap().loss.loss];
-    b.save_checkpoint().unwrap();
-    drop(b);
-    let mut c = Trainer::new(&Cpu, opts, DType::F32, true).unwrap();
-    assert_eq!(c.state().step, 2);
-    while !c.finished() {
-        losses_b.push(c.step().unwrap().loss.loss);
+    let mut w = m3::train::trainer::MetricsWriter::open(&metrics, None).unwrap();
+    for _ in 0..5 {
+        let r = b.step().unwrap();
+        w.write(&r.to_json()).unwrap();
+        if r.step == 4 {
+            b.save_checkpoint().unwrap();
+        }
     }
+    drop((b, w));
+    run_training(&Cpu, opts.clone(), DType::F32, true, Some(&metrics), true).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Step 5 of the lost tail was dropped; steps 5 and 6 come from the resumed run.
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    let losses_b: Vec<f32> = lines
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap() as f32)
+        .collect();
     assert_eq!(
         losses_a.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
         losses_b.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
         "{losses_a:?} vs {losses_b:?}"
     );
-    for (x, y) in a.masters().iter().zip(c.masters()) {
+    // The final model equals the straight run's masters bit for bit.
+    let fin = TrainModel::load(&Cpu, &opts.output_dir, DType::F32, 0)
+        .unwrap()
+        .masters(&Cpu)
+        .unwrap();
+    for (x, y) in a.masters().iter().zip(&fin) {
         assert_eq!(x.name, y.name);
         assert!(
             x.data
@@ -202,22 +232,42 @@ fn resume_continues_bit_identically() {
 #[test]
 fn resume_refuses_other_settings_and_a_missing_checkpoint() {
     let d = tmp("refuse");
-    let mut opts = options(write_data(&d), d.join("out"));
+    let opts = options(write_data(&d), d.join("out"));
     std::fs::create_dir_all(&opts.output_dir).unwrap();
-    let e = Trainer::new(&Cpu, opts.clone(), DType::F32, true)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = |o: &TrainOptions, resume: bool| {
+        format!(
+            "{:#}",
+            Trainer::new(&Cpu, o.clone(), DType::F32, resume)
+                .err()
+                .expect("should be refused")
+        )
+    };
+    let e = err(&opts, true);
     assert!(e.contains("no checkpoint"), "{e}");
     let mut t = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
     t.step().unwrap();
     t.save_checkpoint().unwrap();
-    opts.seed += 1;
-    let e = format!(
-        "{:#}",
-        Trainer::new(&Cpu, opts, DType::F32, true).err().unwrap()
+    drop(t);
+    // A fresh run into a directory with checkpoints is refused unless told to overwrite.
+    let e = err(&opts, false);
+    assert!(e.contains("--overwrite-output-dir"), "{e}");
+    // Another seed is another run, named in the message; a smaller sub-batch is the same run.
+    let mut other = opts.clone();
+    other.seed += 1;
+    let e = err(&other, true);
+    assert!(
+        e.contains("other settings") && e.contains("seed: 11 → 12"),
+        "{e}"
     );
-    assert!(e.contains("other settings"), "{e}");
+    let mut smaller = opts.clone();
+    smaller.sub_batch = Some(1);
+    let t = Trainer::new(&Cpu, smaller, DType::F32, true).unwrap();
+    assert_eq!(t.state().step, 1);
+    drop(t);
+    let mut fresh = opts.clone();
+    fresh.overwrite_output_dir = true;
+    Trainer::new(&Cpu, fresh, DType::F32, false).unwrap();
+    assert!(!opts.output_dir.join("checkpoint-1").exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -288,31 +288,7 @@ impl Job for TrainBenchArgs {
         let tokens = batch.q.tokens() + batch.p.tokens();
         let mut cfg = LossConfig::new(self.group, excluded);
         cfg.temperature = self.temperature;
-        let opts = m3::train::trainer::TrainOptions {
-            model: self.model.clone(),
-            data: PathBuf::new(),
-            output_dir: PathBuf::new(),
-            batch_size: self.batch,
-            group: self.group,
-            query_max_len: self.query_len,
-            passage_max_len: self.passage_len,
-            temperature: self.temperature,
-            adamw: m3::train::optim::AdamW::default(),
-            linear_schedule: false,
-            warmup_ratio: 0.0,
-            max_steps: None,
-            epochs: 1.0,
-            seed: self.seed,
-            shuffle: false,
-            dropout: Some(0.0),
-            sub_batch: self.sub_batch_size,
-            save_steps: None,
-            max_grad_norm: 1.0,
-            dense_only: false,
-            self_distill_start_step: -1,
-            no_self_distill: false,
-            kd_loss: m3::train::loss::KdLoss::M3KdLoss,
-        };
+        let adamw = m3::train::optim::AdamW::default();
         let mut losses = Vec::new();
         let mut times = Vec::new();
         for k in 0..=self.steps {
@@ -326,9 +302,10 @@ impl Job for TrainBenchArgs {
                 &mut moments,
                 grads,
                 k as u64 + 1,
-                opts.adamw.lr,
+                adamw.lr,
                 norm,
-                &opts,
+                1.0,
+                &adamw,
             );
             model.refresh(be, &masters)?;
             if k > 0 {

@@ -12,9 +12,7 @@ use m3::model::config::Config;
 use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
 use m3::model::random::write_random_model;
 use m3::score::{colbert_matrix, dense_matrix, lexical_matrix, top_k, InvertedIndex, Weights};
-use m3::train::loss::KdLoss;
 use m3::train::model::SIDE_FILES;
-use m3::train::optim::AdamW;
 use m3::train::trainer::{run_training, TrainOptions};
 use m3::DType;
 use serde::Deserialize;
@@ -141,13 +139,27 @@ fn evaluate(dir: &Path, corpus: &[Passage], queries: &[Query]) -> anyhow::Result
     Ok([recall(&d), recall(&s), recall(&c), recall(&h)])
 }
 
-/// Runs `m3 demo`.
+/// Runs `m3 demo`; a temporary working directory is removed whether it succeeds or not.
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let temp = a.out.is_none();
     let work = a
         .out
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("m3-demo-{}", std::process::id())));
+    let result = demo(&a, &work);
+    if temp {
+        let _ = std::fs::remove_dir_all(&work);
+    } else if result.is_ok() {
+        println!(
+            "\nmodels: {} (random), {} (trained)",
+            work.join("random").display(),
+            work.join("trained").display()
+        );
+    }
+    result
+}
+
+fn demo(a: &DemoArgs, work: &Path) -> anyhow::Result<ExitCode> {
     let init = work.join("random");
     std::fs::create_dir_all(&init).with_context(|| format!("{}: cannot create", init.display()))?;
     for f in SIDE_FILES {
@@ -171,37 +183,23 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let before = evaluate(&init, &corpus, &queries)?;
     let trained = work.join("trained");
-    let opts = TrainOptions {
-        model: init.clone(),
-        data: a.dir.join("train.jsonl"),
-        output_dir: trained.clone(),
-        batch_size: a.batch_size,
-        group: a.group,
-        query_max_len: 32,
-        passage_max_len: 64,
-        temperature: a.temperature,
-        adamw: AdamW {
-            lr: a.learning_rate,
-            ..AdamW::default()
-        },
-        linear_schedule: true,
-        warmup_ratio: 0.1,
-        max_steps: Some(a.steps),
-        epochs: 1.0,
-        seed: a.seed,
-        shuffle: true,
-        // A random tiny model's CLS vectors barely depend on the text at first; 10% dropout
-        // noise swamps that signal and dense retrieval does not learn within the demo's
-        // budget (measured: dense CE stays at ln(B·G) for 300 steps with it, falls without).
-        dropout: Some(0.0),
-        sub_batch: None,
-        save_steps: None,
-        max_grad_norm: 1.0,
-        dense_only: false,
-        self_distill_start_step: -1,
-        no_self_distill: false,
-        kd_loss: KdLoss::M3KdLoss,
-    };
+    let mut opts = TrainOptions::new(
+        init.clone(),
+        vec![a.dir.join("train.jsonl")],
+        trained.clone(),
+    );
+    opts.batch_size = a.batch_size;
+    opts.group = a.group;
+    opts.query_max_len = 32;
+    opts.passage_max_len = 64;
+    opts.temperature = a.temperature;
+    opts.adamw.lr = a.learning_rate;
+    opts.max_steps = Some(a.steps);
+    opts.seed = a.seed;
+    // A random tiny model's CLS vectors barely depend on the text at first; 10% dropout
+    // noise swamps that signal and dense retrieval does not learn within the demo's
+    // budget (measured: dense CE stays at ln(B·G) for 300 steps with it, falls without).
+    opts.dropout = Some(0.0);
     let t_train = std::time::Instant::now();
     run_training(&Cpu, opts, DType::F32, false, None, false)?;
     let train_s = t_train.elapsed().as_secs_f64();
@@ -219,15 +217,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{name:<8}  {:>6.3} → {:<6.3}             {:>6.3} → {:<6.3}",
             b.0, f.0, b.1, f.1
-        );
-    }
-    if temp {
-        let _ = std::fs::remove_dir_all(&work);
-    } else {
-        println!(
-            "\nmodels: {} (random), {} (trained)",
-            init.display(),
-            trained.display()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -26,8 +26,10 @@ pub enum SchedulerArg {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KdArg {
     /// Hard-label CE plus CE against the teacher's distribution over the group.
+    #[value(name = "kl_div", alias = "kl-div")]
     KlDiv,
     /// BGE-M3's per-passage masked CE weighted by the teacher.
+    #[value(name = "m3_kd_loss", alias = "m3-kd-loss")]
     M3KdLoss,
 }
 
@@ -36,12 +38,13 @@ pub enum KdArg {
 pub struct TrainArgs {
     /// Model directory to start from (config.json, weights, tokenizer; heads optional:
     /// missing ones start as PyTorch initialises a Linear).
-    #[arg(long)]
+    #[arg(long, alias = "model-name-or-path")]
     model: PathBuf,
-    /// Training data: a JSONL file, or a directory of them (one dataset per file; a
-    /// directory named `*no_in_batch_neg` scores queries only against their own group).
-    #[arg(long)]
-    data: PathBuf,
+    /// Training data: JSONL files or directories of them, one dataset per file (repeat
+    /// the flag or give several paths); a name ending in `no_in_batch_neg` scores its
+    /// queries only against their own group.
+    #[arg(long, alias = "train-data", num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
     /// Where checkpoints (`checkpoint-N/`) and the final model go.
     #[arg(long)]
     output_dir: PathBuf,
@@ -72,6 +75,9 @@ pub struct TrainArgs {
     /// Warm-up fraction of the steps (linear schedule).
     #[arg(long, default_value_t = 0.1)]
     warmup_ratio: f64,
+    /// Warm-up steps (overrides --warmup-ratio).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
     /// Stop after this many optimiser steps (overrides --num-train-epochs).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -93,9 +99,19 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps.
     #[arg(long)]
     save_steps: Option<u64>,
+    /// Keep at most N checkpoints, removing the oldest.
+    #[arg(long)]
+    save_total_limit: Option<usize>,
     /// Continue from the newest checkpoint in --output-dir.
     #[arg(long)]
     resume: bool,
+    /// Start afresh in an --output-dir that holds checkpoints (removing them).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite_output_dir: bool,
+    /// Use teacher scores from the data (`pos_scores`, `neg_scores`); without this flag
+    /// they are ignored, as in FlagEmbedding.
+    #[arg(long)]
+    knowledge_distillation: bool,
     /// Gradient-norm clipping (0 disables).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -122,38 +138,43 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn options(&self) -> TrainOptions {
-        TrainOptions {
-            model: self.model.clone(),
-            data: self.data.clone(),
-            output_dir: self.output_dir.clone(),
-            batch_size: self.per_device_train_batch_size,
-            group: self.train_group_size,
-            query_max_len: self.query_max_len,
-            passage_max_len: self.passage_max_len,
-            temperature: self.temperature,
-            adamw: AdamW {
-                lr: self.learning_rate,
-                weight_decay: self.weight_decay,
-                ..AdamW::default()
-            },
-            linear_schedule: self.lr_scheduler_type == SchedulerArg::Linear,
-            warmup_ratio: self.warmup_ratio,
-            max_steps: self.max_steps,
-            epochs: self.num_train_epochs,
-            seed: self.seed,
-            shuffle: !self.no_shuffle,
-            dropout: self.dropout,
-            sub_batch: self.sub_batch_size,
-            save_steps: self.save_steps,
-            max_grad_norm: self.max_grad_norm,
-            dense_only: self.dense_only,
-            self_distill_start_step: self.self_distill_start_step,
-            no_self_distill: self.no_self_distill,
-            kd_loss: match self.kd_loss_type {
-                KdArg::KlDiv => KdLoss::KlDiv,
-                KdArg::M3KdLoss => KdLoss::M3KdLoss,
-            },
-        }
+        let mut o = TrainOptions::new(
+            self.model.clone(),
+            self.data.clone(),
+            self.output_dir.clone(),
+        );
+        o.batch_size = self.per_device_train_batch_size;
+        o.group = self.train_group_size;
+        o.query_max_len = self.query_max_len;
+        o.passage_max_len = self.passage_max_len;
+        o.temperature = self.temperature;
+        o.adamw = AdamW {
+            lr: self.learning_rate,
+            weight_decay: self.weight_decay,
+            ..AdamW::default()
+        };
+        o.linear_schedule = self.lr_scheduler_type == SchedulerArg::Linear;
+        o.warmup_ratio = self.warmup_ratio;
+        o.warmup_steps = self.warmup_steps;
+        o.max_steps = self.max_steps;
+        o.epochs = self.num_train_epochs;
+        o.seed = self.seed;
+        o.shuffle = !self.no_shuffle;
+        o.dropout = self.dropout;
+        o.sub_batch = self.sub_batch_size;
+        o.save_steps = self.save_steps;
+        o.save_total_limit = self.save_total_limit;
+        o.overwrite_output_dir = self.overwrite_output_dir;
+        o.knowledge_distillation = self.knowledge_distillation;
+        o.max_grad_norm = self.max_grad_norm;
+        o.dense_only = self.dense_only;
+        o.self_distill_start_step = self.self_distill_start_step;
+        o.no_self_distill = self.no_self_distill;
+        o.kd_loss = match self.kd_loss_type {
+            KdArg::KlDiv => KdLoss::KlDiv,
+            KdArg::M3KdLoss => KdLoss::M3KdLoss,
+        };
+        o
     }
 }
 
@@ -175,9 +196,11 @@ impl Job for TrainArgs {
 
 /// Runs `m3 train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let device = match a.device {
-        DeviceArg::Auto => DeviceArg::Cpu,
-        d => d,
-    };
-    on_device(device, a)
+    if a.device == DeviceArg::Cuda {
+        anyhow::bail!(
+            "training on CUDA needs the backward kernels that are not written yet (max-sim, \
+             lexical scatter-max, soft cross-entropy, attention backward); use --device cpu"
+        );
+    }
+    on_device(DeviceArg::Cpu, a)
 }

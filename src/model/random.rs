@@ -48,7 +48,7 @@ pub fn encoder_shapes(c: &Config) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Writes `model.safetensors` (weights ~ U(-0.035, 0.035), std 0.02 as BERT initialises,
-/// LayerNorm gains 1) and `colbert_linear` / `sparse_linear` heads (U(±1/√hidden)) for the
+/// biases 0, LayerNorm gains 1) and `colbert_linear` / `sparse_linear` heads (U(±1/√hidden)) for the
 /// config into `dir`, from `seed`.
 pub fn write_random_model(dir: &Path, c: &Config, seed: u64) -> anyhow::Result<()> {
     let mut rng = Rng::new(seed);
@@ -59,6 +59,8 @@ pub fn write_random_model(dir: &Path, c: &Config, seed: u64) -> anyhow::Result<(
             let n: usize = shape.iter().product();
             if name.ends_with("LayerNorm.weight") {
                 vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
             } else {
                 rng.vec(n, -0.035, 0.035)
             }

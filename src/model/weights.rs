@@ -60,6 +60,25 @@ impl TensorFile {
         Ok(t)
     }
 
+    /// The tensors nobody took, named without a `roberta.` / `bert.` prefix, sorted by name
+    /// (carried through unchanged when a trained model is written back).
+    pub fn into_rest(self) -> Vec<(String, HostTensor)> {
+        let mut v: Vec<(String, HostTensor)> = self
+            .tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let k = k
+                    .strip_prefix("roberta.")
+                    .or_else(|| k.strip_prefix("bert."))
+                    .map(str::to_string)
+                    .unwrap_or(k);
+                (k, t)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path

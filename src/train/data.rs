@@ -50,6 +50,15 @@ pub struct Dataset {
     pub no_in_batch_neg: bool,
     /// Batch size from the file's first record, if it names one.
     pub batch_size: Option<usize>,
+    /// The 1-based line of each record, for messages.
+    pub lines: Vec<usize>,
+}
+
+impl Dataset {
+    /// `file:line` of record `i`.
+    pub fn source(&self, i: usize) -> String {
+        format!("{}:{}", self.path.display(), self.lines[i])
+    }
 }
 
 fn validate(r: &Record, src: &str) -> anyhow::Result<()> {
@@ -93,6 +102,7 @@ fn validate(r: &Record, src: &str) -> anyhow::Result<()> {
 pub fn load_file(path: &Path, no_in_batch_neg: bool) -> anyhow::Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut records = Vec::new();
+    let mut lines = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let src = format!("{}:{}", path.display(), i + 1);
         let text =
@@ -104,6 +114,7 @@ pub fn load_file(path: &Path, no_in_batch_neg: bool) -> anyhow::Result<Dataset> 
             .map_err(|e| anyhow::anyhow!("{src}: bad training record: {e}"))?;
         validate(&r, &src)?;
         records.push(r);
+        lines.push(i + 1);
     }
     if records.is_empty() {
         bail!("{}: no training records", path.display());
@@ -114,14 +125,35 @@ pub fn load_file(path: &Path, no_in_batch_neg: bool) -> anyhow::Result<Dataset> 
         records,
         no_in_batch_neg,
         batch_size,
+        lines,
     })
 }
 
+/// Whether a file or directory name marks data scored only within each query's group
+/// (FlagEmbedding: the name ends in `no_in_batch_neg`, before any extension).
+fn marks_no_in_batch_neg(p: &Path) -> bool {
+    p.file_stem()
+        .is_some_and(|n| n.to_string_lossy().ends_with("no_in_batch_neg"))
+}
+
+/// Reads every path of `paths` with [`load`], in order.
+pub fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Dataset>> {
+    let mut all = Vec::new();
+    for p in paths {
+        all.extend(load(p)?);
+    }
+    if all.is_empty() {
+        bail!("no training data given");
+    }
+    Ok(all)
+}
+
 /// Reads `path`: one JSONL file, or a directory whose `.json`/`.jsonl` files are one dataset
-/// each (sorted by name; a directory named `*no_in_batch_neg` marks its files so).
+/// each (sorted by name). A name ending in `no_in_batch_neg` (the directory's, or a file's
+/// before its extension) marks the data so.
 pub fn load(path: &Path) -> anyhow::Result<Vec<Dataset>> {
     if path.is_file() {
-        return Ok(vec![load_file(path, false)?]);
+        return Ok(vec![load_file(path, marks_no_in_batch_neg(path))?]);
     }
     if !path.is_dir() {
         bail!(
@@ -132,6 +164,17 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Dataset>> {
     let no_ibn = path
         .file_name()
         .is_some_and(|n| n.to_string_lossy().ends_with("no_in_batch_neg"));
+    let subdirs = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list", path.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .count();
+    if subdirs > 0 {
+        bail!(
+            "{}: has {subdirs} subdirectories, which are not read; pass each data directory to --data",
+            path.display()
+        );
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("{}: cannot list", path.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -141,7 +184,10 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Dataset>> {
     if files.is_empty() {
         bail!("{}: no .jsonl or .json files", path.display());
     }
-    files.iter().map(|f| load_file(f, no_ibn)).collect()
+    files
+        .iter()
+        .map(|f| load_file(f, no_ibn || marks_no_in_batch_neg(f)))
+        .collect()
 }
 
 /// Upper edges of the length buckets (SPEC §6): [0,500), [500,1000), [1000,2000), then
@@ -233,6 +279,9 @@ pub struct TrainBatch {
     pub passages: Vec<String>,
     /// Teacher scores per passage when the data has them.
     pub teacher: Option<Vec<f32>>,
+    /// Per passage: a stand-in filling the group of a record with too few negatives (no
+    /// negatives at all); the loss masks these columns out.
+    pub filler: Vec<bool>,
     /// Group size G.
     pub group: usize,
     /// Whether queries are scored only against their own group.
@@ -265,6 +314,7 @@ pub fn make_batch(
         queries: Vec::new(),
         passages: Vec::new(),
         teacher: with_teacher.then(Vec::new),
+        filler: Vec::new(),
         group,
         no_in_batch_neg: ds.no_in_batch_neg,
     };
@@ -296,19 +346,23 @@ pub fn make_batch(
             all
         };
         batch.passages.push(r.pos[p].clone());
+        batch.filler.push(false);
         if let (Some(t), Some(ps)) = (&mut batch.teacher, &r.pos_scores) {
             t.push(ps[p]);
         }
         for &n in &negs {
             batch.passages.push(r.neg[n].clone());
+            batch.filler.push(false);
             if let (Some(t), Some(ns)) = (&mut batch.teacher, &r.neg_scores) {
                 t.push(ns[n]);
             }
         }
-        // A record without negatives fills its group with its positive (G-1 copies), so
-        // every group has G passages; its in-batch negatives still come from other groups.
+        // A record without negatives fills its group with stand-ins (its positive), so every
+        // group has G passages; the loss masks them, so the record is trained against the
+        // in-batch negatives only (FlagEmbedding divides by zero here).
         for _ in negs.len()..want {
             batch.passages.push(r.pos[p].clone());
+            batch.filler.push(true);
             if let (Some(t), Some(ps)) = (&mut batch.teacher, &r.pos_scores) {
                 t.push(ps[p]);
             }
@@ -354,6 +408,26 @@ mod tests {
         let p = write(&d, "c.jsonl", "{\"query\": \"q\", \"pos\": [\"p\"], \"neg\": [\"n\"], \"pos_scores\": [1.0], \"neg_scores\": []}\n");
         let e = load_file(&p, false).unwrap_err().to_string();
         assert!(e.contains("c.jsonl:1") && e.contains("neg_scores"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn names_mark_no_in_batch_negative_data_and_subdirectories_are_refused() {
+        let d = tmp("names");
+        let rec = "{\"query\": \"q\", \"pos\": [\"p\"]}\n";
+        write(&d, "a.jsonl", rec);
+        let marked = write(&d, "b-no_in_batch_neg.jsonl", rec);
+        let all = load(&d).unwrap();
+        assert_eq!(
+            all.iter().map(|x| x.no_in_batch_neg).collect::<Vec<_>>(),
+            vec![false, true]
+        );
+        assert!(load_all(&[marked]).unwrap()[0].no_in_batch_neg);
+        let sub = d.join("retrieval-no_in_batch_neg");
+        write(&sub, "c.jsonl", rec);
+        assert!(load(&sub).unwrap()[0].no_in_batch_neg);
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("subdirectories"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -426,6 +500,7 @@ mod tests {
             records: vec![rec(10), rec(2), rec(0)],
             no_in_batch_neg: false,
             batch_size: None,
+            lines: vec![1, 2, 3],
         };
         let plan = BatchPlan {
             dataset: 0,

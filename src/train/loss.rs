@@ -63,6 +63,8 @@ pub struct LossConfig {
     pub in_batch_neg: bool,
     /// Teacher scores per passage `[B·G]` from the data, and how to use them.
     pub teacher: Option<(Vec<f32>, KdLoss)>,
+    /// Passage columns taken out of every row (stand-ins filling a short group).
+    pub masked_columns: Vec<usize>,
 }
 
 impl LossConfig {
@@ -77,6 +79,7 @@ impl LossConfig {
             excluded,
             in_batch_neg: true,
             teacher: None,
+            masked_columns: Vec::new(),
         }
     }
 }
@@ -161,8 +164,12 @@ fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig) -> Result
         return ce(t, s, g, 0);
     };
     let (rows, cols) = t.value(s).rows_cols();
-    // The teacher's distribution over each query's own group.
-    let probs = softmax_rows(scores, g);
+    // The teacher's distribution over each query's own group, stand-ins excluded.
+    let mut scores = scores.clone();
+    for &c in &cfg.masked_columns {
+        scores[c] = f32::NEG_INFINITY;
+    }
+    let probs = softmax_rows(&scores, g);
     match kind {
         KdLoss::KlDiv => {
             let hard = ce(t, s, g, 0)?;
@@ -227,10 +234,12 @@ pub fn m3_loss<B: Backend>(
     let dot = t.matmul(q.dense, false, p.dense, true, None)?;
     let g = cfg.group;
     let own_group = |t: &mut Tape<'_, B>, s: Var| -> Result<Var> {
-        if cfg.in_batch_neg {
+        if cfg.in_batch_neg && cfg.masked_columns.is_empty() {
             Ok(s)
         } else {
-            masked(t, s, |b, c| c / g == b)
+            masked(t, s, |b, c| {
+                (cfg.in_batch_neg || c / g == b) && !cfg.masked_columns.contains(&c)
+            })
         }
     };
     let s_d = t.scale(dot, inv_tau)?;

@@ -72,6 +72,8 @@ pub struct TrainModel<B: Backend> {
     pub colbert: Linear<B>,
     /// Rows 1.. of the token-type table, unchanged by training.
     pub token_type_rest: Vec<f32>,
+    /// Tensors of the checkpoint m3 does not use (e.g. the pooler), written back unchanged.
+    pub untouched: Vec<(String, crate::model::checkpoint::HostTensor)>,
 }
 
 /// A head as `torch.nn.Linear` initialises one (`U(-1/√in, 1/√in)` for weight and bias),
@@ -113,6 +115,7 @@ impl<B: Backend> TrainModel<B> {
             .map(|t| t.data[h.min(t.data.len())..].to_vec())
             .unwrap_or_default();
         let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        let untouched = file.into_rest();
         let mut rng = Rng::new(seed ^ 0x4845_4144);
         let sparse = match load_head(be, dir, "sparse_linear", Some(1), h, dtype)? {
             Some(l) => l,
@@ -128,6 +131,7 @@ impl<B: Backend> TrainModel<B> {
             sparse,
             colbert,
             token_type_rest: types,
+            untouched,
         })
     }
 

@@ -20,7 +20,7 @@ use crate::model::torch_save::write_torch_state_dict;
 use crate::tensor::DType;
 use crate::text::TextTokenizer;
 
-use super::data::{load, make_batch, plan_epoch, BatchPlan, Dataset};
+use super::data::{load_all, make_batch, plan_epoch, BatchPlan, Dataset};
 use super::forward::{step_grads, StepBatch, StepDropout};
 use super::loss::{KdLoss, LossConfig, LossValues};
 use super::model::{Master, TrainModel, SIDE_FILES};
@@ -35,8 +35,8 @@ pub const BUCKET_BATCH: [usize; 9] = [48, 32, 20, 18, 14, 14, 12, 10, 8];
 pub struct TrainOptions {
     /// Model directory to start from.
     pub model: PathBuf,
-    /// Training data: a JSONL file or a directory of them.
-    pub data: PathBuf,
+    /// Training data: JSONL files or directories of them, one dataset per file.
+    pub data: Vec<PathBuf>,
     /// Where checkpoints and the final model go.
     pub output_dir: PathBuf,
     /// Queries per batch (bucket 0; longer buckets scale by [`BUCKET_BATCH`]).
@@ -55,6 +55,8 @@ pub struct TrainOptions {
     pub linear_schedule: bool,
     /// Warm-up fraction of the total steps (linear schedule).
     pub warmup_ratio: f64,
+    /// Warm-up steps (overrides `warmup_ratio`, as in HF).
+    pub warmup_steps: Option<u64>,
     /// Stop after this many steps (overrides `epochs`).
     pub max_steps: Option<u64>,
     /// Epochs over the data.
@@ -69,6 +71,14 @@ pub struct TrainOptions {
     pub sub_batch: Option<usize>,
     /// Write a checkpoint every this many steps.
     pub save_steps: Option<u64>,
+    /// Keep at most this many checkpoints (oldest removed).
+    pub save_total_limit: Option<usize>,
+    /// Start afresh in an output directory that already holds checkpoints (they are
+    /// removed); without it such a directory is refused unless resuming.
+    pub overwrite_output_dir: bool,
+    /// Use teacher scores (`pos_scores`, `neg_scores`) from the data (FlagEmbedding's
+    /// `--knowledge_distillation`); without it they are ignored.
+    pub knowledge_distillation: bool,
     /// Gradient-norm clipping threshold (0 disables).
     pub max_grad_norm: f64,
     /// Only the dense loss.
@@ -79,6 +89,56 @@ pub struct TrainOptions {
     pub no_self_distill: bool,
     /// How teacher scores in the data are used.
     pub kd_loss: KdLoss,
+}
+
+/// A checkpoint exists but was written by a run with other settings.
+#[derive(Debug)]
+struct SettingsDiffer(String);
+
+impl std::fmt::Display for SettingsDiffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SettingsDiffer {}
+
+impl TrainOptions {
+    /// The paper's fine-tuning recipe for `model` on `data` into `output_dir` (the `m3
+    /// train` defaults): B 8, G 8, query/passage 32/128 tokens, τ 0.02, lr 1e-5 with linear
+    /// 10% warm-up, weight decay 0.01, one epoch, seed 42, shuffled, config dropout,
+    /// clipping 1.0, unified loss with self-distillation from the first step.
+    pub fn new(model: PathBuf, data: Vec<PathBuf>, output_dir: PathBuf) -> Self {
+        TrainOptions {
+            model,
+            data,
+            output_dir,
+            batch_size: 8,
+            group: 8,
+            query_max_len: 32,
+            passage_max_len: 128,
+            temperature: 0.02,
+            adamw: AdamW::default(),
+            linear_schedule: true,
+            warmup_ratio: 0.1,
+            warmup_steps: None,
+            max_steps: None,
+            epochs: 1.0,
+            seed: 42,
+            shuffle: true,
+            dropout: None,
+            sub_batch: None,
+            save_steps: None,
+            save_total_limit: None,
+            overwrite_output_dir: false,
+            knowledge_distillation: false,
+            max_grad_norm: 1.0,
+            dense_only: false,
+            self_distill_start_step: -1,
+            no_self_distill: false,
+            kd_loss: KdLoss::M3KdLoss,
+        }
+    }
 }
 
 /// Where training stands; saved with every checkpoint.
@@ -148,10 +208,53 @@ pub struct Trainer<'a, B: Backend> {
     last_checkpoint: Option<PathBuf>,
 }
 
-/// The newest `checkpoint-N` directory under `dir` holding a trainer state.
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    entries
+/// The options that must match for a resumed run to continue the same one (the
+/// sub-batch size may change: the gradient is the same).
+fn fingerprint(o: &TrainOptions) -> serde_json::Value {
+    let data: Vec<PathBuf> = o
+        .data
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let v = json!({
+        "data": data, "batch_size": o.batch_size, "group": o.group, "seed": o.seed,
+        "shuffle": o.shuffle, "query_max_len": o.query_max_len,
+        "passage_max_len": o.passage_max_len, "temperature": o.temperature, "adamw": o.adamw,
+        "linear_schedule": o.linear_schedule, "warmup_ratio": o.warmup_ratio,
+        "warmup_steps": o.warmup_steps, "max_steps": o.max_steps, "epochs": o.epochs,
+        "dropout": o.dropout, "max_grad_norm": o.max_grad_norm, "dense_only": o.dense_only,
+        "self_distill_start_step": o.self_distill_start_step,
+        "no_self_distill": o.no_self_distill, "kd_loss": o.kd_loss,
+        "knowledge_distillation": o.knowledge_distillation,
+    });
+    // Each value as its JSON text: f32s read back from JSON as f64 need not print the
+    // same, strings compare exactly.
+    let map = v.as_object().expect("an object");
+    serde_json::Value::Object(
+        map.iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+            .collect(),
+    )
+}
+
+/// The keys whose values differ between two fingerprints, as `key: was → now`.
+fn differences(was: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let text =
+        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("(none)").to_string();
+    let empty = serde_json::Map::new();
+    let now = now.as_object().unwrap_or(&empty);
+    now.iter()
+        .filter(|(k, v)| was.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}: {} → {}", text(was.get(k)), text(Some(v))))
+        .collect()
+}
+
+/// Every `checkpoint-N` directory under `dir` holding a trainer state, newest first.
+fn checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
@@ -161,17 +264,78 @@ pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
                 .exists()
                 .then(|| (n, e.path()))
         })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, p)| p)
+        .collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.0));
+    v.into_iter().map(|(_, p)| p).collect()
 }
 
-/// The options that must match for a resumed run to continue the same one.
-fn fingerprint(o: &TrainOptions) -> serde_json::Value {
-    json!({
-        "data": o.data, "batch_size": o.batch_size, "group": o.group, "seed": o.seed,
-        "shuffle": o.shuffle, "query_max_len": o.query_max_len,
-        "passage_max_len": o.passage_max_len, "sub_batch": o.sub_batch,
-    })
+/// Validates the options a user can get wrong, naming the flag.
+fn validate(o: &TrainOptions) -> anyhow::Result<()> {
+    let check = |ok: bool, msg: String| {
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(msg))
+        }
+    };
+    check(
+        o.batch_size > 0,
+        "--per-device-train-batch-size must be at least 1".into(),
+    )?;
+    check(o.group > 0, "--train-group-size must be at least 1".into())?;
+    check(
+        o.query_max_len >= 2,
+        format!(
+            "--query-max-len must be at least 2, got {}",
+            o.query_max_len
+        ),
+    )?;
+    check(
+        o.passage_max_len >= 2,
+        format!(
+            "--passage-max-len must be at least 2, got {}",
+            o.passage_max_len
+        ),
+    )?;
+    check(
+        o.temperature > 0.0 && o.temperature.is_finite(),
+        format!("--temperature must be positive, got {}", o.temperature),
+    )?;
+    check(
+        o.adamw.lr >= 0.0 && o.adamw.lr.is_finite(),
+        format!("--learning-rate must be ≥ 0, got {}", o.adamw.lr),
+    )?;
+    check(
+        o.adamw.weight_decay >= 0.0 && o.adamw.weight_decay.is_finite(),
+        format!("--weight-decay must be ≥ 0, got {}", o.adamw.weight_decay),
+    )?;
+    check(
+        (0.0..=1.0).contains(&o.warmup_ratio),
+        format!("--warmup-ratio must lie in [0, 1], got {}", o.warmup_ratio),
+    )?;
+    check(
+        o.max_steps.is_some() || (o.epochs > 0.0 && o.epochs.is_finite()),
+        format!("--num-train-epochs must be positive, got {}", o.epochs),
+    )?;
+    check(
+        o.max_steps != Some(0),
+        "--max-steps must be at least 1".into(),
+    )?;
+    if let Some(p) = o.dropout {
+        check(
+            (0.0..1.0).contains(&p),
+            format!("--dropout must lie in [0, 1), got {p}"),
+        )?;
+    }
+    check(
+        o.sub_batch != Some(0),
+        "--sub-batch-size must be at least 1".into(),
+    )?;
+    check(
+        o.max_grad_norm >= 0.0 && !o.max_grad_norm.is_nan(),
+        format!("--max-grad-norm must be ≥ 0, got {}", o.max_grad_norm),
+    )?;
+    Ok(())
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -179,26 +343,72 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// reads and validates all data, and plans the first epoch. `dtype` is the compute
     /// precision (the masters are always f32).
     pub fn new(be: &'a B, opts: TrainOptions, dtype: DType, resume: bool) -> anyhow::Result<Self> {
-        if opts.batch_size == 0 || opts.group == 0 {
-            bail!("--per-device-train-batch-size and --train-group-size must be at least 1");
+        validate(&opts)?;
+        let found = checkpoints(&opts.output_dir);
+        if !resume && !found.is_empty() {
+            if !opts.overwrite_output_dir {
+                bail!(
+                    "{} already holds {} (and {} more checkpoint(s)); pass --resume to continue \
+                     that run or --overwrite-output-dir to start afresh (removing them)",
+                    opts.output_dir.display(),
+                    found[0].display(),
+                    found.len() - 1
+                );
+            }
+            for c in &found {
+                std::fs::remove_dir_all(c)
+                    .with_context(|| format!("{}: cannot remove", c.display()))?;
+            }
         }
-        if opts.temperature.is_nan() || opts.temperature <= 0.0 {
-            bail!("--temperature must be positive, got {}", opts.temperature);
+        if resume && found.is_empty() {
+            bail!(
+                "--resume: no checkpoint-N directory with trainer_state.json in {}",
+                opts.output_dir.display()
+            );
         }
-        let resume_from = if resume {
-            let c = latest_checkpoint(&opts.output_dir).with_context(|| {
-                format!(
-                    "--resume: no checkpoint-N directory with trainer_state.json in {}",
+        // The newest checkpoint that loads whole; a damaged one (say, from a crash during a
+        // write that was not renamed into place) is skipped with a warning.
+        let mut resumed = None;
+        if resume {
+            let now = fingerprint(&opts);
+            for dir in &found {
+                match Self::read_checkpoint_dir(be, dir, &now, opts.seed) {
+                    Ok(r) => {
+                        resumed = Some((dir.clone(), r));
+                        break;
+                    }
+                    Err(e) if e.downcast_ref::<SettingsDiffer>().is_some() => return Err(e),
+                    Err(e) => eprintln!("warning: skipping {}: {e:#}", dir.display()),
+                }
+            }
+            if resumed.is_none() {
+                bail!(
+                    "--resume: no checkpoint in {} could be read",
                     opts.output_dir.display()
-                )
-            })?;
-            Some(c)
-        } else {
-            None
+                );
+            }
+        }
+        let source = resumed
+            .as_ref()
+            .map(|(d, _)| d.clone())
+            .unwrap_or_else(|| opts.model.clone());
+        let (mut model, masters, moments, state) = match resumed {
+            Some((_, r)) => r,
+            None => {
+                let mut model = TrainModel::load(be, &opts.model, DType::F32, opts.seed)?;
+                let masters = model.masters(be)?;
+                let moments = masters
+                    .iter()
+                    .map(|m| Moments::zeros(m.data.len()))
+                    .collect();
+                let state = TrainState {
+                    step: 0,
+                    epoch: 0,
+                    index: 0,
+                };
+                (model, masters, moments, state)
+            }
         };
-        let source = resume_from.clone().unwrap_or_else(|| opts.model.clone());
-        let mut model = TrainModel::load(be, &source, DType::F32, opts.seed)?;
-        let masters = model.masters(be)?;
         if dtype != DType::F32 {
             model.cast(be, dtype)?;
         }
@@ -208,37 +418,25 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .into_iter()
             .flatten()
             .collect();
-        let datasets = load(&opts.data)?;
+        let datasets = load_all(&opts.data)?;
         let max_lens = datasets
             .iter()
             .map(|d| lengths(&tokenizer, d, &opts))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut moments: Vec<Moments> = masters
+        let ignored: usize = datasets
             .iter()
-            .map(|m| Moments::zeros(m.data.len()))
-            .collect();
-        let mut state = TrainState {
-            step: 0,
-            epoch: 0,
-            index: 0,
-        };
-        if let Some(dir) = &resume_from {
-            let saved: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(dir.join("trainer_state.json")).with_context(|| {
-                    format!("{}: cannot read trainer_state.json", dir.display())
-                })?,
-            )?;
-            let was = &saved["fingerprint"];
-            let now = fingerprint(&opts);
-            if *was != now {
-                bail!(
-                    "--resume: {} was written by a run with other settings ({was}); this run has {now}",
-                    dir.display()
-                );
-            }
-            state = serde_json::from_value(saved["state"].clone())
-                .with_context(|| format!("{}: bad trainer_state.json", dir.display()))?;
-            moments = read_moments(&dir.join("optimizer.safetensors"), &masters)?;
+            .map(|d| {
+                d.records
+                    .iter()
+                    .filter(|r| r.kind.is_some() || r.prompt.is_some())
+                    .count()
+            })
+            .sum();
+        if ignored > 0 {
+            eprintln!(
+                "warning: {ignored} record(s) carry \"type\" or \"prompt\" fields, which m3 ignores \
+                 (no instruction prefixes, no symmetric or classification batching)"
+            );
         }
         let epoch_len = plan_epoch(
             &max_lens,
@@ -254,10 +452,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
             None => (opts.epochs * epoch_len as f64).ceil() as u64,
         };
         let schedule = if opts.linear_schedule {
-            Schedule::linear(opts.warmup_ratio, total)
+            match opts.warmup_steps {
+                Some(w) => Schedule::Linear { warmup: w, total },
+                None => Schedule::linear(opts.warmup_ratio, total),
+            }
         } else {
             Schedule::Constant
         };
+        let found_resumed = resume.then(|| source.clone());
         let plan = plan_epoch(
             &max_lens,
             &batch_size_fn(&opts, &datasets),
@@ -279,10 +481,41 @@ impl<'a, B: Backend> Trainer<'a, B> {
             total,
             schedule,
             excluded,
-            source: opts.model.clone(),
+            source,
+            last_checkpoint: found_resumed,
             opts,
-            last_checkpoint: resume_from,
         })
+    }
+
+    /// Reads a checkpoint written by [`Trainer::save_checkpoint`]: model, masters, AdamW
+    /// moments and state, after checking it came from a run with these settings.
+    #[allow(clippy::type_complexity)]
+    fn read_checkpoint_dir(
+        be: &B,
+        dir: &Path,
+        now: &serde_json::Value,
+        seed: u64,
+    ) -> anyhow::Result<(TrainModel<B>, Vec<Master>, Vec<Moments>, TrainState)> {
+        let path = dir.join("trainer_state.json");
+        let saved: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
+        )
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let diff = differences(&saved["fingerprint"], now);
+        if !diff.is_empty() {
+            return Err(SettingsDiffer(format!(
+                "--resume: {} was written by a run with other settings: {}",
+                dir.display(),
+                diff.join(", ")
+            ))
+            .into());
+        }
+        let state: TrainState = serde_json::from_value(saved["state"].clone())
+            .with_context(|| format!("{}: no valid \"state\"", path.display()))?;
+        let mut model = TrainModel::load(be, dir, DType::F32, seed)?;
+        let masters = model.masters(be)?;
+        let moments = read_moments(&dir.join("optimizer.safetensors"), &masters)?;
+        Ok((model, masters, moments, state))
     }
 
     /// Optimiser steps this run takes in all.
@@ -358,7 +591,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
             self_distill: !o.no_self_distill && (k as i64) > o.self_distill_start_step,
             excluded: self.excluded.clone(),
             in_batch_neg: !tb.no_in_batch_neg,
-            teacher: tb.teacher.clone().map(|t| (t, o.kd_loss)),
+            teacher: tb
+                .teacher
+                .clone()
+                .filter(|_| o.knowledge_distillation)
+                .map(|t| (t, o.kd_loss)),
+            masked_columns: tb
+                .filler
+                .iter()
+                .enumerate()
+                .filter_map(|(c, &f)| f.then_some(c))
+                .collect(),
         };
         let p = o.dropout.unwrap_or(self.model.config.hidden_dropout_prob);
         let dropout = StepDropout {
@@ -390,7 +633,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             k + 1,
             lr,
             norm,
-            o,
+            o.max_grad_norm,
+            &o.adamw,
         );
         self.model.refresh(self.be, &self.masters)?;
         self.state.step += 1;
@@ -412,11 +656,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let name = format!("checkpoint-{}", self.state.step);
         let tmp = out.join(format!(".{name}.tmp"));
         let dst = out.join(&name);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        fresh_dir(&tmp)?;
         self.write_model(&tmp)?;
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for (m, mo) in self.masters.iter().zip(&self.moments) {
@@ -428,16 +668,26 @@ impl<'a, B: Backend> Trainer<'a, B> {
             "state": self.state, "fingerprint": fingerprint(&self.opts),
             "total_steps": self.total, "options": self.opts,
         });
-        std::fs::write(
-            tmp.join("trainer_state.json"),
-            serde_json::to_vec_pretty(&state)?,
-        )?;
+        let state_path = tmp.join("trainer_state.json");
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&state)?)
+            .with_context(|| format!("{}: cannot write", state_path.display()))?;
+        // Every file and the directory reach the disk before the rename publishes them, so
+        // a crash leaves either the whole checkpoint or none.
+        sync_dir_files(&tmp)?;
         if dst.exists() {
-            std::fs::remove_dir_all(&dst)?;
+            std::fs::remove_dir_all(&dst)
+                .with_context(|| format!("{}: cannot replace", dst.display()))?;
         }
         std::fs::rename(&tmp, &dst)
             .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
+        sync_path(out)?;
         self.last_checkpoint = Some(dst.clone());
+        if let Some(limit) = self.opts.save_total_limit {
+            for old in checkpoints(out).into_iter().skip(limit.max(1)) {
+                std::fs::remove_dir_all(&old)
+                    .with_context(|| format!("{}: cannot remove", old.display()))?;
+            }
+        }
         Ok(dst)
     }
 
@@ -446,18 +696,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn save_final(&self) -> anyhow::Result<()> {
         let out = &self.opts.output_dir;
         let tmp = out.join(".final.tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        fresh_dir(&tmp)?;
         self.write_model(&tmp)?;
+        sync_dir_files(&tmp)?;
         for e in std::fs::read_dir(&tmp)? {
             let e = e?;
-            std::fs::rename(e.path(), out.join(e.file_name()))?;
+            let dst = out.join(e.file_name());
+            std::fs::rename(e.path(), &dst)
+                .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
         }
         std::fs::remove_dir(&tmp)?;
-        Ok(())
+        sync_path(out)
     }
 
     /// The published layout: model.safetensors (PyTorch's names and `[out, in]` linear
@@ -479,6 +728,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
             } else {
                 encoder.push((m.name.clone(), shape, data));
             }
+        }
+        for (name, t) in &self.model.untouched {
+            encoder.push((name.clone(), t.shape.clone(), t.data.clone()));
         }
         let view = |v: &[(String, Vec<usize>, Vec<f32>)],
                     strip: &str|
@@ -539,9 +791,10 @@ pub fn global_norm(grads: &[Option<Vec<f32>>]) -> f64 {
         .sqrt()
 }
 
-/// Clips by `norm` to `o.max_grad_norm` and takes AdamW step `t` (1-based) at rate `lr` on
-/// every master that has a gradient; a weight the loss does not reach gets no update, as
-/// PyTorch skips parameters whose `grad` is `None`.
+/// Clips by `norm` to `max_grad_norm` (0: no clipping) and takes AdamW step `t` (1-based)
+/// at rate `lr` on every master that has a gradient; a weight the loss does not reach gets
+/// no update, as PyTorch skips parameters whose `grad` is `None`.
+#[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     masters: &mut [Master],
     moments: &mut [Moments],
@@ -549,14 +802,14 @@ pub fn adamw_update(
     t: u64,
     lr: f32,
     norm: f64,
-    o: &TrainOptions,
+    max_grad_norm: f64,
+    h: &AdamW,
 ) {
-    let clip = if o.max_grad_norm > 0.0 {
-        clip_factor(norm, o.max_grad_norm)
+    let clip = if max_grad_norm > 0.0 {
+        clip_factor(norm, max_grad_norm)
     } else {
         1.0
     };
-    let h = o.adamw;
     masters
         .par_iter_mut()
         .zip(moments.par_iter_mut())
@@ -566,13 +819,38 @@ pub fn adamw_update(
                 if clip != 1.0 {
                     g.iter_mut().for_each(|x| *x *= clip);
                 }
-                adamw_step(&mut m.data, &g, mo, t, lr, decays(&m.name), &h);
+                adamw_step(&mut m.data, &g, mo, t, lr, decays(&m.name), h);
             }
         });
 }
 
-/// The per-device batch size of `bucket` for dataset `d`: the dataset's own (first
-/// record's `batch_size`) or the option's, scaled down for longer buckets.
+/// An empty directory at `dir` (an old one, say from a crash mid-write, is removed).
+fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("{}: cannot remove", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))
+}
+
+/// fsync of one file or directory.
+fn sync_path(p: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("{}: cannot sync to disk", p.display()))
+}
+
+/// fsync of every file in `dir`, then of `dir` itself.
+fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+        sync_path(&e?.path())?;
+    }
+    sync_path(dir)
+}
+
+/// The per-device batch size of `bucket` for dataset `d`: the dataset's own (its first
+/// record's `batch_size`, used as is, as FlagEmbedding does), else the option's scaled
+/// down for longer buckets by [`BUCKET_BATCH`].
 fn batch_size_fn<'o>(
     o: &'o TrainOptions,
     ds: &'o [Dataset],
@@ -601,7 +879,7 @@ fn lengths(tok: &TextTokenizer, d: &Dataset, o: &TrainOptions) -> anyhow::Result
         .collect::<Vec<anyhow::Result<usize>>>()
         .into_iter()
         .enumerate()
-        .map(|(i, r)| r.with_context(|| format!("{}: record {}", d.path.display(), i + 1)))
+        .map(|(i, r)| r.with_context(|| d.source(i)))
         .collect()
 }
 
@@ -648,32 +926,54 @@ pub fn run_training<B: Backend>(
     let save_steps = opts.save_steps;
     let mut trainer = Trainer::new(be, opts, dtype, resume)?;
     let mut metrics = metrics
-        .map(|p| MetricsWriter::open(p, resume))
+        .map(|p| MetricsWriter::open(p, resume.then_some(trainer.state().step)))
         .transpose()?;
-    let bar = if quiet {
+    // A terminal gets a live bar; a log file (nohup, a batch job) a plain line every 5%
+    // of the steps and at each checkpoint.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let every = (trainer.total_steps() / 20).max(1);
+    let bar = if quiet || !tty {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(trainer.total_steps())
+    };
+    let say = |text: String| {
+        if quiet {
+        } else if tty {
+            bar.println(text);
+        } else {
+            eprintln!("{text}");
+        }
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
     );
     bar.set_position(trainer.state().step);
+    bar.reset_eta();
     while !trainer.finished() {
         let r = trainer.step()?;
-        bar.set_position(r.step);
-        bar.set_message(format!(
+        let status = format!(
             "loss {:.4} · {:.0} tok/s",
             r.loss.loss,
             r.tokens as f64 / r.seconds.max(1e-9)
-        ));
+        );
+        bar.set_position(r.step);
+        if !tty && (r.step % every == 0 || r.step == trainer.total_steps()) {
+            say(format!(
+                "step {}/{}: {status}, lr {:.3e}",
+                r.step,
+                trainer.total_steps(),
+                r.lr
+            ));
+        }
+        bar.set_message(status);
         if let Some(m) = &mut metrics {
             m.write(&r.to_json())?;
         }
         if save_steps.is_some_and(|n| n > 0 && r.step % n == 0) {
             let dir = trainer.save_checkpoint()?;
-            bar.println(format!("wrote {}", dir.display()));
+            say(format!("wrote {}", dir.display()));
         }
     }
     trainer.save_final()?;
@@ -685,16 +985,26 @@ pub fn run_training<B: Backend>(
 pub struct MetricsWriter(std::io::BufWriter<std::fs::File>);
 
 impl MetricsWriter {
-    /// Opens (appending when resuming, else truncating) a metrics file.
-    pub fn open(path: &Path, append: bool) -> anyhow::Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(path)
+    /// Opens a metrics file: truncated for a fresh run; when resuming after step `n`, with
+    /// the lines of steps up to `n` kept (later ones, from the run that crashed, dropped).
+    pub fn open(path: &Path, resumed_at: Option<u64>) -> anyhow::Result<Self> {
+        let mut keep = String::new();
+        if let (Some(n), Ok(old)) = (resumed_at, std::fs::read_to_string(path)) {
+            for line in old.lines() {
+                let step = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64());
+                if step.is_some_and(|s| s <= n) {
+                    keep.push_str(line);
+                    keep.push('\n');
+                }
+            }
+        }
+        let f = std::fs::File::create(path)
             .with_context(|| format!("{}: cannot open for writing", path.display()))?;
-        Ok(MetricsWriter(std::io::BufWriter::new(f)))
+        let mut w = MetricsWriter(std::io::BufWriter::new(f));
+        w.0.write_all(keep.as_bytes())?;
+        Ok(w)
     }
 
     /// Writes one line and flushes it, so a crash keeps every finished step.
