@@ -27,7 +27,7 @@ pub struct DemoArgs {
     /// removed afterwards).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Optimiser steps (1000: about 45 s on two cores).
+    /// Optimiser steps (1000: about 35 s of training on two cores).
     #[arg(long, default_value_t = 1000)]
     steps: u64,
     /// Queries per batch.
