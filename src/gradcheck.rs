@@ -514,7 +514,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             let targets = t.backend().cast(t.value(v[1]), DType::F32)?;
             t.soft_cross_entropy(v[0], targets)
         }),
-        device: DeviceCheck::Skip,
+        device: DeviceCheck::Full,
     });
     cases.push(maxsim_case(rng, m, k.max(2)));
     cases.push(lexical_case(rng, m, vocab.max(2)));
@@ -530,15 +530,17 @@ fn three_way(rng: &mut Rng, rows: usize) -> Vec<u32> {
 
 /// Max-sim over random packed queries and passages. Max is piecewise linear: inputs are
 /// redrawn until every query row's best passage row leads the runner-up by 0.05, far more
-/// than a finite-difference step can move a similarity.
+/// than a finite-difference step can move a similarity. Large cases almost never separate;
+/// after a few draws they give up (`None`) and are compared forward only (a max is
+/// continuous, so near-ties cannot move the forward value).
 fn max_sim_inputs(
     rng: &mut Rng,
     tq: usize,
     tp: usize,
     d: usize,
     p_cu: &[u32],
-) -> (Vec<f32>, Vec<f32>) {
-    loop {
+) -> (Vec<f32>, Vec<f32>, bool) {
+    for _ in 0..32 {
         let (q, p) = (rng.vec(tq * d, -1.0, 1.0), rng.vec(tp * d, -1.0, 1.0));
         let separated = (0..tq).all(|i| {
             p_cu.windows(2).all(|w| {
@@ -550,43 +552,55 @@ fn max_sim_inputs(
             })
         });
         if separated {
-            return (q, p);
+            return (q, p, true);
         }
     }
+    (
+        rng.vec(tq * d, -1.0, 1.0),
+        rng.vec(tp * d, -1.0, 1.0),
+        false,
+    )
 }
 
 fn maxsim_case<B: Backend + 'static>(rng: &mut Rng, rows: usize, d: usize) -> Case<B> {
     let (tq, tp) = (rows, rows + 1);
     let (q_cu, p_cu) = (three_way(rng, tq), three_way(rng, tp));
-    let (q, p) = max_sim_inputs(rng, tq, tp, d, &p_cu);
+    let (q, p, separated) = max_sim_inputs(rng, tq, tp, d, &p_cu);
     Case {
         name: "maxsim".into(),
         inputs: vec![float(&[tq, d], q), float(&[tp, d], p)],
         f: Box::new(move |t, v| t.maxsim(v[0], &q_cu, v[1], &p_cu)),
-        device: DeviceCheck::Skip,
+        device: if separated {
+            DeviceCheck::Full
+        } else {
+            DeviceCheck::Forward
+        },
     }
 }
 
 /// Lexical scores over random ids from a small vocabulary (so sequences share tokens) and
-/// positive weights; id 0 plays a special token. Repeated ids in a sequence get weights at
-/// least 0.05 apart, so the scatter-max never ties within a finite-difference step.
+/// positive weights; id 0 plays a special token. The occurrences of one id in a sequence
+/// get weights 0.06 apart (a random order, plus noise under 0.01), so the scatter-max
+/// never ties within a finite-difference step, nor after rounding to bf16, at any size.
 fn lexical_case<B: Backend + 'static>(rng: &mut Rng, rows: usize, vocab: usize) -> Case<B> {
     let side = |rng: &mut Rng, t: usize| {
         let cu = three_way(rng, t);
         let ids: Vec<u32> = (0..t).map(|_| rng.below(vocab as u32)).collect();
-        let w = loop {
-            let w = rng.vec(t, 0.1, 2.0);
-            let ok = cu.windows(2).all(|s| {
-                let r = s[0] as usize..s[1] as usize;
-                r.clone().all(|a| {
-                    r.clone()
-                        .all(|b| a == b || ids[a] != ids[b] || (w[a] - w[b]).abs() >= 0.05)
-                })
-            });
-            if ok {
-                break w;
+        let mut w = vec![0f32; t];
+        for s in cu.windows(2) {
+            let mut rows: Vec<usize> = (s[0] as usize..s[1] as usize).collect();
+            // A random order of the rows; each id's k-th row in that order gets step k.
+            for i in (1..rows.len()).rev() {
+                let j = rng.below(i as u32 + 1) as usize;
+                rows.swap(i, j);
             }
-        };
+            let mut seen: std::collections::HashMap<u32, usize> = Default::default();
+            for r in rows {
+                let k = seen.entry(ids[r]).or_insert(0);
+                w[r] = 0.1 + 0.06 * *k as f32 + rng.uniform(0.0, 0.01);
+                *k += 1;
+            }
+        }
         (cu, ids, w)
     };
     let (q_cu, q_ids, qw) = side(rng, rows);
@@ -595,7 +609,7 @@ fn lexical_case<B: Backend + 'static>(rng: &mut Rng, rows: usize, vocab: usize) 
         name: "lexical_scores".into(),
         inputs: vec![float(&[rows], qw), float(&[rows + 2], pw)],
         f: Box::new(move |t, v| t.lexical_scores(v[0], &q_ids, &q_cu, v[1], &p_ids, &p_cu, &[0])),
-        device: DeviceCheck::Skip,
+        device: DeviceCheck::Full,
     }
 }
 

@@ -130,8 +130,7 @@ pub struct TrainArgs {
     /// Write one JSON object per optimiser step (loss, its parts, lr, grad_norm, tokens/s).
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// Where to run (auto means the CPU until the CUDA training kernels land: the CUDA
-    /// backend has no max-sim, lexical or soft-CE kernel yet).
+    /// Where to run (auto means the CPU until the CUDA attention backward lands).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
@@ -198,8 +197,8 @@ impl Job for TrainArgs {
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     if a.device == DeviceArg::Cuda {
         anyhow::bail!(
-            "training on CUDA needs the backward kernels that are not written yet (max-sim, \
-             lexical scatter-max, soft cross-entropy, attention backward); use --device cpu"
+            "training on CUDA needs the attention backward kernel, which is not written yet \
+             (FlashAttention-2 backward, issue 6); use --device cpu"
         );
     }
     on_device(DeviceArg::Cpu, a)

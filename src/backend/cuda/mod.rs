@@ -15,9 +15,9 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{
-    attention_dims, check_dtype, check_float, check_ids, check_same, check_vec, cross_entropy_dims,
-    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, Backend, LayerNormGrads,
-    LayerNormOut, LexicalSide,
+    attention_dims, check_dtype, check_float, check_ids, check_lexical_side, check_same, check_vec,
+    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
+    maxsim_dims, Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -866,53 +866,309 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn soft_cross_entropy(&self, _logits: &T, _targets: &T) -> Result<(T, T)> {
-        Err(not_yet("soft_cross_entropy", "distill.cu"))
+    fn soft_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
+        const OP: &str = "soft_cross_entropy";
+        let (rows, cols) = soft_ce_dims(OP, logits, targets)?;
+        let mut loss = self.alloc(&[rows], DType::F32)?;
+        let mut lse = self.alloc(&[rows], DType::F32)?;
+        if rows > 0 {
+            let f = self.func("distill", &format!("soft_ce_fwd_{}", sfx(logits.dtype())))?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [logits, targets, &mut loss, &mut lse, &r, &c]
+            )?;
+        }
+        Ok((loss, lse))
     }
 
     fn soft_cross_entropy_backward(
         &self,
-        _dloss: &T,
-        _logits: &T,
-        _lse: &T,
-        _targets: &T,
+        dloss: &T,
+        logits: &T,
+        lse: &T,
+        targets: &T,
     ) -> Result<T> {
-        Err(not_yet("soft_cross_entropy_backward", "distill.cu"))
+        const OP: &str = "soft_cross_entropy_backward";
+        let (rows, cols) = soft_ce_dims(OP, logits, targets)?;
+        check_vec(OP, "dloss", dloss, rows)?;
+        check_vec(OP, "lse", lse, rows)?;
+        check_dtype(OP, "dloss", dloss, DType::F32)?;
+        check_dtype(OP, "lse", lse, DType::F32)?;
+        let mut d = self.alloc(logits.shape(), logits.dtype())?;
+        if rows > 0 {
+            let f = self.func("distill", &format!("soft_ce_bwd_{}", sfx(logits.dtype())))?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [dloss, logits, lse, targets, &mut d, &r, &c]
+            )?;
+        }
+        Ok(d)
     }
 
-    fn maxsim(&self, _q: &T, _q_cu: &[u32], _p: &T, _p_cu: &[u32]) -> Result<(T, T)> {
-        Err(not_yet("maxsim", "maxsim.cu"))
+    fn maxsim(&self, q: &T, q_cu: &[u32], p: &T, p_cu: &[u32]) -> Result<(T, T)> {
+        const OP: &str = "maxsim";
+        let (tq, d) = maxsim_dims(q, q_cu, p, p_cu)?;
+        let (bq, bp) = (q_cu.len() - 1, p_cu.len() - 1);
+        let mut best = self.alloc(&[tq, bp], DType::F32)?;
+        let mut arg = self.alloc(&[tq, bp], DType::U32)?;
+        let mut s = self.alloc(&[bq, bp], DType::F32)?;
+        if tq * bp > 0 {
+            let pc = self.upload(HostData::U32(p_cu), &[p_cu.len()])?;
+            let f = self.func("maxsim", &format!("maxsim_rows_{}", sfx(q.dtype())))?;
+            let (ti, bi, di) = (
+                to_i32(OP, "query rows", tq)?,
+                to_i32(OP, "passages", bp)?,
+                to_i32(OP, "dim", d)?,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (bp as u32, tq.div_ceil(8) as u32, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                f,
+                cfg,
+                [q, p, &pc, &mut best, &mut arg, &ti, &bi, &di]
+            )?;
+        }
+        if bq * bp > 0 {
+            let qc = self.upload(HostData::U32(q_cu), &[q_cu.len()])?;
+            let f = self.func("maxsim", "maxsim_reduce")?;
+            let (b1, b2) = (to_i32(OP, "queries", bq)?, to_i32(OP, "passages", bp)?);
+            launch!(self, f, grid_1d(bq * bp), [&best, &qc, &mut s, &b1, &b2])?;
+        }
+        Ok((s, arg))
     }
 
     fn maxsim_backward(
         &self,
-        _ds: &T,
-        _q: &T,
-        _q_cu: &[u32],
-        _p: &T,
-        _p_cu: &[u32],
-        _argmax: &T,
+        ds: &T,
+        q: &T,
+        q_cu: &[u32],
+        p: &T,
+        p_cu: &[u32],
+        argmax: &T,
     ) -> Result<(T, T)> {
-        Err(not_yet("maxsim_backward", "maxsim.cu"))
+        const OP: &str = "maxsim_backward";
+        let (tq, d) = maxsim_dims(q, q_cu, p, p_cu)?;
+        let (bq, bp) = (q_cu.len() - 1, p_cu.len() - 1);
+        let tp = p.shape()[0];
+        if ds.shape() != [bq, bp] || argmax.shape() != [tq, bp] {
+            return shape_err(
+                OP,
+                format!(
+                    "ds {:?} / argmax {:?} do not match the sequences",
+                    ds.shape(),
+                    argmax.shape()
+                ),
+            );
+        }
+        check_dtype(OP, "ds", ds, DType::F32)?;
+        check_dtype(OP, "argmax", argmax, DType::U32)?;
+        let mut dq = self.zeros(q.shape(), q.dtype())?;
+        let mut dp = self.zeros(p.shape(), p.dtype())?;
+        if tq * bp * d == 0 {
+            return Ok((dq, dp));
+        }
+        let seq_of = |cu: &[u32]| -> Vec<u32> {
+            cu.windows(2)
+                .enumerate()
+                .flat_map(|(b, w)| (w[0]..w[1]).map(move |_| b as u32))
+                .collect()
+        };
+        let qc = self.upload(HostData::U32(q_cu), &[q_cu.len()])?;
+        let q_seq = seq_of(q_cu);
+        let qs = self.upload(HostData::U32(&q_seq), &[tq])?;
+        let (ti, bi, di) = (
+            to_i32(OP, "query rows", tq)?,
+            to_i32(OP, "passages", bp)?,
+            to_i32(OP, "dim", d)?,
+        );
+        let sf = sfx(q.dtype());
+        let f = self.func("maxsim", &format!("maxsim_bwd_q_{sf}"))?;
+        launch!(
+            self,
+            f,
+            grid_1d(tq * d),
+            [ds, p, argmax, &qc, &qs, &mut dq, &ti, &bi, &di]
+        )?;
+        if tp > 0 {
+            let p_seq = seq_of(p_cu);
+            let ps = self.upload(HostData::U32(&p_seq), &[tp])?;
+            let f = self.func("maxsim", &format!("maxsim_bwd_p_{sf}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(OP, "passage rows", tp)? as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                f,
+                cfg,
+                [ds, q, argmax, &qc, &qs, &ps, &mut dp, &ti, &bi, &di]
+            )?;
+        }
+        Ok((dq, dp))
     }
 
-    fn lexical_scores(&self, _q: &LexicalSide<'_, Self>, _p: &LexicalSide<'_, Self>) -> Result<T> {
-        Err(not_yet("lexical_scores", "sparse.cu"))
+    fn lexical_scores(&self, q: &LexicalSide<'_, Self>, p: &LexicalSide<'_, Self>) -> Result<T> {
+        const OP: &str = "lexical_scores";
+        check_lexical_side(q.weights, q.ids, q.cu)?;
+        check_lexical_side(p.weights, p.ids, p.cu)?;
+        let (bq, bp) = (q.cu.len() - 1, p.cu.len() - 1);
+        let mut s = self.zeros(&[bq, bp], DType::F32)?;
+        if bq * bp == 0 {
+            return Ok(s);
+        }
+        let (_, qd) = self.lexical_side(OP, q)?;
+        let (_, pd) = self.lexical_side(OP, p)?;
+        let f = self.func("sparse", "lexical_scores")?;
+        let cfg = LaunchConfig {
+            grid_dim: (bp as u32, bq.div_ceil(8) as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b1, b2) = (to_i32(OP, "queries", bq)?, to_i32(OP, "passages", bp)?);
+        launch!(
+            self,
+            f,
+            cfg,
+            [&qd.ids, &qd.wmax, &qd.seg, &pd.ids, &pd.wmax, &pd.seg, &mut s, &b1, &b2]
+        )?;
+        Ok(s)
     }
 
     fn lexical_scores_backward(
         &self,
-        _ds: &T,
-        _q: &LexicalSide<'_, Self>,
-        _p: &LexicalSide<'_, Self>,
+        ds: &T,
+        q: &LexicalSide<'_, Self>,
+        p: &LexicalSide<'_, Self>,
     ) -> Result<(T, T)> {
-        Err(not_yet("lexical_scores_backward", "sparse.cu"))
+        const OP: &str = "lexical_scores_backward";
+        check_lexical_side(q.weights, q.ids, q.cu)?;
+        check_lexical_side(p.weights, p.ids, p.cu)?;
+        let (bq, bp) = (q.cu.len() - 1, p.cu.len() - 1);
+        if ds.shape() != [bq, bp] {
+            return shape_err(OP, format!("ds is {:?}, expected [{bq}, {bp}]", ds.shape()));
+        }
+        check_dtype(OP, "ds", ds, DType::F32)?;
+        let mut dq = self.zeros(q.weights.shape(), q.weights.dtype())?;
+        let mut dp = self.zeros(p.weights.shape(), p.weights.dtype())?;
+        if bq * bp == 0 {
+            return Ok((dq, dp));
+        }
+        let (qe, qd) = self.lexical_side(OP, q)?;
+        let (pe, pd) = self.lexical_side(OP, p)?;
+        let (b1, b2) = (to_i32(OP, "queries", bq)?, to_i32(OP, "passages", bp)?);
+        let one = 1i32;
+        for (mine, md, other, od, dw, n_other, stride_self, stride_other) in [
+            (&qe, &qd, &pe, &pd, &mut dq, b2, b2, one),
+            (&pe, &pd, &qe, &qd, &mut dp, b1, one, b2),
+        ] {
+            let u = mine.ids.len();
+            if u == 0 || other.ids.is_empty() {
+                continue;
+            }
+            let f = self.func("sparse", &format!("lexical_bwd_{}", sfx(dw.dtype())))?;
+            let ui = to_i32(OP, "entries", u)?;
+            launch!(
+                self,
+                f,
+                grid_1d(u),
+                [
+                    ds,
+                    &md.ids,
+                    &md.seq,
+                    &md.warg,
+                    &od.ids,
+                    &od.wmax,
+                    &od.seg,
+                    dw,
+                    &ui,
+                    &n_other,
+                    &stride_self,
+                    &stride_other
+                ]
+            )?;
+        }
+        Ok((dq, dp))
     }
 }
 
-/// The error for an op whose CUDA kernel is not written yet (issues 5 and 6).
-fn not_yet(op: &str, file: &str) -> Error {
-    Error::Cuda(format!(
-        "{op} has no CUDA kernel yet (cuda/{file}, issues 5-6); use --device cpu"
-    ))
+/// One lexical side on the device: entry ids, sequences and segments, and each entry's max
+/// weight and arg-max row.
+struct LexicalDevice {
+    ids: T,
+    seq: T,
+    seg: T,
+    wmax: T,
+    warg: T,
+}
+
+impl Cuda {
+    /// Groups a side by token id on the host and reduces each entry's max weight on the
+    /// device.
+    fn lexical_side(
+        &self,
+        op: &'static str,
+        side: &LexicalSide<'_, Self>,
+    ) -> Result<(LexicalEntries, LexicalDevice)> {
+        let e = LexicalEntries::build(side.ids, side.cu, side.excluded);
+        let u = e.ids.len();
+        let up = |v: &[u32]| self.upload(HostData::U32(v), &[v.len()]);
+        let mut dev = LexicalDevice {
+            ids: up(&e.ids)?,
+            seq: up(&e.seq)?,
+            seg: up(&e.seg)?,
+            wmax: self.alloc(&[u], DType::F32)?,
+            warg: self.alloc(&[u], DType::U32)?,
+        };
+        if u > 0 {
+            let rows = up(&e.rows)?;
+            let start = up(&e.start)?;
+            let f = self.func(
+                "sparse",
+                &format!("lexical_reduce_{}", sfx(side.weights.dtype())),
+            )?;
+            let ui = to_i32(op, "entries", u)?;
+            launch!(
+                self,
+                f,
+                grid_1d(u),
+                [
+                    side.weights,
+                    &rows,
+                    &start,
+                    &mut dev.wmax,
+                    &mut dev.warg,
+                    &ui
+                ]
+            )?;
+        }
+        Ok((e, dev))
+    }
+}
+
+/// Soft cross-entropy geometry: float logits and f32 targets of one 2-D shape.
+fn soft_ce_dims(op: &'static str, logits: &T, targets: &T) -> Result<(usize, usize)> {
+    check_float(op, "logits", logits)?;
+    check_dtype(op, "targets", targets, DType::F32)?;
+    if logits.shape().len() != 2 || logits.shape() != targets.shape() {
+        return shape_err(
+            op,
+            format!(
+                "logits {:?} and targets {:?} must be one [rows, cols] shape",
+                logits.shape(),
+                targets.shape()
+            ),
+        );
+    }
+    Ok(logits.rows_cols())
 }
