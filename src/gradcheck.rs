@@ -473,7 +473,7 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
             name: format!("attention({heads}x{head_dim})"),
             inputs: qkv,
             f: Box::new(move |t, v| t.attention(v[0], v[1], v[2], &cu, heads, 0.25)),
-            device: DeviceCheck::Forward,
+            device: DeviceCheck::Full,
         });
     }
     cases.push(Case {

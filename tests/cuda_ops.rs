@@ -187,3 +187,73 @@ fn whole_encoder_on_the_fixture_model_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn training_on_the_gpu_follows_the_cpu_loss_curve() {
+    // Issue 6's check: the fixture model trained 20 steps (dropout 0, f32 compute) on the
+    // GPU and on the CPU; every step's loss within 1% of the CPU's.
+    use m3::backend::cpu::Cpu;
+    use m3::train::trainer::{TrainOptions, Trainer};
+    let Some(dev) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("m3-gpu-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("train.jsonl");
+    let texts = [
+        (
+            "What is the capital of France?",
+            "Paris is the capital of France.",
+        ),
+        (
+            "Der schnelle braune Fuchs",
+            "The quick brown fox jumps over the lazy dog.",
+        ),
+        (
+            "Быстрая лиса",
+            "Быстрая коричневая лиса прыгает через собаку.",
+        ),
+        ("狐狸", "敏捷的棕色狐狸跳过了懒狗。"),
+    ];
+    let mut lines = String::new();
+    for (i, (q, p)) in texts.iter().enumerate() {
+        let neg = texts[(i + 1) % texts.len()].1;
+        lines.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"query": q, "pos": [p], "neg": [neg]})
+        ));
+    }
+    std::fs::write(&data, lines).unwrap();
+    let opts = |out: &str| {
+        let mut o = TrainOptions::new(
+            fixtures().join("tiny-m3"),
+            vec![data.clone()],
+            dir.join(out),
+        );
+        o.batch_size = 2;
+        o.group = 2;
+        o.temperature = 0.05;
+        o.adamw.lr = 1e-3;
+        o.max_steps = Some(20);
+        o.dropout = Some(0.0);
+        o.sub_batch = Some(2);
+        o
+    };
+    fn curve<B: Backend>(mut t: Trainer<'_, B>) -> Vec<f32> {
+        let mut v = Vec::new();
+        while !t.finished() {
+            v.push(t.step().unwrap().loss.loss);
+        }
+        v
+    }
+    let cpu = curve(Trainer::new(&Cpu, opts("cpu"), DType::F32, false).unwrap());
+    let gpu = curve(Trainer::new(&dev, opts("gpu"), DType::F32, false).unwrap());
+    eprintln!("cpu {cpu:?}\ngpu {gpu:?}");
+    for (k, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+        assert!(
+            (c - g).abs() <= 0.01 * c.abs(),
+            "step {}: GPU loss {g} vs CPU {c}",
+            k + 1
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -130,7 +130,8 @@ pub struct TrainArgs {
     /// Write one JSON object per optimiser step (loss, its parts, lr, grad_norm, tokens/s).
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// Where to run (auto means the CPU until the CUDA attention backward lands).
+    /// Where to run: auto means the CPU until the CUDA training path has run on a GPU;
+    /// `cuda` trains with f32 compute on the GPU (naive attention kernels for now).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
@@ -179,7 +180,8 @@ impl TrainArgs {
 
 impl Job for TrainArgs {
     fn run<B: Backend>(self, be: &B, _dtype: DType) -> anyhow::Result<ExitCode> {
-        // The masters are f32; compute copies are f32 until the CUDA training kernels land.
+        // The masters are f32; compute copies are f32 on every device for now (bf16 compute
+        // copies on the GPU are issue 6's, with the fused loss kernels).
         run_training(
             be,
             self.options(),
@@ -195,11 +197,11 @@ impl Job for TrainArgs {
 
 /// Runs `m3 train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    if a.device == DeviceArg::Cuda {
-        anyhow::bail!(
-            "training on CUDA needs the attention backward kernel, which is not written yet \
-             (FlashAttention-2 backward, issue 6); use --device cpu"
-        );
-    }
-    on_device(DeviceArg::Cpu, a)
+    // Auto stays on the CPU until the CUDA training path has passed on a GPU (its kernels
+    // are compiled, not yet run); --device cuda opts in.
+    let device = match a.device {
+        DeviceArg::Auto => DeviceArg::Cpu,
+        d => d,
+    };
+    on_device(device, a)
 }

@@ -705,18 +705,7 @@ impl Backend for Cuda {
     ) -> Result<(T, T)> {
         const OP: &str = "attention";
         let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
-        // Instantiations hold up to 32, 64 or 128 dims per head; smaller heads leave lanes idle.
-        let inst = match head_dim {
-            1..=32 => 32,
-            33..=64 => 64,
-            65..=128 => 128,
-            _ => {
-                return shape_err(
-                    OP,
-                    format!("head dim {head_dim} is not supported on CUDA (at most 128)"),
-                )
-            }
-        };
+        let inst = attention_instance(OP, head_dim)?;
         let mut out = self.alloc(&[t, hidden], q.dtype())?;
         let mut lse = self.alloc(&[t, heads], DType::F32)?;
         if t > 0 {
@@ -745,20 +734,62 @@ impl Backend for Cuda {
 
     fn attention_backward(
         &self,
-        _dout: &T,
+        dout: &T,
         q: &T,
         k: &T,
         v: &T,
-        _out: &T,
-        _lse: &T,
+        out: &T,
+        lse: &T,
         cu_seqlens: &[u32],
         heads: usize,
-        _scale: f32,
+        scale: f32,
     ) -> Result<(T, T, T)> {
-        attention_dims(q, k, v, cu_seqlens, heads)?;
-        Err(Error::Cuda(
-            "attention backward is not implemented on CUDA yet (FlashAttention-2 backward is issue 6); train on --device cpu".into(),
-        ))
+        const OP: &str = "attention_backward";
+        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        check_same(OP, ("dout", dout), ("q", q))?;
+        check_same(OP, ("out", out), ("q", q))?;
+        check_dtype(OP, "lse", lse, DType::F32)?;
+        if lse.shape() != [t, heads] {
+            return shape_err(
+                OP,
+                format!("lse must be [{t}, {heads}], got {:?}", lse.shape()),
+            );
+        }
+        let inst = attention_instance(OP, head_dim)?;
+        let mut dq = self.alloc(&[t, hidden], q.dtype())?;
+        let mut dk = self.alloc(&[t, hidden], q.dtype())?;
+        let mut dv = self.alloc(&[t, hidden], q.dtype())?;
+        if t > 0 {
+            let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
+            let mut delta = self.alloc(&[t, heads], DType::F32)?;
+            let d = to_i32(OP, "head dim", head_dim)?;
+            let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+            let h = to_i32(OP, "heads", heads)?;
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let sf = sfx(q.dtype());
+            let f = self.func("attention", &format!("attention_bwd_dq_naive_d{inst}_{sf}"))?;
+            launch!(
+                self,
+                f,
+                cfg,
+                [dout, q, k, v, out, lse, &cu, &mut delta, &mut dq, &nseq, &h, &d, &scale]
+            )?;
+            let f = self.func(
+                "attention",
+                &format!("attention_bwd_dkv_naive_d{inst}_{sf}"),
+            )?;
+            launch!(
+                self,
+                f,
+                cfg,
+                [dout, q, k, v, lse, &delta, &cu, &mut dk, &mut dv, &nseq, &h, &d, &scale]
+            )?;
+        }
+        Ok((dq, dk, dv))
     }
 
     fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
@@ -1153,6 +1184,20 @@ impl Cuda {
             )?;
         }
         Ok((e, dev))
+    }
+}
+
+/// The attention kernel instantiation for a head dim: they hold up to 32, 64 or 128 dims per
+/// head; smaller heads leave lanes idle.
+fn attention_instance(op: &'static str, head_dim: usize) -> Result<usize> {
+    match head_dim {
+        1..=32 => Ok(32),
+        33..=64 => Ok(64),
+        65..=128 => Ok(128),
+        _ => shape_err(
+            op,
+            format!("head dim {head_dim} is not supported on CUDA (at most 128)"),
+        ),
     }
 }
 
