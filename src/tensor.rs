@@ -113,6 +113,11 @@ impl<B: Backend> Tensor<B> {
         &self.storage
     }
 
+    /// The backend buffer, consuming the tensor (a backend hands it over without a copy).
+    pub fn into_storage(self) -> B::Storage {
+        self.storage
+    }
+
     /// The backend buffer, mutably.
     pub fn storage_mut(&mut self) -> &mut B::Storage {
         &mut self.storage

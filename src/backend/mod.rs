@@ -48,6 +48,21 @@ pub trait Backend: Sized + Send + Sync {
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Copies a float tensor back to the host as f32.
     fn to_vec_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    /// A float tensor's values as f32, consuming it (the CPU hands its buffer over).
+    fn take_vec_f32(&self, t: Tensor<Self>) -> Result<Vec<f32>> {
+        self.to_vec_f32(&t)
+    }
+    /// Overwrites a float tensor with f32 values of the same element count, keeping its
+    /// shape and dtype (the CPU copies in place, no new allocation).
+    fn write_f32(&self, t: &mut Tensor<Self>, data: &[f32]) -> Result<()> {
+        let f = self.upload(HostData::F32(data), t.shape())?;
+        *t = if t.dtype() == DType::F32 {
+            f
+        } else {
+            self.cast(&f, t.dtype())?
+        };
+        Ok(())
+    }
     /// Copies a u32 tensor back to the host.
     fn to_vec_u32(&self, t: &Tensor<Self>) -> Result<Vec<u32>>;
     /// A tensor of zeros.

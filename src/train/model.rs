@@ -174,13 +174,7 @@ impl<B: Backend> TrainModel<B> {
                     t.shape()
                 );
             }
-            let dtype = t.dtype();
-            let f = be.upload(HostData::F32(&m.data), &m.shape)?;
-            *t = if dtype == DType::F32 {
-                f
-            } else {
-                be.cast(&f, dtype)?
-            };
+            be.write_f32(t, &m.data)?;
         }
         Ok(())
     }

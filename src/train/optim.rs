@@ -59,7 +59,23 @@ pub fn decays(name: &str) -> bool {
 /// as `torch.optim.AdamW`: decay `p *= 1 - lr·wd` first, then
 /// `p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`.
 pub fn step(p: &mut [f32], g: &[f32], mo: &mut Moments, t: u64, lr: f32, decay: bool, h: &AdamW) {
-    assert!(p.len() == g.len() && g.len() == mo.m.len() && g.len() == mo.v.len());
+    step_slices(p, g, &mut mo.m, &mut mo.v, t, lr, decay, h);
+}
+
+/// [`step`] on matching slices of a parameter, its gradient and its moments (elementwise,
+/// so a tensor can be split into chunks stepped in parallel with identical results).
+#[allow(clippy::too_many_arguments)]
+pub fn step_slices(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: u64,
+    lr: f32,
+    decay: bool,
+    h: &AdamW,
+) {
+    assert!(p.len() == g.len() && g.len() == m.len() && g.len() == v.len());
     let bc1 = 1.0 - (h.beta1 as f64).powi(t as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(t as i32);
     let step_size = (lr as f64 / bc1) as f32;
@@ -67,10 +83,10 @@ pub fn step(p: &mut [f32], g: &[f32], mo: &mut Moments, t: u64, lr: f32, decay: 
     let wd = if decay { lr * h.weight_decay } else { 0.0 };
     for i in 0..p.len() {
         p[i] *= 1.0 - wd;
-        mo.m[i] = h.beta1 * mo.m[i] + (1.0 - h.beta1) * g[i];
-        mo.v[i] = h.beta2 * mo.v[i] + (1.0 - h.beta2) * g[i] * g[i];
-        let denom = mo.v[i].sqrt() / bc2_sqrt + h.eps;
-        p[i] -= step_size * mo.m[i] / denom;
+        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g[i];
+        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g[i] * g[i];
+        let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+        p[i] -= step_size * m[i] / denom;
     }
 }
 

@@ -24,7 +24,7 @@ use super::data::{load_all, make_batch, plan_epoch, BatchPlan, Dataset};
 use super::forward::{step_grads, StepBatch, StepDropout};
 use super::loss::{KdLoss, LossConfig, LossValues};
 use super::model::{Master, TrainModel, SIDE_FILES};
-use super::optim::{clip_factor, decays, step as adamw_step, AdamW, Moments, Schedule};
+use super::optim::{clip_factor, decays, step_slices, AdamW, Moments, Schedule};
 
 /// FlagEmbedding's per-bucket batch sizes for group size 8 on an 80 GB card (SPEC §6); the
 /// per-device batch size is bucket 0's, longer buckets scale by this table.
@@ -775,20 +775,23 @@ pub fn host_grads<B: Backend>(
 ) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
     Ok(grads
         .into_iter()
-        .map(|g| g.map(|g| be.to_vec_f32(&g)).transpose())
+        .map(|g| g.map(|g| be.take_vec_f32(g)).transpose())
         .collect::<Result<_, _>>()?)
 }
 
 /// The global L2 norm of all gradients (f64 accumulation, as `clip_grad_norm_` in f32 would
 /// be less exact).
 pub fn global_norm(grads: &[Option<Vec<f32>>]) -> f64 {
-    grads
+    // Per-chunk sums in parallel, added in a fixed order: the same bits on any thread count.
+    let parts: Vec<f64> = grads
         .iter()
         .flatten()
-        .flat_map(|g| g.iter())
-        .map(|&x| x as f64 * x as f64)
-        .sum::<f64>()
-        .sqrt()
+        .flat_map(|g| g.chunks(1 << 16))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .collect();
+    parts.iter().sum::<f64>().sqrt()
 }
 
 /// Clips by `norm` to `max_grad_norm` (0: no clipping) and takes AdamW step `t` (1-based)
@@ -810,18 +813,31 @@ pub fn adamw_update(
     } else {
         1.0
     };
-    masters
-        .par_iter_mut()
-        .zip(moments.par_iter_mut())
-        .zip(grads.into_par_iter())
-        .for_each(|((m, mo), g)| {
-            if let Some(mut g) = g {
-                if clip != 1.0 {
-                    g.iter_mut().for_each(|x| *x *= clip);
-                }
-                adamw_step(&mut m.data, &g, mo, t, lr, decays(&m.name), h);
-            }
-        });
+    // Chunks of every tensor (the word embeddings alone are 192M values in BGE-M3) so all
+    // threads share the work; the update is elementwise, so results do not depend on it.
+    const CHUNK: usize = 1 << 18;
+    let mut work = Vec::new();
+    for ((m, mo), g) in masters.iter_mut().zip(moments.iter_mut()).zip(grads) {
+        let Some(mut g) = g else { continue };
+        if clip != 1.0 {
+            g.par_iter_mut().for_each(|x| *x *= clip);
+        }
+        let decay = decays(&m.name);
+        let g: std::sync::Arc<Vec<f32>> = std::sync::Arc::new(g);
+        for (k, ((p, mm), vv)) in m
+            .data
+            .chunks_mut(CHUNK)
+            .zip(mo.m.chunks_mut(CHUNK))
+            .zip(mo.v.chunks_mut(CHUNK))
+            .enumerate()
+        {
+            work.push((p, mm, vv, g.clone(), k * CHUNK, decay));
+        }
+    }
+    work.into_par_iter().for_each(|(p, m, v, g, at, decay)| {
+        let n = p.len();
+        step_slices(p, &g[at..at + n], m, v, t, lr, decay, h);
+    });
 }
 
 /// An empty directory at `dir` (an old one, say from a crash mid-write, is removed).

@@ -115,6 +115,31 @@ impl Backend for Cpu {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn take_vec_f32(&self, t: T) -> Result<Vec<f32>> {
+        let n = t.numel();
+        match t.into_storage() {
+            CpuStorage::F32(mut v) => {
+                v.truncate(n);
+                Ok(v)
+            }
+            _ => dtype_err("take_vec_f32", "the CPU backend computes in f32"),
+        }
+    }
+
+    fn write_f32(&self, t: &mut T, data: &[f32]) -> Result<()> {
+        let n = t.numel();
+        match t.storage_mut() {
+            CpuStorage::F32(v) if data.len() == n && v.len() >= n => {
+                v[..n].copy_from_slice(data);
+                Ok(())
+            }
+            _ => shape_err(
+                "write_f32",
+                format!("{} values for a tensor of {n} f32 elements", data.len()),
+            ),
+        }
+    }
+
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
         let n: usize = shape.iter().product();
         if n != data.len() {
