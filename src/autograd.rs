@@ -513,7 +513,10 @@ impl<'a, B: Backend> Tape<'a, B> {
                 )));
             }
             grads[root.0] = Some(match grads[root.0].take() {
-                Some(g) => be.add(&g, &seed)?,
+                Some(mut g) => {
+                    be.add_assign(&mut g, &seed)?;
+                    g
+                }
                 None => seed,
             });
             last = last.max(root.0);
@@ -689,13 +692,14 @@ impl<'a, B: Backend> Tape<'a, B> {
                 }
                 grads[v.0] = Some(match grads[v.0].take() {
                     None => gv,
-                    Some(prev) => {
+                    Some(mut prev) => {
                         let gv = if gv.dtype() == prev.dtype() {
                             gv
                         } else {
                             be.cast(&gv, prev.dtype())?
                         };
-                        be.add(&prev, &gv)?
+                        be.add_assign(&mut prev, &gv)?;
+                        prev
                     }
                 });
             }

@@ -84,6 +84,12 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<Tensor<Self>>;
     /// Elementwise `a + b` (residual connections, gradient accumulation).
     fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// `a += b` elementwise; the CPU adds in place (gradient accumulation into a buffer the
+    /// size of the vocabulary table would otherwise allocate a third one).
+    fn add_assign(&self, a: &mut Tensor<Self>, b: &Tensor<Self>) -> Result<()> {
+        *a = self.add(a, b)?;
+        Ok(())
+    }
     /// Column sums of a `[rows, cols]` matrix, f32 `[cols]` (bias gradients).
     fn sum_rows(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
 

@@ -210,7 +210,10 @@ pub fn step_grads<B: Backend>(
             } else {
                 for (acc, f) in grads.iter_mut().zip(fresh) {
                     *acc = match (acc.take(), f) {
-                        (Some(a), Some(f)) => Some(be.add(&a, &f)?),
+                        (Some(mut a), Some(f)) => {
+                            be.add_assign(&mut a, &f)?;
+                            Some(a)
+                        }
                         (a, f) => a.or(f),
                     };
                 }

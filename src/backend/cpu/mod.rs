@@ -244,6 +244,22 @@ impl Backend for Cpu {
         ))
     }
 
+    fn add_assign(&self, a: &mut T, b: &T) -> Result<()> {
+        check_same("add", ("a", a), ("b", b))?;
+        let bv = f32s("add", "b", b)?;
+        let n = a.numel();
+        match a.storage_mut() {
+            CpuStorage::F32(av) => {
+                av[..n]
+                    .par_iter_mut()
+                    .zip(&bv[..n])
+                    .for_each(|(x, &y)| *x += y);
+                Ok(())
+            }
+            _ => dtype_err("add", "the CPU backend computes in f32"),
+        }
+    }
+
     fn sum_rows(&self, x: &T) -> Result<T> {
         let (rows, cols) = x.rows_cols();
         let v = f32s("sum_rows", "x", x)?;
