@@ -125,6 +125,23 @@ fn run(dev: &Cuda) -> R<Vec<Row>> {
         (128 * 1024 * 4) as f64,
         || dev.softmax_cross_entropy(&logits, &targets).map(drop),
     )?);
+    // Attention forward as issue 5 sizes it: 16k tokens per batch in sequences of 512 to
+    // 8192, 16 heads of dim 64, bf16 (the tensor-core kernel); 4·T·L·d·heads FLOPs.
+    for l in [512usize, 2048, 8192] {
+        let (heads, d) = (16usize, 64usize);
+        let cu: Vec<u32> = (0..=t / l).map(|i| (i * l) as u32).collect();
+        let q = rand(dev, &mut rng, &[t, heads * d], bf)?;
+        let k = rand(dev, &mut rng, &[t, heads * d], bf)?;
+        let v = rand(dev, &mut rng, &[t, heads * d], bf)?;
+        let flops = 4.0 * (t * l * d * heads) as f64;
+        rows.push(bench(
+            dev,
+            &format!("attention fwd bf16 {t} tokens, seq {l}, 16x64"),
+            flops,
+            0.0,
+            || dev.attention(&q, &k, &v, &cu, heads, 0.125).map(drop),
+        )?);
+    }
     // Max-sim as issue 5 sizes it: 32-token queries against 10k passages of 256 tokens at
     // dim 1024 (here 8 queries; the kernel is a naive warp-per-row baseline).
     let (nq, lq, np, lp, d) = (8usize, 32usize, 10_000usize, 256usize, 1024usize);

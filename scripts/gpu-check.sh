@@ -141,6 +141,9 @@ run() {
       gpu_*) step "bench-$(basename "$t")" 600 "$t" ;;
     esac
   done
+  if python3 -c "import torch" >/dev/null 2>&1; then
+    step bench-sdpa-peer 300 python3 "$root/scripts/bench_sdpa.py"
+  fi
   echo
   echo "================ summary ================"
   cat "$logs/machine.log" | head -3

@@ -459,9 +459,10 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         }),
         device: DeviceCheck::Full,
     });
-    // Attention, the rows split into up to three sequences (an empty one possible): two
-    // heads of dim 32, and three heads of dim 8 (CUDA leaves lanes idle for small heads).
-    for (heads, head_dim) in [(2usize, 32usize), (3, 8)] {
+    // Attention, the rows split into up to three sequences (an empty one possible): head
+    // dims 32, 64 and 128 (the tensor-core kernel's in bf16 on CUDA) and 8 (CUDA's naive
+    // kernel, lanes idle).
+    for (heads, head_dim) in [(2usize, 32usize), (1, 64), (1, 128), (3, 8)] {
         let hidden = heads * head_dim;
         let cut1 = rng.below(m as u32 + 1);
         let cut2 = cut1 + rng.below(m as u32 - cut1 + 1);

@@ -708,7 +708,36 @@ impl Backend for Cuda {
         let inst = attention_instance(OP, head_dim)?;
         let mut out = self.alloc(&[t, hidden], q.dtype())?;
         let mut lse = self.alloc(&[t, heads], DType::F32)?;
-        if t > 0 {
+        // bf16 with a whole head dim of 32, 64 or 128: the tensor-core kernel (flash.cu);
+        // otherwise, or with M3_ATTENTION=naive, the one-warp-per-row baseline.
+        let flash = q.dtype() == DType::BF16
+            && head_dim == inst
+            && std::env::var("M3_ATTENTION").as_deref() != Ok("naive");
+        if t > 0 && flash {
+            let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
+            let mut tiles = Vec::new();
+            for (s, w) in cu_seqlens.windows(2).enumerate() {
+                for start in (w[0]..w[1]).step_by(64) {
+                    tiles.extend([s as u32, start]);
+                }
+            }
+            let n_tiles = tiles.len() / 2;
+            let tiles = self.upload(HostData::U32(&tiles), &[tiles.len()])?;
+            let f = self.func("flash", &format!("attention_fwd_flash_d{inst}_bf16"))?;
+            let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+            let h = to_i32(OP, "heads", heads)?;
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(OP, "query tiles", n_tiles)? as u32, h as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                f,
+                cfg,
+                [q, k, v, &mut out, &mut lse, &tiles, &cu, &nseq, &h, &scale]
+            )?;
+        } else if t > 0 {
             let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
             let f = self.func(
                 "attention",

@@ -1,0 +1,200 @@
+// FlashAttention-2 style forward on packed variable-length batches (non-causal), bf16 in and
+// out, f32 accumulation on tensor cores (mma.sync m16n8k16), online softmax, log-sum-exp
+// written for the backward. Memory is linear in sequence length: any length runs.
+//
+// Shapes: q, k, v, out bf16 [T, heads * D] (head h in columns h*D ..), lse f32 [T, heads]
+// = log sum_j exp(scale * q.k_j) (natural log, as the naive kernel), tiles u32 [2 * ntiles]
+// = (sequence start, query row start) per 64-row query tile, cu u32 [nseq + 1] unused here
+// beyond the tiles (the host builds them from it). Launch: grid (ntiles, heads), 128 threads
+// = 4 warps; warp w owns query rows tile + 16w .. +16; keys stream through shared memory
+// in tiles of 64. D is 32, 64 or 128 (a template argument).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 * g + i (g = group 0..7,
+// i = 0..3). A (16x16, row): a[0] = (g, 2i..2i+1), a[1] = (g+8, 2i..), a[2] = (g, 2i+8..),
+// a[3] = (g+8, 2i+8..). B (16x8, col): b[0] = (k 2i..2i+1, n g), b[1] = (k 2i+8.., n g).
+// C (16x8 f32): c[0..1] = (g, 2i..2i+1), c[2..3] = (g+8, 2i..2i+1). The S = QK^T
+// accumulator of two adjacent key n-tiles is exactly the A fragment of P for P V.
+#include "common.cuh"
+
+#define KT 64  // keys per tile
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t load_pair(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Two bf16 from different rows (same column) packed into one register.
+__device__ __forceinline__ uint32_t gather_pair(const bf16* lo, const bf16* hi) {
+  __nv_bfloat162 v;
+  v.x = *lo;
+  v.y = *hi;
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int D>
+__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, bf16* __restrict__ out,
+                          float* __restrict__ lse, const uint32_t* __restrict__ tiles,
+                          const uint32_t* __restrict__ cu, int nseq, int heads, float scale) {
+  // Shared K and V tiles, rows padded by 8 bf16 so the column-wise V reads spread over banks.
+  __shared__ __align__(16) bf16 ks[KT][D + 8];
+  __shared__ __align__(16) bf16 vs[KT][D + 8];
+  const int h = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, i = lane % 4;
+  const int hidden = heads * D;
+  const uint32_t seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
+  const uint32_t s0 = cu[seq], s1 = cu[seq + 1];
+  const int64_t col0 = (int64_t)h * D;
+  // This warp's two query rows per lane (g and g + 8 of its 16).
+  const uint32_t r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+  const bool ok_lo = r_lo < s1, ok_hi = r_hi < s1;
+
+  // Q fragments for all D / 16 k-steps, zero for rows past the sequence.
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * i;
+    const bf16* lo = q + (int64_t)r_lo * hidden + col0 + c;
+    const bf16* hi = q + (int64_t)r_hi * hidden + col0 + c;
+    qa[kk][0] = ok_lo ? load_pair(lo) : 0u;
+    qa[kk][1] = ok_hi ? load_pair(hi) : 0u;
+    qa[kk][2] = ok_lo ? load_pair(lo + 8) : 0u;
+    qa[kk][3] = ok_hi ? load_pair(hi + 8) : 0u;
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+
+  for (uint32_t k0 = s0; k0 < s1; k0 += KT) {
+    __syncthreads();  // the previous tile's readers are done
+    // Cooperative load of K and V rows k0 .. k0 + KT (zeros past the sequence), 8 bf16 per
+    // thread per step.
+    for (int e = threadIdx.x * 8; e < KT * D; e += 128 * 8) {
+      const int r = e / D, c = e % D;
+      const uint32_t key = k0 + r;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (key < s1) {
+        kv = *reinterpret_cast<const uint4*>(k + (int64_t)key * hidden + col0 + c);
+        vv = *reinterpret_cast<const uint4*>(v + (int64_t)key * hidden + col0 + c);
+      }
+      *reinterpret_cast<uint4*>(&ks[r][c]) = kv;
+      *reinterpret_cast<uint4*>(&vs[r][c]) = vv;
+    }
+    __syncthreads();
+    // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
+    float s[KT / 8][4];
+#pragma unroll
+    for (int n = 0; n < KT / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const bf16* kr = &ks[n * 8 + g][kk * 16 + 2 * i];
+        mma_bf16(s[n], qa[kk], load_pair(kr), load_pair(kr + 8));
+      }
+    }
+    // Scale, mask keys past the sequence, and the online softmax per row.
+    float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+    for (int n = 0; n < KT / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t key = k0 + n * 8 + 2 * i + (e & 1);
+        s[n][e] = key < s1 ? s[n][e] * scale : -INFINITY;
+      }
+      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+    }
+    // The four lanes of a group hold one row's columns.
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float corr_lo = expf(m_lo - mx_lo), corr_hi = expf(m_hi - mx_hi);
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int n = 0; n < KT / 8; ++n) {
+      s[n][0] = expf(s[n][0] - mx_lo);
+      s[n][1] = expf(s[n][1] - mx_lo);
+      s[n][2] = expf(s[n][2] - mx_hi);
+      s[n][3] = expf(s[n][3] - mx_hi);
+      sum_lo += s[n][0] + s[n][1];
+      sum_hi += s[n][2] + s[n][3];
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, off);
+      sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, off);
+    }
+    l_lo = l_lo * corr_lo + sum_lo;
+    l_hi = l_hi * corr_hi + sum_hi;
+    m_lo = mx_lo;
+    m_hi = mx_hi;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= corr_lo;
+      o[n][1] *= corr_lo;
+      o[n][2] *= corr_hi;
+      o[n][3] *= corr_hi;
+    }
+    // O += P V: P's A fragments from pairs of S n-tiles; V as the B operand (k = key,
+    // n = d), gathered column-wise from shared memory.
+#pragma unroll
+    for (int kk = 0; kk < KT / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const int kr = kk * 16 + 2 * i;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int dc = n * 8 + g;
+        uint32_t b0 = gather_pair(&vs[kr][dc], &vs[kr + 1][dc]);
+        uint32_t b1 = gather_pair(&vs[kr + 8][dc], &vs[kr + 9][dc]);
+        mma_bf16(o[n], pa, b0, b1);
+      }
+    }
+  }
+  // Normalise and store; rows past the sequence are not written.
+  const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * i;
+    if (ok_lo)
+      *reinterpret_cast<uint32_t*>(out + (int64_t)r_lo * hidden + col0 + c) =
+          pack_bf16(o[n][0] * inv_lo, o[n][1] * inv_lo);
+    if (ok_hi)
+      *reinterpret_cast<uint32_t*>(out + (int64_t)r_hi * hidden + col0 + c) =
+          pack_bf16(o[n][2] * inv_hi, o[n][3] * inv_hi);
+  }
+  if (i == 0) {
+    if (ok_lo) lse[(int64_t)r_lo * heads + h] = m_lo + logf(l_lo);
+    if (ok_hi) lse[(int64_t)r_hi * heads + h] = m_hi + logf(l_hi);
+  }
+}
+
+#define INSTANTIATE(D)                                                                     \
+  extern "C" __global__ void __launch_bounds__(128)                                        \
+      attention_fwd_flash_d##D##_bf16(const bf16* q, const bf16* k, const bf16* v,         \
+                                      bf16* out, float* lse, const uint32_t* tiles,        \
+                                      const uint32_t* cu, int nseq, int heads, float scale) { \
+    flash_fwd<D>(q, k, v, out, lse, tiles, cu, nseq, heads, scale);                        \
+  }
+INSTANTIATE(32)
+INSTANTIATE(64)
+INSTANTIATE(128)
