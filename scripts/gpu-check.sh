@@ -3,10 +3,12 @@
 #
 #   scripts/gpu-check.sh build        makes gpu-bundle/ (release m3, GPU test and bench
 #                                     binaries, stripped; gitignored; under 64 MiB)
-#   scripts/gpu-check.sh run LOGDIR   runs every GPU test and benchmark from gpu-bundle/,
+#   scripts/gpu-check.sh run LOGDIR [all|tests|bench]
+#                                     runs the GPU tests and/or benchmarks from gpu-bundle/,
 #                                     full logs into LOGDIR, a summary table last
 #
-# On the device machine: carry gpu-bundle and run `bash scripts/gpu-check.sh run $OUT`.
+# On the device machine: carry gpu-bundle and run `bash scripts/gpu-check.sh run $OUT tests`
+# (then `... bench` in a second call if the session's device time allows).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bundle="$root/gpu-bundle"
@@ -95,7 +97,11 @@ PY
 }
 
 run() {
-  local logs="${1:?usage: gpu-check.sh run LOGDIR}"
+  local logs="${1:?usage: gpu-check.sh run LOGDIR [all|tests|bench]}"
+  # A device session has minutes, not hours: `tests` (kernels, selfcheck, GPU tests,
+  # sanitizers) and `bench` (op benchmarks, SDPA peer, end-to-end encode) can go in
+  # separate calls.
+  local what="${2:-all}"
   mkdir -p "$logs"
   [ -d "$bundle" ] || { echo "error: no gpu-bundle/ (run 'gpu-check.sh build' first and carry it)" >&2; exit 1; }
   find_libs
@@ -124,9 +130,10 @@ run() {
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   } >"$logs/machine.log"
   cat "$logs/machine.log"
+  local t
+  if [ "$what" != bench ]; then
   step kernels 60 "$bundle/bin/m3" kernels
   step selfcheck 300 "$bundle/bin/m3" selfcheck --device cuda
-  local t
   for t in "$bundle"/tests/*; do
     step "test-$(basename "$t")" 600 "$t" --test-threads=4
   done
@@ -136,6 +143,8 @@ run() {
     step racecheck-cuda_ops 600 compute-sanitizer --tool racecheck --error-exitcode 1 \
       "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
   fi
+  fi
+  if [ "$what" != tests ]; then
   for t in "$bundle"/benches/*; do
     case "$(basename "$t")" in
       gpu_*) step "bench-$(basename "$t")" 600 "$t" ;;
@@ -143,6 +152,23 @@ run() {
   done
   if python3 -c "import torch" >/dev/null 2>&1; then
     step bench-sdpa-peer 300 python3 "$root/scripts/bench_sdpa.py"
+  fi
+  # End-to-end encode on a random model of BGE-M3's full shape, m3 (bf16) next to HF
+  # transformers XLMRobertaModel (bf16, SDPA) on the same weights and token ids.
+  local model enc
+  model="$(mktemp -d)/bench-model"
+  step bench-make-model 300 "$bundle/bin/m3" bench make-model --out "$model"
+  for enc in uniform:512 mixed:16-8192; do
+    local tag="${enc//[:]/-}"
+    step "bench-encode-m3-$tag" 300 "$bundle/bin/m3" bench encode --model "$model" \
+      --lengths "$enc" --tokens 65536 --batch-tokens 16384 --device cuda \
+      --save-inputs "$logs/ids-$tag.json"
+    if python3 -c "import transformers" >/dev/null 2>&1; then
+      step "bench-encode-torch-$tag" 300 python3 "$root/scripts/bench_torch.py" --model "$model" \
+        --inputs "$logs/ids-$tag.json" --device cuda --dtype bfloat16 --batch-size 32 --sort
+    fi
+  done
+  rm -rf "$model"
   fi
   echo
   echo "================ summary ================"
@@ -154,5 +180,5 @@ run() {
 case "${1:-}" in
   build) build ;;
   run) shift; run "$@" ;;
-  *) echo "usage: $0 build | run LOGDIR" >&2; exit 2 ;;
+  *) echo "usage: $0 build | run LOGDIR [all|tests|bench]" >&2; exit 2 ;;
 esac
