@@ -84,6 +84,76 @@ __device__ void layernorm_bwd_params(const T* __restrict__ dy, const T* __restri
   pb[(int64_t)blockIdx.y * cols + c] = b;
 }
 
+// Fused inference forms (no statistics kept). Both compute the row in f32 and round once.
+// Launch (both): one warp per row, 8 warps (256 threads) per block, grid ceil(rows / 8);
+// the row is re-read per pass (a 1024-wide row stays in L1).
+//
+// add_layernorm: y = LayerNorm(a + b), a, b, y [rows, cols].
+template <typename T>
+__device__ void add_layernorm_fwd(const T* __restrict__ a, const T* __restrict__ b,
+                                  const T* __restrict__ gamma, const T* __restrict__ beta,
+                                  T* __restrict__ y, int rows, int cols, float eps) {
+  int row = blockIdx.x * 8 + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int64_t o = (int64_t)row * cols;
+  float s = 0.f;
+  for (int c = lane; c < cols; c += 32) s += to_f(a[o + c]) + to_f(b[o + c]);
+  float m = warp_sum(s) / cols;
+  float v = 0.f;
+  for (int c = lane; c < cols; c += 32) {
+    float d = to_f(a[o + c]) + to_f(b[o + c]) - m;
+    v += d * d;
+  }
+  float rs = rsqrtf(warp_sum(v) / cols + eps);
+  for (int c = lane; c < cols; c += 32)
+    y[o + c] = from_f<T>((to_f(a[o + c]) + to_f(b[o + c]) - m) * rs * to_f(gamma[c]) +
+                         to_f(beta[c]));
+}
+
+// embed_layernorm: y[r] = LayerNorm(word[ids[r]] + position[positions[r]] + type0), tables
+// [*, cols], ids and positions u32 [rows] (validated on the host), y [rows, cols].
+template <typename T>
+__device__ void embed_layernorm_fwd(const T* __restrict__ word, const T* __restrict__ position,
+                                    const T* __restrict__ type0, const uint32_t* __restrict__ ids,
+                                    const uint32_t* __restrict__ positions,
+                                    const T* __restrict__ gamma, const T* __restrict__ beta,
+                                    T* __restrict__ y, int rows, int cols, float eps) {
+  int row = blockIdx.x * 8 + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* w = word + (int64_t)ids[row] * cols;
+  const T* p = position + (int64_t)positions[row] * cols;
+  float s = 0.f;
+  for (int c = lane; c < cols; c += 32) s += to_f(w[c]) + to_f(p[c]) + to_f(type0[c]);
+  float m = warp_sum(s) / cols;
+  float v = 0.f;
+  for (int c = lane; c < cols; c += 32) {
+    float d = to_f(w[c]) + to_f(p[c]) + to_f(type0[c]) - m;
+    v += d * d;
+  }
+  float rs = rsqrtf(warp_sum(v) / cols + eps);
+  T* yr = y + (int64_t)row * cols;
+  for (int c = lane; c < cols; c += 32)
+    yr[c] = from_f<T>((to_f(w[c]) + to_f(p[c]) + to_f(type0[c]) - m) * rs * to_f(gamma[c]) +
+                      to_f(beta[c]));
+}
+
+#define INSTANTIATE_FUSED(SUF, T)                                                            \
+  extern "C" __global__ void add_layernorm_fwd_##SUF(const T* a, const T* b, const T* gamma, \
+                                                     const T* beta, T* y, int rows, int cols, \
+                                                     float eps) {                             \
+    add_layernorm_fwd<T>(a, b, gamma, beta, y, rows, cols, eps);                             \
+  }                                                                                          \
+  extern "C" __global__ void embed_layernorm_fwd_##SUF(                                      \
+      const T* word, const T* position, const T* type0, const uint32_t* ids,                 \
+      const uint32_t* positions, const T* gamma, const T* beta, T* y, int rows, int cols,    \
+      float eps) {                                                                           \
+    embed_layernorm_fwd<T>(word, position, type0, ids, positions, gamma, beta, y, rows, cols, \
+                           eps);                                                             \
+  }
+FOR_FLOAT_TYPES(INSTANTIATE_FUSED)
+
 #define INSTANTIATE(SUF, T)                                                              \
   extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const T* gamma, const T* beta, \
                                                  T* y, float* mean, float* rstd, int rows,  \

@@ -257,3 +257,79 @@ fn training_on_the_gpu_follows_the_cpu_loss_curve() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fused_layernorms_match_the_cpu_composition() {
+    // add_layernorm and embed_layernorm (fused on CUDA) against the CPU's add / gather +
+    // layernorm, on inputs rounded to bf16 first so both sides see the same values.
+    use m3::backend::cpu::Cpu;
+    use m3::gradcheck::Rng;
+    let Some(dev) = gpu() else { return };
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, cols, vocab) in [(1usize, 32usize, 5u32), (17, 1024, 300), (2049, 64, 1000)] {
+            let mut rng = Rng::new(rows as u64);
+            let mut r = |n: usize, lo: f32, hi: f32| round(rng.vec(n, lo, hi));
+            let (a, b) = (r(rows * cols, -2.0, 2.0), r(rows * cols, -2.0, 2.0));
+            let (g, be) = (r(cols, 0.5, 1.5), r(cols, -0.5, 0.5));
+            let word = r(vocab as usize * cols, -1.0, 1.0);
+            let pos = r(64 * cols, -1.0, 1.0);
+            let ty = r(cols, -1.0, 1.0);
+            let mut rng = Rng::new(9);
+            let ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab)).collect();
+            let positions: Vec<u32> = (0..rows).map(|_| rng.below(64)).collect();
+            fn run<B: Backend>(
+                be_: &B,
+                dtype: DType,
+                t: &[(&[f32], Vec<usize>)],
+                ids: &[u32],
+                positions: &[u32],
+            ) -> (Vec<f32>, Vec<f32>) {
+                let up = |(v, s): &(&[f32], Vec<usize>)| {
+                    be_.cast(&be_.upload(HostData::F32(v), s).unwrap(), dtype)
+                        .unwrap()
+                };
+                let [a, b, g, beta, word, pos, ty] = [0, 1, 2, 3, 4, 5, 6].map(|i| up(&t[i]));
+                let ids = be_.upload(HostData::U32(ids), &[ids.len()]).unwrap();
+                let positions = be_
+                    .upload(HostData::U32(positions), &[positions.len()])
+                    .unwrap();
+                let y1 = be_.add_layernorm(&a, &b, &g, &beta, 1e-5).unwrap();
+                let y2 = be_
+                    .embed_layernorm(&word, &pos, &ty, &ids, &positions, &g, &beta, 1e-5)
+                    .unwrap();
+                (be_.to_vec_f32(&y1).unwrap(), be_.to_vec_f32(&y2).unwrap())
+            }
+            let tensors: Vec<(&[f32], Vec<usize>)> = vec![
+                (&a, vec![rows, cols]),
+                (&b, vec![rows, cols]),
+                (&g, vec![cols]),
+                (&be, vec![cols]),
+                (&word, vec![vocab as usize, cols]),
+                (&pos, vec![64, cols]),
+                (&ty, vec![1, cols]),
+            ];
+            let want = run(&Cpu, DType::F32, &tensors, &ids, &positions);
+            let got = run(&dev, dtype, &tensors, &ids, &positions);
+            for (name, w, gv) in [
+                ("add_layernorm", &want.0, &got.0),
+                ("embed_layernorm", &want.1, &got.1),
+            ] {
+                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+                let worst = w
+                    .iter()
+                    .zip(gv)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst as f64 <= cross_tolerance(dtype) * scale as f64,
+                    "{name} {dtype} {rows}x{cols}: off by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+}

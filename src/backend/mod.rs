@@ -101,6 +101,45 @@ pub trait Backend: Sized + Send + Sync {
         beta: &Tensor<Self>,
         eps: f32,
     ) -> Result<LayerNormOut<Self>>;
+    /// Inference's residual block end: `LayerNorm(a + b)`, no statistics kept. The default
+    /// composes [`Backend::add`] and [`Backend::layernorm`] (the reference); CUDA fuses it
+    /// into one pass that also skips rounding the sum to bf16.
+    fn add_layernorm(
+        &self,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<Tensor<Self>> {
+        Ok(self.layernorm(&self.add(a, b)?, gamma, beta, eps)?.y)
+    }
+
+    /// Inference's embedding layer: `LayerNorm(word[ids] + position[positions] + type0)`
+    /// (`type0` `[1, D]`, every token type 0). The default composes gathers, adds and
+    /// [`Backend::layernorm`] (the reference); CUDA fuses it into one kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_layernorm(
+        &self,
+        word: &Tensor<Self>,
+        position: &Tensor<Self>,
+        type0: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        positions: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<Tensor<Self>> {
+        let n = ids.numel();
+        let zeros = self.upload(HostData::U32(&vec![0; n]), &[n])?;
+        let x = self.add(
+            &self.embedding(word, ids)?,
+            &self.embedding(position, positions)?,
+        )?;
+        let x = self.add(&x, &self.embedding(type0, &zeros)?)?;
+        Ok(self.layernorm(&x, gamma, beta, eps)?.y)
+    }
+
     /// LayerNorm backward from the saved statistics.
     fn layernorm_backward(
         &self,

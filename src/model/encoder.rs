@@ -24,14 +24,17 @@ pub fn forward<B: Backend>(
     let t = batch.tokens();
     let ids = be.upload(HostData::U32(&batch.ids), &[t])?;
     let pos = be.upload(HostData::U32(&batch.positions), &[t])?;
-    let zeros = be.upload(HostData::U32(&vec![0; t]), &[t])?;
-    let x = be.add(
-        &be.embedding(&w.word, &ids)?,
-        &be.embedding(&w.position, &pos)?,
-    )?;
-    let x = be.add(&x, &be.embedding(&w.token_type0, &zeros)?)?;
     let eps = c.layer_norm_eps;
-    let mut x = be.layernorm(&x, &w.emb_norm.g, &w.emb_norm.b, eps)?.y;
+    let mut x = be.embed_layernorm(
+        &w.word,
+        &w.position,
+        &w.token_type0,
+        &ids,
+        &pos,
+        &w.emb_norm.g,
+        &w.emb_norm.b,
+        eps,
+    )?;
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     for l in &w.layers {
         let q = linear(be, &x, &l.q)?;
@@ -40,14 +43,10 @@ pub fn forward<B: Backend>(
         let (a, _lse) =
             be.attention(&q, &k, &v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
         let o = linear(be, &a, &l.attn_out)?;
-        x = be
-            .layernorm(&be.add(&o, &x)?, &l.attn_norm.g, &l.attn_norm.b, eps)?
-            .y;
+        x = be.add_layernorm(&o, &x, &l.attn_norm.g, &l.attn_norm.b, eps)?;
         let h = be.gelu(&linear(be, &x, &l.ffn_in)?)?;
         let o = linear(be, &h, &l.ffn_out)?;
-        x = be
-            .layernorm(&be.add(&o, &x)?, &l.ffn_norm.g, &l.ffn_norm.b, eps)?
-            .y;
+        x = be.add_layernorm(&o, &x, &l.ffn_norm.g, &l.ffn_norm.b, eps)?;
     }
     Ok(x)
 }

@@ -552,6 +552,79 @@ impl Backend for Cuda {
         Ok(LayerNormOut { y, mean, rstd })
     }
 
+    fn add_layernorm(&self, a: &T, b: &T, gamma: &T, beta: &T, eps: f32) -> Result<T> {
+        const OP: &str = "add_layernorm";
+        check_same(OP, ("a", a), ("b", b))?;
+        let (rows, cols) = layernorm_dims(a, gamma, beta)?;
+        let mut y = self.alloc(a.shape(), a.dtype())?;
+        if rows > 0 {
+            let f = self.func(
+                "layernorm",
+                &format!("add_layernorm_fwd_{}", sfx(a.dtype())),
+            )?;
+            let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+            launch!(
+                self,
+                f,
+                grid_rows(rows),
+                [a, b, gamma, beta, &mut y, &r, &c, &eps]
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn embed_layernorm(
+        &self,
+        word: &T,
+        position: &T,
+        type0: &T,
+        ids: &T,
+        positions: &T,
+        gamma: &T,
+        beta: &T,
+        eps: f32,
+    ) -> Result<T> {
+        const OP: &str = "embed_layernorm";
+        let (_, dim, n) = embedding_dims(word, ids)?;
+        embedding_dims(position, positions)?;
+        check_vec(OP, "positions", positions, n)?;
+        check_same(OP, ("word", word), ("type0", type0))?;
+        self.check_ids_device(OP, ids, word.shape()[0])?;
+        self.check_ids_device(OP, positions, position.shape()[0])?;
+        if type0.shape() != [1, dim]
+            || position.shape()[1] != dim
+            || position.dtype() != word.dtype()
+        {
+            return shape_err(
+                OP,
+                format!(
+                    "position {:?} and type0 {:?} must have the word table's width {dim}",
+                    position.shape(),
+                    type0.shape()
+                ),
+            );
+        }
+        let mut y = self.alloc(&[n, dim], word.dtype())?;
+        for (name, t) in [("gamma", gamma), ("beta", beta)] {
+            check_vec(OP, name, t, dim)?;
+            check_dtype(OP, name, t, word.dtype())?;
+        }
+        if n > 0 {
+            let f = self.func(
+                "layernorm",
+                &format!("embed_layernorm_fwd_{}", sfx(word.dtype())),
+            )?;
+            let (r, c) = (to_i32(OP, "rows", n)?, to_i32(OP, "cols", dim)?);
+            launch!(
+                self,
+                f,
+                grid_rows(n),
+                [word, position, type0, ids, positions, gamma, beta, &mut y, &r, &c, &eps]
+            )?;
+        }
+        Ok(y)
+    }
+
     fn layernorm_backward(
         &self,
         dy: &T,
