@@ -64,3 +64,56 @@ extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __re
                                          int64_t n) {
   GRID_STRIDE(i, n) y[i] = __bfloat162float(x[i]);
 }
+
+// AdamW in place on f32 p, m, v [n] with gradient g [n] (f32 or bf16), the arithmetic of
+// backend::adamw_host: p *= 1 - decay; m, v from g * grad_scale; p -= step_size * m /
+// (sqrt(v) / bc2_sqrt + eps). Launch: 1-D grid-stride over n, 256 threads per block.
+template <typename T>
+__device__ void adamw(float* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
+                      float* __restrict__ v, int64_t n, float grad_scale, float beta1,
+                      float beta2, float eps, float step_size, float bc2_sqrt, float decay) {
+  GRID_STRIDE(i, n) {
+    float gi = to_f(g[i]);
+    if (grad_scale != 1.f) gi = gi * grad_scale;
+    float pi = p[i] * (1.f - decay);
+    float mi = beta1 * m[i] + (1.f - beta1) * gi;
+    float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+    float denom = sqrtf(vi) / bc2_sqrt + eps;
+    p[i] = pi - step_size * mi / denom;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+// Partial sums of squares in f64: block b writes partial[b] (the host adds them in order,
+// so the result does not depend on scheduling). Launch: exactly 256 blocks of 256 threads,
+// grid-stride over n.
+template <typename T>
+__device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict__ partial,
+                                    int64_t n) {
+  __shared__ double acc[256];
+  double s = 0.0;
+  GRID_STRIDE(i, n) {
+    double e = (double)to_f(x[i]);
+    s += e * e;
+  }
+  acc[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc[0];
+}
+
+#define INSTANTIATE_OPT(SUF, T)                                                             \
+  extern "C" __global__ void adamw_##SUF(float* p, const T* g, float* m, float* v, int64_t n, \
+                                         float grad_scale, float beta1, float beta2,          \
+                                         float eps, float step_size, float bc2_sqrt,          \
+                                         float decay) {                                       \
+    adamw<T>(p, g, m, v, n, grad_scale, beta1, beta2, eps, step_size, bc2_sqrt, decay);       \
+  }                                                                                           \
+  extern "C" __global__ void sum_squares_##SUF(const T* x, double* partial, int64_t n) {     \
+    sum_squares_partial<T>(x, partial, n);                                                    \
+  }
+FOR_FLOAT_TYPES(INSTANTIATE_OPT)

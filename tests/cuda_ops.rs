@@ -333,3 +333,44 @@ fn fused_layernorms_match_the_cpu_composition() {
         }
     }
 }
+
+#[test]
+fn adamw_and_sum_of_squares_match_the_host_reference() {
+    use m3::backend::{adamw_host, sum_squares_host, AdamWStep};
+    use m3::gradcheck::Rng;
+    let Some(dev) = gpu() else { return };
+    for n in [1usize, 17, 257, 100_003] {
+        let mut rng = Rng::new(n as u64);
+        let (p, g) = (rng.vec(n, -1.0, 1.0), rng.vec(n, -0.1, 0.1));
+        let (m, v) = (rng.vec(n, -0.01, 0.01), rng.vec(n, 0.0, 0.001));
+        let s = AdamWStep {
+            grad_scale: 0.5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step_size: 1e-3,
+            bc2_sqrt: 0.05,
+            decay: 1e-5,
+        };
+        let (mut hp, mut hm, mut hv) = (p.clone(), m.clone(), v.clone());
+        adamw_host(&mut hp, &g, &mut hm, &mut hv, &s);
+        let up = |x: &[f32]| dev.upload(HostData::F32(x), &[n]).unwrap();
+        let (mut dp, dg, mut dm, mut dv) = (up(&p), up(&g), up(&m), up(&v));
+        dev.adamw(&mut dp, &dg, &mut dm, &mut dv, &s).unwrap();
+        for (name, want, got) in [("p", &hp, &dp), ("m", &hm, &dm), ("v", &hv, &dv)] {
+            let got = dev.to_vec_f32(got).unwrap();
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1e-6))
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "adamw {name} n={n}: relative error {worst}");
+        }
+        let want = sum_squares_host(&g);
+        let got = dev.sum_squares(&dg).unwrap();
+        assert!(
+            (want - got).abs() <= 1e-9 * want,
+            "sum_squares n={n}: {got} vs {want}"
+        );
+    }
+}

@@ -215,7 +215,7 @@ fn resume_continues_bit_identically() {
         .unwrap()
         .masters(&Cpu)
         .unwrap();
-    for (x, y) in a.masters().iter().zip(&fin) {
+    for (x, y) in a.masters_host().unwrap().iter().zip(&fin) {
         assert_eq!(x.name, y.name);
         assert!(
             x.data

@@ -140,6 +140,34 @@ pub trait Backend: Sized + Send + Sync {
         Ok(self.layernorm(&x, gamma, beta, eps)?.y)
     }
 
+    /// One AdamW step in place on f32 tensors of one shape: parameter `p`, gradient `g`
+    /// (times `s.grad_scale`), moments `m` and `v`. The default runs [`adamw_host`] through
+    /// host copies; the CPU runs it in place and CUDA in a kernel of the same arithmetic.
+    fn adamw(
+        &self,
+        p: &mut Tensor<Self>,
+        g: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        s: &AdamWStep,
+    ) -> Result<()> {
+        let (mut pv, gv, mut mv, mut vv) = (
+            self.to_vec_f32(p)?,
+            self.to_vec_f32(g)?,
+            self.to_vec_f32(m)?,
+            self.to_vec_f32(v)?,
+        );
+        adamw_host(&mut pv, &gv, &mut mv, &mut vv, s);
+        self.write_f32(p, &pv)?;
+        self.write_f32(m, &mv)?;
+        self.write_f32(v, &vv)
+    }
+
+    /// `Σ x²` of a float tensor in f64 (gradient-norm clipping), summed in a fixed order.
+    fn sum_squares(&self, x: &Tensor<Self>) -> Result<f64> {
+        Ok(sum_squares_host(&self.to_vec_f32(x)?))
+    }
+
     /// LayerNorm backward from the saved statistics.
     fn layernorm_backward(
         &self,
@@ -598,6 +626,51 @@ pub(crate) fn check_lexical_side<B: Backend>(w: &Tensor<B>, ids: &[u32], cu: &[u
     check_float(OP, "weights", w)?;
     check_vec(OP, "weights", w, ids.len())?;
     check_cu(OP, "cu", cu, ids.len())
+}
+
+/// The scalars of one AdamW step (PyTorch's `torch.optim.AdamW`, see `train::optim`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Multiplier on every gradient element (the clipping factor).
+    pub grad_scale: f32,
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// `lr / (1 - β1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - β2^t)`.
+    pub bc2_sqrt: f32,
+    /// `lr · weight_decay`, or 0 where the parameter gets no decay.
+    pub decay: f32,
+}
+
+/// The AdamW update on host slices, the reference every backend's `adamw` matches:
+/// `p *= 1 - decay`, moments updated with the scaled gradient, then
+/// `p -= step_size · m / (sqrt(v) / bc2_sqrt + eps)`.
+pub fn adamw_host(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+    assert!(p.len() == g.len() && g.len() == m.len() && g.len() == v.len());
+    for i in 0..p.len() {
+        let gi = if s.grad_scale == 1.0 {
+            g[i]
+        } else {
+            g[i] * s.grad_scale
+        };
+        p[i] *= 1.0 - s.decay;
+        m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
+        v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
+        let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
+        p[i] -= s.step_size * m[i] / denom;
+    }
+}
+
+/// `Σ x²` in f64 over chunks of 65536 summed in order (what every backend reproduces).
+pub fn sum_squares_host(x: &[f32]) -> f64 {
+    x.chunks(1 << 16)
+        .map(|c| c.iter().map(|&e| e as f64 * e as f64).sum::<f64>())
+        .sum()
 }
 
 /// One lexical side grouped by token id on the host, for device kernels: each sequence's

@@ -249,15 +249,21 @@ impl Job for TrainBenchArgs {
         use m3::train::forward::{step_grads, StepBatch, StepDropout};
         use m3::train::loss::LossConfig;
         use m3::train::model::TrainModel;
-        use m3::train::optim::Moments;
-        use m3::train::trainer::{adamw_update, global_norm, host_grads};
+        use m3::train::optim::clip_factor;
+        use m3::train::trainer::{adamw_apply, grad_norm};
 
+        // f32 on every backend: the model's tensors are the masters, updated in place.
         let mut model = TrainModel::load(be, &self.model, DType::F32, self.seed)?;
-        let mut masters = model.masters(be)?;
-        let mut moments: Vec<Moments> = masters
-            .iter()
-            .map(|m| Moments::zeros(m.data.len()))
-            .collect();
+        let mut moments = model
+            .named_mut()
+            .into_iter()
+            .map(|(_, t)| {
+                Ok([
+                    be.zeros(t.shape(), DType::F32)?,
+                    be.zeros(t.shape(), DType::F32)?,
+                ])
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let c = model.config.clone();
         let vocab = c.vocab_size;
         let seqs = |n: usize, len: usize, seed: u64| {
@@ -295,19 +301,23 @@ impl Job for TrainBenchArgs {
             let t0 = Instant::now();
             let drop = StepDropout { p: 0.0, seed: 0 };
             let (loss, grads) = step_grads(be, &model, &batch, &cfg, drop, self.sub_batch_size)?;
-            let grads = host_grads(be, grads)?;
-            let norm = global_norm(&grads);
-            adamw_update(
-                &mut masters,
+            let norm = grad_norm(be, &grads)?;
+            let mut named = model.named_mut();
+            let params = named
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), &mut **t))
+                .collect();
+            let clip = clip_factor(norm, 1.0);
+            adamw_apply(
+                be,
+                params,
                 &mut moments,
-                grads,
+                &grads,
                 k as u64 + 1,
                 adamw.lr,
-                norm,
-                1.0,
+                clip,
                 &adamw,
-            );
-            model.refresh(be, &masters)?;
+            )?;
             if k > 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }

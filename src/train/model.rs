@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
@@ -157,26 +157,6 @@ impl<B: Backend> TrainModel<B> {
                 })
             })
             .collect()
-    }
-
-    /// Refreshes the compute tensors from the masters (cast to the compute dtype).
-    pub fn refresh(&mut self, be: &B, masters: &[Master]) -> anyhow::Result<()> {
-        let named = self.named_mut();
-        if named.len() != masters.len() {
-            bail!("{} masters for {} tensors", masters.len(), named.len());
-        }
-        for ((name, t), m) in named.into_iter().zip(masters) {
-            if name != m.name || t.shape() != m.shape.as_slice() {
-                bail!(
-                    "master {} {:?} does not match tensor {name} {:?}",
-                    m.name,
-                    m.shape,
-                    t.shape()
-                );
-            }
-            be.write_f32(t, &m.data)?;
-        }
-        Ok(())
     }
 
     /// Casts every compute tensor to `dtype` (bf16 compute copies on a GPU).

@@ -1,6 +1,8 @@
 //! AdamW with PyTorch's semantics, HF Trainer's learning-rate schedules and gradient-norm
-//! clipping (SPEC §5), on f32 master weights held on the host. The reference the GPU
-//! optimiser kernel (issue 6) will be tested against.
+//! clipping (SPEC §5). The arithmetic itself is `backend::adamw_host`, which every
+//! backend's in-place `adamw` reproduces.
+
+use crate::backend::{adamw_host, AdamWStep};
 
 /// AdamW hyper-parameters (PyTorch defaults but the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -62,8 +64,23 @@ pub fn step(p: &mut [f32], g: &[f32], mo: &mut Moments, t: u64, lr: f32, decay: 
     step_slices(p, g, &mut mo.m, &mut mo.v, t, lr, decay, h);
 }
 
-/// [`step`] on matching slices of a parameter, its gradient and its moments (elementwise,
-/// so a tensor can be split into chunks stepped in parallel with identical results).
+/// The backend scalars of AdamW step `t` (1-based) at rate `lr`, gradients scaled by
+/// `grad_scale` (clipping).
+pub fn step_scalars(t: u64, lr: f32, decay: bool, grad_scale: f32, h: &AdamW) -> AdamWStep {
+    let bc1 = 1.0 - (h.beta1 as f64).powi(t as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(t as i32);
+    AdamWStep {
+        grad_scale,
+        beta1: h.beta1,
+        beta2: h.beta2,
+        eps: h.eps,
+        step_size: (lr as f64 / bc1) as f32,
+        bc2_sqrt: bc2.sqrt() as f32,
+        decay: if decay { lr * h.weight_decay } else { 0.0 },
+    }
+}
+
+/// [`step`] on matching slices of a parameter, its gradient and its moments.
 #[allow(clippy::too_many_arguments)]
 pub fn step_slices(
     p: &mut [f32],
@@ -75,19 +92,7 @@ pub fn step_slices(
     decay: bool,
     h: &AdamW,
 ) {
-    assert!(p.len() == g.len() && g.len() == m.len() && g.len() == v.len());
-    let bc1 = 1.0 - (h.beta1 as f64).powi(t as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(t as i32);
-    let step_size = (lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let wd = if decay { lr * h.weight_decay } else { 0.0 };
-    for i in 0..p.len() {
-        p[i] *= 1.0 - wd;
-        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g[i];
-        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g[i] * g[i];
-        let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-        p[i] -= step_size * m[i] / denom;
-    }
+    adamw_host(p, g, m, v, &step_scalars(t, lr, decay, 1.0, h));
 }
 
 /// A learning-rate schedule over optimiser steps.

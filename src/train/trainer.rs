@@ -17,14 +17,14 @@ use crate::backend::Backend;
 use crate::batch::pack_in_order;
 use crate::model::checkpoint::{read_checkpoint, write_safetensors};
 use crate::model::torch_save::write_torch_state_dict;
-use crate::tensor::DType;
+use crate::tensor::{DType, HostData, Tensor};
 use crate::text::TextTokenizer;
 
 use super::data::{load_all, make_batch, plan_epoch, BatchPlan, Dataset};
 use super::forward::{step_grads, StepBatch, StepDropout};
 use super::loss::{KdLoss, LossConfig, LossValues};
 use super::model::{Master, TrainModel, SIDE_FILES};
-use super::optim::{clip_factor, decays, step_slices, AdamW, Moments, Schedule};
+use super::optim::{clip_factor, decays, step_scalars, AdamW, Moments, Schedule};
 
 /// FlagEmbedding's per-bucket batch sizes for group size 8 on an 80 GB card (SPEC §6); the
 /// per-device batch size is bucket 0's, longer buckets scale by this table.
@@ -194,8 +194,11 @@ pub struct Trainer<'a, B: Backend> {
     be: &'a B,
     opts: TrainOptions,
     model: TrainModel<B>,
-    masters: Vec<Master>,
-    moments: Vec<Moments>,
+    /// f32 masters when compute runs in another dtype (bf16 on a GPU); `None` when the
+    /// model's own f32 tensors are the masters (no copy).
+    masters: Option<Vec<Tensor<B>>>,
+    /// AdamW moments `[m, v]` per trainable tensor, f32, on the backend.
+    moments: Vec<[Tensor<B>; 2]>,
     tokenizer: TextTokenizer,
     datasets: Vec<Dataset>,
     max_lens: Vec<Vec<usize>>,
@@ -392,26 +395,45 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .as_ref()
             .map(|(d, _)| d.clone())
             .unwrap_or_else(|| opts.model.clone());
-        let (mut model, masters, moments, state) = match resumed {
+        let (mut model, host_moments, state) = match resumed {
             Some((_, r)) => r,
             None => {
-                let mut model = TrainModel::load(be, &opts.model, DType::F32, opts.seed)?;
-                let masters = model.masters(be)?;
-                let moments = masters
-                    .iter()
-                    .map(|m| Moments::zeros(m.data.len()))
-                    .collect();
+                let model = TrainModel::load(be, &opts.model, DType::F32, opts.seed)?;
                 let state = TrainState {
                     step: 0,
                     epoch: 0,
                     index: 0,
                 };
-                (model, masters, moments, state)
+                (model, None, state)
             }
         };
-        if dtype != DType::F32 {
-            model.cast(be, dtype)?;
+        let mut moments = Vec::new();
+        for (k, (_, t)) in model.named_mut().into_iter().enumerate() {
+            moments.push(match &host_moments {
+                Some(h) => {
+                    let mo: &Moments = &h[k];
+                    [
+                        be.upload(HostData::F32(&mo.m), t.shape())?,
+                        be.upload(HostData::F32(&mo.v), t.shape())?,
+                    ]
+                }
+                None => [
+                    be.zeros(t.shape(), DType::F32)?,
+                    be.zeros(t.shape(), DType::F32)?,
+                ],
+            });
         }
+        let masters = if dtype == DType::F32 {
+            None
+        } else {
+            let copies = model
+                .named_mut()
+                .into_iter()
+                .map(|(_, t)| be.cast(t, DType::F32))
+                .collect::<Result<Vec<_>, _>>()?;
+            model.cast(be, dtype)?;
+            Some(copies)
+        };
         let tokenizer = TextTokenizer::from_dir(&source)?;
         let sp = tokenizer.specials;
         let excluded: Vec<u32> = [Some(sp.cls), Some(sp.eos), sp.pad, sp.unk]
@@ -487,7 +509,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         })
     }
 
-    /// Reads a checkpoint written by [`Trainer::save_checkpoint`]: model, masters, AdamW
+    /// Reads a checkpoint written by [`Trainer::save_checkpoint`]: model (f32), AdamW
     /// moments and state, after checking it came from a run with these settings.
     #[allow(clippy::type_complexity)]
     fn read_checkpoint_dir(
@@ -495,7 +517,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         dir: &Path,
         now: &serde_json::Value,
         seed: u64,
-    ) -> anyhow::Result<(TrainModel<B>, Vec<Master>, Vec<Moments>, TrainState)> {
+    ) -> anyhow::Result<(TrainModel<B>, Option<Vec<Moments>>, TrainState)> {
         let path = dir.join("trainer_state.json");
         let saved: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
@@ -515,7 +537,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut model = TrainModel::load(be, dir, DType::F32, seed)?;
         let masters = model.masters(be)?;
         let moments = read_moments(&dir.join("optimizer.safetensors"), &masters)?;
-        Ok((model, masters, moments, state))
+        Ok((model, Some(moments), state))
     }
 
     /// Optimiser steps this run takes in all.
@@ -533,9 +555,30 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.state.step >= self.total
     }
 
-    /// The f32 master weights.
-    pub fn masters(&self) -> &[Master] {
-        &self.masters
+    /// The f32 master weights, copied to the host.
+    pub fn masters_host(&mut self) -> anyhow::Result<Vec<Master>> {
+        let be = self.be;
+        let names: Vec<String> = self.model.named_mut().into_iter().map(|(n, _)| n).collect();
+        let tensors: Vec<&Tensor<B>> = match &self.masters {
+            Some(m) => m.iter().collect(),
+            None => self
+                .model
+                .named_mut()
+                .into_iter()
+                .map(|(_, t)| &*t)
+                .collect(),
+        };
+        names
+            .into_iter()
+            .zip(tensors)
+            .map(|(name, t)| {
+                Ok(Master {
+                    shape: t.shape().to_vec(),
+                    data: be.to_vec_f32(t)?,
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// Runs one optimiser step. A non-finite loss or gradient is an error naming the step;
@@ -610,8 +653,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let (loss, grads) = step_grads(self.be, &self.model, &batch, &cfg, dropout, o.sub_batch)
             .with_context(|| format!("step {}", k + 1))?;
-        let grads = host_grads(self.be, grads)?;
-        let norm = global_norm(&grads);
+        let norm = grad_norm(self.be, &grads)?;
         if !loss.loss.is_finite() || !norm.is_finite() {
             let last = match &self.last_checkpoint {
                 Some(c) => format!("the last good checkpoint is {}", c.display()),
@@ -626,17 +668,52 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let lr = o.adamw.lr * self.schedule.factor(k);
         let tokens = batch.q.tokens() + batch.p.tokens();
-        adamw_update(
-            &mut self.masters,
-            &mut self.moments,
-            grads,
-            k + 1,
-            lr,
-            norm,
-            o.max_grad_norm,
-            &o.adamw,
-        );
-        self.model.refresh(self.be, &self.masters)?;
+        let clip = if o.max_grad_norm > 0.0 {
+            clip_factor(norm, o.max_grad_norm)
+        } else {
+            1.0
+        };
+        let be = self.be;
+        let mut named = self.model.named_mut();
+        match &mut self.masters {
+            None => {
+                let params = named
+                    .iter_mut()
+                    .map(|(n, t)| (n.as_str(), &mut **t))
+                    .collect();
+                adamw_apply(
+                    be,
+                    params,
+                    &mut self.moments,
+                    &grads,
+                    k + 1,
+                    lr,
+                    clip,
+                    &o.adamw,
+                )?;
+            }
+            Some(masters) => {
+                let params = named
+                    .iter()
+                    .zip(masters.iter_mut())
+                    .map(|((n, _), m)| (n.as_str(), m))
+                    .collect();
+                adamw_apply(
+                    be,
+                    params,
+                    &mut self.moments,
+                    &grads,
+                    k + 1,
+                    lr,
+                    clip,
+                    &o.adamw,
+                )?;
+                // Compute copies refreshed from the updated masters, on the device.
+                for ((_, t), m) in named.iter_mut().zip(masters.iter()) {
+                    **t = be.cast(m, t.dtype())?;
+                }
+            }
+        }
         self.state.step += 1;
         self.state.index += 1;
         Ok(StepReport {
@@ -652,16 +729,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Writes a checkpoint `checkpoint-N` (model files, optimiser and trainer state) into
     /// the output directory, under a temporary name renamed into place when complete.
     pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
-        let out = &self.opts.output_dir;
+        let out = &self.opts.output_dir.clone();
         let name = format!("checkpoint-{}", self.state.step);
         let tmp = out.join(format!(".{name}.tmp"));
         let dst = out.join(&name);
         fresh_dir(&tmp)?;
-        self.write_model(&tmp)?;
+        let masters = self.masters_host()?;
+        self.write_model(&tmp, &masters)?;
+        let moments: Vec<[Vec<f32>; 2]> = self
+            .moments
+            .iter()
+            .map(|[m, v]| Ok([self.be.to_vec_f32(m)?, self.be.to_vec_f32(v)?]))
+            .collect::<anyhow::Result<_>>()?;
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-        for (m, mo) in self.masters.iter().zip(&self.moments) {
-            tensors.push((format!("exp_avg.{}", m.name), m.shape.clone(), &mo.m));
-            tensors.push((format!("exp_avg_sq.{}", m.name), m.shape.clone(), &mo.v));
+        for (m, [em, ev]) in masters.iter().zip(&moments) {
+            tensors.push((format!("exp_avg.{}", m.name), m.shape.clone(), em));
+            tensors.push((format!("exp_avg_sq.{}", m.name), m.shape.clone(), ev));
         }
         write_safetensors(&tmp.join("optimizer.safetensors"), &tensors)?;
         let state = json!({
@@ -693,11 +776,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Writes the trained model into the output directory itself (each file renamed into
     /// place once written).
-    pub fn save_final(&self) -> anyhow::Result<()> {
+    pub fn save_final(&mut self) -> anyhow::Result<()> {
+        let masters = self.masters_host()?;
         let out = &self.opts.output_dir;
         let tmp = out.join(".final.tmp");
         fresh_dir(&tmp)?;
-        self.write_model(&tmp)?;
+        self.write_model(&tmp, &masters)?;
         sync_dir_files(&tmp)?;
         for e in std::fs::read_dir(&tmp)? {
             let e = e?;
@@ -712,11 +796,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// The published layout: model.safetensors (PyTorch's names and `[out, in]` linear
     /// weights), `colbert_linear.pt` and `sparse_linear.pt`, and the source's config and
     /// tokenizer files.
-    fn write_model(&self, dir: &Path) -> anyhow::Result<()> {
+    fn write_model(&self, dir: &Path, masters: &[Master]) -> anyhow::Result<()> {
         let h = self.model.config.hidden_size;
         let mut encoder: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         let mut heads: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for m in &self.masters {
+        for m in masters {
             let (shape, data) = m.torch_layout();
             if m.name == "embeddings.token_type_embeddings.weight" {
                 let mut all = data;
@@ -768,76 +852,38 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 }
 
-/// Every gradient copied to the host (`None` stays `None`).
-pub fn host_grads<B: Backend>(
-    be: &B,
-    grads: Vec<Option<crate::tensor::Tensor<B>>>,
-) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
-    Ok(grads
-        .into_iter()
-        .map(|g| g.map(|g| be.take_vec_f32(g)).transpose())
-        .collect::<Result<_, _>>()?)
+/// The global L2 norm of all gradients: each tensor's `Σ g²` in f64 on its backend, added
+/// in tensor order (the same bits on any thread count).
+pub fn grad_norm<B: Backend>(be: &B, grads: &[Option<Tensor<B>>]) -> anyhow::Result<f64> {
+    let mut total = 0f64;
+    for g in grads.iter().flatten() {
+        total += be.sum_squares(g)?;
+    }
+    Ok(total.sqrt())
 }
 
-/// The global L2 norm of all gradients (f64 accumulation, as `clip_grad_norm_` in f32 would
-/// be less exact).
-pub fn global_norm(grads: &[Option<Vec<f32>>]) -> f64 {
-    // Per-chunk sums in parallel, added in a fixed order: the same bits on any thread count.
-    let parts: Vec<f64> = grads
-        .iter()
-        .flatten()
-        .flat_map(|g| g.chunks(1 << 16))
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-        .collect();
-    parts.iter().sum::<f64>().sqrt()
-}
-
-/// Clips by `norm` to `max_grad_norm` (0: no clipping) and takes AdamW step `t` (1-based)
-/// at rate `lr` on every master that has a gradient; a weight the loss does not reach gets
-/// no update, as PyTorch skips parameters whose `grad` is `None`.
+/// AdamW step `t` (1-based) at rate `lr` on every parameter that has a gradient, gradients
+/// scaled by `clip`, in place on the backend; a parameter the loss does not reach gets no
+/// update, as PyTorch skips parameters whose `grad` is `None`.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_update(
-    masters: &mut [Master],
-    moments: &mut [Moments],
-    grads: Vec<Option<Vec<f32>>>,
+pub fn adamw_apply<B: Backend>(
+    be: &B,
+    params: Vec<(&str, &mut Tensor<B>)>,
+    moments: &mut [[Tensor<B>; 2]],
+    grads: &[Option<Tensor<B>>],
     t: u64,
     lr: f32,
-    norm: f64,
-    max_grad_norm: f64,
+    clip: f32,
     h: &AdamW,
-) {
-    let clip = if max_grad_norm > 0.0 {
-        clip_factor(norm, max_grad_norm)
-    } else {
-        1.0
-    };
-    // Chunks of every tensor (the word embeddings alone are 192M values in BGE-M3) so all
-    // threads share the work; the update is elementwise, so results do not depend on it.
-    const CHUNK: usize = 1 << 18;
-    let mut work = Vec::new();
-    for ((m, mo), g) in masters.iter_mut().zip(moments.iter_mut()).zip(grads) {
-        let Some(mut g) = g else { continue };
-        if clip != 1.0 {
-            g.par_iter_mut().for_each(|x| *x *= clip);
-        }
-        let decay = decays(&m.name);
-        let g: std::sync::Arc<Vec<f32>> = std::sync::Arc::new(g);
-        for (k, ((p, mm), vv)) in m
-            .data
-            .chunks_mut(CHUNK)
-            .zip(mo.m.chunks_mut(CHUNK))
-            .zip(mo.v.chunks_mut(CHUNK))
-            .enumerate()
-        {
-            work.push((p, mm, vv, g.clone(), k * CHUNK, decay));
+) -> anyhow::Result<()> {
+    for (((name, p), [m, v]), g) in params.into_iter().zip(moments.iter_mut()).zip(grads) {
+        if let Some(g) = g {
+            let s = step_scalars(t, lr, decays(name), clip, h);
+            be.adamw(p, g, m, v, &s)
+                .with_context(|| format!("AdamW on {name}"))?;
         }
     }
-    work.into_par_iter().for_each(|(p, m, v, g, at, decay)| {
-        let n = p.len();
-        step_slices(p, &g[at..at + n], m, v, t, lr, decay, h);
-    });
+    Ok(())
 }
 
 /// An empty directory at `dir` (an old one, say from a crash mid-write, is removed).

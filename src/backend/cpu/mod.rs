@@ -13,9 +13,10 @@ use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    attention_dims, check_dtype, check_float, check_ids, check_lexical_side, check_same, check_vec,
-    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
-    maxsim_dims, Backend, LayerNormGrads, LayerNormOut, LexicalSide,
+    adamw_host, attention_dims, check_dtype, check_float, check_ids, check_lexical_side,
+    check_same, check_vec, cross_entropy_dims, embedding_dims, layernorm_backward_dims,
+    layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut,
+    LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -242,6 +243,38 @@ impl Backend for Cpu {
             a.shape(),
             av.iter().zip(bv).map(|(x, y)| x + y).collect(),
         ))
+    }
+
+    fn adamw(&self, p: &mut T, g: &T, m: &mut T, v: &mut T, s: &AdamWStep) -> Result<()> {
+        const OP: &str = "adamw";
+        check_same(OP, ("p", p), ("g", g))?;
+        check_same(OP, ("m", m), ("g", g))?;
+        check_same(OP, ("v", v), ("g", g))?;
+        let gv = f32s(OP, "g", g)?;
+        let n = gv.len().min(p.numel());
+        let (CpuStorage::F32(pv), CpuStorage::F32(mv), CpuStorage::F32(vv)) =
+            (p.storage_mut(), m.storage_mut(), v.storage_mut())
+        else {
+            return dtype_err(OP, "the CPU backend computes in f32");
+        };
+        // Elementwise: chunks across threads give the same bits as one pass.
+        const CHUNK: usize = 1 << 16;
+        pv[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(mv[..n].par_chunks_mut(CHUNK))
+            .zip(vv[..n].par_chunks_mut(CHUNK))
+            .zip(gv[..n].par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| adamw_host(p, g, m, v, s));
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &T) -> Result<f64> {
+        let v = f32s("sum_squares", "x", x)?;
+        let parts: Vec<f64> = v
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&e| e as f64 * e as f64).sum::<f64>())
+            .collect();
+        Ok(parts.iter().sum())
     }
 
     fn add_assign(&self, a: &mut T, b: &T) -> Result<()> {

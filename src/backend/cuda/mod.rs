@@ -17,7 +17,7 @@ use half::bf16;
 use super::{
     attention_dims, check_dtype, check_float, check_ids, check_lexical_side, check_same, check_vec,
     cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
-    maxsim_dims, Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
+    maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
@@ -132,6 +132,12 @@ impl<'a> KernelArg<'a> for &'a mut T {
             CudaStorage::BF16(s) => b.arg(s),
             CudaStorage::U32(s) => b.arg(s),
         };
+    }
+}
+
+impl<'a> KernelArg<'a> for &'a mut CudaSlice<f64> {
+    fn push(self, b: &mut LaunchArgs<'a>) {
+        b.arg(self);
     }
 }
 
@@ -550,6 +556,69 @@ impl Backend for Cuda {
             )?;
         }
         Ok(LayerNormOut { y, mean, rstd })
+    }
+
+    fn adamw(&self, p: &mut T, g: &T, m: &mut T, v: &mut T, s: &AdamWStep) -> Result<()> {
+        const OP: &str = "adamw";
+        for (name, t) in [("p", &*p), ("m", &*m), ("v", &*v)] {
+            check_dtype(OP, name, t, DType::F32)?;
+            if t.shape() != g.shape() {
+                return shape_err(
+                    OP,
+                    format!("{name} is {:?} but g is {:?}", t.shape(), g.shape()),
+                );
+            }
+        }
+        check_float(OP, "g", g)?;
+        let n = g.numel() as i64;
+        if n > 0 {
+            let f = self.func("elementwise", &format!("adamw_{}", sfx(g.dtype())))?;
+            launch!(
+                self,
+                f,
+                grid_1d(n as usize),
+                [
+                    p,
+                    g,
+                    m,
+                    v,
+                    &n,
+                    &s.grad_scale,
+                    &s.beta1,
+                    &s.beta2,
+                    &s.eps,
+                    &s.step_size,
+                    &s.bc2_sqrt,
+                    &s.decay
+                ]
+            )?;
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &T) -> Result<f64> {
+        const OP: &str = "sum_squares";
+        check_float(OP, "x", x)?;
+        let n = x.numel() as i64;
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let mut partial = self
+            .stream
+            .alloc_zeros::<f64>(256)
+            .map_err(|e| cuda_err(OP, e))?;
+        let f = self.func("elementwise", &format!("sum_squares_{}", sfx(x.dtype())))?;
+        let cfg = LaunchConfig {
+            grid_dim: (256, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, f, cfg, [x, &mut partial, &n])?;
+        let host = self
+            .stream
+            .clone_dtoh(&partial)
+            .map_err(|e| cuda_err(OP, e))?;
+        Ok(host.iter().sum())
     }
 
     fn add_layernorm(&self, a: &T, b: &T, gamma: &T, beta: &T, eps: f32) -> Result<T> {
