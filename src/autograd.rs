@@ -586,7 +586,15 @@ impl<'a, B: Backend> Tape<'a, B> {
                 Op::Gelu { x } => vec![(*x, be.gelu_backward(&g, val(*x))?)],
                 Op::Relu { x } => vec![(*x, be.relu_backward(&g, val(*x))?)],
                 Op::Embedding { table, ids, vocab } => {
-                    vec![(*table, be.embedding_backward(&g, ids, *vocab)?)]
+                    // A table already holding a gradient (used twice on this tape) takes the
+                    // rows in place instead of a second vocabulary-sized buffer.
+                    match grads[table.0].as_mut() {
+                        Some(prev) if prev.dtype() == DType::F32 => {
+                            be.embedding_backward_into(&g, ids, prev)?;
+                            Vec::new()
+                        }
+                        _ => vec![(*table, be.embedding_backward(&g, ids, *vocab)?)],
+                    }
                 }
                 Op::L2Normalize { x, norms, eps } => {
                     vec![(

@@ -196,6 +196,19 @@ pub trait Backend: Sized + Send + Sync {
         ids: &Tensor<Self>,
         vocab: usize,
     ) -> Result<Tensor<Self>>;
+    /// Scatter-add of row gradients into an existing f32 `[vocab, D]` gradient (a table
+    /// used twice on one tape, as the word embeddings by queries and passages). The default
+    /// adds a fresh [`Backend::embedding_backward`]; the CPU scatters in place, saving a
+    /// vocabulary-sized buffer.
+    fn embedding_backward_into(
+        &self,
+        dy: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        grad: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let fresh = self.embedding_backward(dy, ids, grad.shape()[0])?;
+        self.add_assign(grad, &fresh)
+    }
 
     /// Row-wise `x / max(‖x‖₂, eps)` (torch's `F.normalize`); returns the output and the
     /// f32 row norms `[rows]`.

@@ -422,6 +422,13 @@ impl Backend for Cpu {
     }
 
     fn embedding_backward(&self, dy: &T, ids: &T, vocab: usize) -> Result<T> {
+        let dim = dy.rows_cols().1;
+        let mut out = tensor(&[vocab, dim], vec![0f32; vocab * dim]);
+        self.embedding_backward_into(dy, ids, &mut out)?;
+        Ok(out)
+    }
+
+    fn embedding_backward_into(&self, dy: &T, ids: &T, grad: &mut T) -> Result<()> {
         const OP: &str = "embedding_backward";
         check_float(OP, "dy", dy)?;
         check_dtype(OP, "ids", ids, DType::U32)?;
@@ -429,15 +436,24 @@ impl Backend for Cpu {
         check_vec(OP, "ids", ids, n)?;
         let dyv = f32s(OP, "dy", dy)?;
         let iv = u32s(OP, "ids", ids)?;
+        let vocab = grad.shape()[0];
+        if grad.shape() != [vocab, dim] {
+            return shape_err(
+                OP,
+                format!("gradient is {:?}, rows of dy are {dim} wide", grad.shape()),
+            );
+        }
         check_ids(OP, iv, vocab)?;
-        let mut out = vec![0f32; vocab * dim];
+        let CpuStorage::F32(out) = grad.storage_mut() else {
+            return dtype_err(OP, "the CPU backend computes in f32");
+        };
         for (r, &id) in iv.iter().enumerate() {
             let dst = &mut out[id as usize * dim..(id as usize + 1) * dim];
             for (d, &g) in dst.iter_mut().zip(&dyv[r * dim..(r + 1) * dim]) {
                 *d += g;
             }
         }
-        Ok(tensor(&[vocab, dim], out))
+        Ok(())
     }
 
     fn l2_normalize(&self, x: &T, eps: f32) -> Result<(T, T)> {
