@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use super::config::Config;
 use super::encoder;
 use super::heads::{self, Pooling};
-use super::weights::{load_head, EncoderWeights, Linear, TensorFile};
+use super::weights::{load_head, weights_file, EncoderWeights, Linear, TensorFile};
 use crate::backend::Backend;
 use crate::batch::pack;
 use crate::tensor::DType;
@@ -100,16 +100,7 @@ impl<B: Backend> Embedder<B> {
         }
         let config = Config::from_file(&dir.join("config.json"))?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let weights = ["model.safetensors", "pytorch_model.bin"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .with_context(|| {
-                format!(
-                    "{}: no model.safetensors or pytorch_model.bin",
-                    dir.display()
-                )
-            })?;
+        let weights = weights_file(dir)?;
         let mut file = TensorFile::open(&weights)?;
         let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
         let h = config.hidden_size;

@@ -11,6 +11,21 @@ use super::config::Config;
 use crate::backend::Backend;
 use crate::tensor::{DType, HostData, Tensor};
 
+/// The encoder checkpoint of a model directory: `model.safetensors`, else
+/// `pytorch_model.bin`.
+pub fn weights_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no model.safetensors or pytorch_model.bin",
+                dir.display()
+            )
+        })
+}
+
 /// Tensors of one checkpoint file, looked up by name with the file kept for messages.
 pub struct TensorFile {
     path: PathBuf,

@@ -4,14 +4,12 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::gradcheck::Rng;
 use crate::model::config::Config;
 use crate::model::encoder::{EncoderVars, LinearVars};
-use crate::model::weights::{load_head, EncoderWeights, Linear, TensorFile};
+use crate::model::weights::{load_head, weights_file, EncoderWeights, Linear, TensorFile};
 use crate::tensor::{DType, HostData, Tensor};
 
 use super::forward::HeadVars;
@@ -98,16 +96,7 @@ impl<B: Backend> TrainModel<B> {
     /// Loads a model directory; a missing head is initialised as PyTorch would, from `seed`.
     pub fn load(be: &B, dir: &Path, dtype: DType, seed: u64) -> anyhow::Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights = ["model.safetensors", "pytorch_model.bin"]
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.exists())
-            .with_context(|| {
-                format!(
-                    "{}: no model.safetensors or pytorch_model.bin",
-                    dir.display()
-                )
-            })?;
+        let weights = weights_file(dir)?;
         let mut file = TensorFile::open(&weights)?;
         let h = config.hidden_size;
         let types = file

@@ -675,43 +675,32 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let be = self.be;
         let mut named = self.model.named_mut();
-        match &mut self.masters {
-            None => {
-                let params = named
-                    .iter_mut()
-                    .map(|(n, t)| (n.as_str(), &mut **t))
-                    .collect();
-                adamw_apply(
-                    be,
-                    params,
-                    &mut self.moments,
-                    &grads,
-                    k + 1,
-                    lr,
-                    clip,
-                    &o.adamw,
-                )?;
-            }
-            Some(masters) => {
-                let params = named
-                    .iter()
-                    .zip(masters.iter_mut())
-                    .map(|((n, _), m)| (n.as_str(), m))
-                    .collect();
-                adamw_apply(
-                    be,
-                    params,
-                    &mut self.moments,
-                    &grads,
-                    k + 1,
-                    lr,
-                    clip,
-                    &o.adamw,
-                )?;
-                // Compute copies refreshed from the updated masters, on the device.
-                for ((_, t), m) in named.iter_mut().zip(masters.iter()) {
-                    **t = be.cast(m, t.dtype())?;
-                }
+        // The f32 tensors AdamW updates: the model's own, or the masters beside bf16 copies.
+        let params: Vec<(&str, &mut Tensor<B>)> = match &mut self.masters {
+            None => named
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), &mut **t))
+                .collect(),
+            Some(masters) => named
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .zip(masters.iter_mut())
+                .collect(),
+        };
+        adamw_apply(
+            be,
+            params,
+            &mut self.moments,
+            &grads,
+            k + 1,
+            lr,
+            clip,
+            &o.adamw,
+        )?;
+        if let Some(masters) = &self.masters {
+            // Compute copies refreshed from the updated masters, on the device.
+            for ((_, t), m) in named.iter_mut().zip(masters) {
+                **t = be.cast(m, t.dtype())?;
             }
         }
         self.state.step += 1;

@@ -62,6 +62,13 @@ fn tensor(shape: &[usize], v: Vec<f32>) -> T {
     Tensor::from_parts(shape.to_vec(), DType::F32, CpuStorage::F32(v))
 }
 
+/// `log Σ exp(row)`, shifted by the row's max and summed in f64.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max + s.ln() as f32
+}
+
 /// `dx[i] = f(dy[i], x[i])` for the pointwise activations' backward passes.
 fn pointwise_backward(
     op: &'static str,
@@ -588,9 +595,7 @@ impl Backend for Cpu {
         let mut lse = vec![0f32; rows];
         for r in 0..rows {
             let row = &lv[r * cols..(r + 1) * cols];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            lse[r] = max + s.ln() as f32;
+            lse[r] = log_sum_exp(row);
             loss[r] = lse[r] - row[tv[r] as usize];
         }
         Ok((tensor(&[rows], loss), tensor(&[rows], lse)))
@@ -664,9 +669,7 @@ impl Backend for Cpu {
         let mut lse = vec![0f32; rows];
         for r in 0..rows {
             let row = &lv[r * cols..(r + 1) * cols];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            lse[r] = max + s.ln() as f32;
+            lse[r] = log_sum_exp(row);
             loss[r] = (0..cols)
                 .map(|c| -tv[r * cols + c] * (row[c] - lse[r]))
                 .sum();
