@@ -105,7 +105,9 @@ __device__ void attention_bwd_dq_naive(const T* __restrict__ dout, const T* __re
     int c = lane + 32 * i;
     qr[i] = c < D ? to_f(q[at + c]) : 0.f;
     dor[i] = c < D ? to_f(dout[at + c]) : 0.f;
-    dd += c < D ? dor[i] * to_f(out[at + c]) : 0.f;
+    // Explicit fmas here and in both dp sums: with one key out == v, and delta must then
+    // equal dp bit for bit so dS is exactly zero (the CPU reference's answer).
+    if (c < D) dd = __fmaf_rn(dor[i], to_f(out[at + c]), dd);
     acc[i] = 0.f;
   }
   dd = warp_sum(dd);
@@ -118,7 +120,7 @@ __device__ void attention_bwd_dq_naive(const T* __restrict__ dout, const T* __re
       int c = lane + 32 * i;
       if (c < D) {
         s += qr[i] * to_f(k[aj + c]);
-        dp += dor[i] * to_f(v[aj + c]);
+        dp = __fmaf_rn(dor[i], to_f(v[aj + c]), dp);
       }
     }
     s = warp_sum(s);
@@ -168,7 +170,7 @@ __device__ void attention_bwd_dkv_naive(const T* __restrict__ dout, const T* __r
       int c = lane + 32 * i;
       if (c < D) {
         s += to_f(q[ar + c]) * kr[i];
-        dp += to_f(dout[ar + c]) * vr[i];
+        dp = __fmaf_rn(to_f(dout[ar + c]), vr[i], dp);
       }
     }
     s = warp_sum(s);

@@ -85,25 +85,42 @@ __device__ void adamw(float* __restrict__ p, const T* __restrict__ g, float* __r
   }
 }
 
-// Partial sums of squares in f64: block b writes partial[b] (the host adds them in order,
-// so the result does not depend on scheduling). Launch: exactly 256 blocks of 256 threads,
-// grid-stride over n.
-template <typename T>
-__device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict__ partial,
-                                    int64_t n) {
+// Tree sum of one f64 value per thread over a 256-thread block; thread 0 gets the total.
+__device__ double block_sum_256(double s) {
   __shared__ double acc[256];
-  double s = 0.0;
-  GRID_STRIDE(i, n) {
-    double e = (double)to_f(x[i]);
-    s += e * e;
-  }
   acc[threadIdx.x] = s;
   __syncthreads();
   for (int w = 128; w > 0; w >>= 1) {
     if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc[0];
+  return acc[0];
+}
+
+// Partial sums of squares in f64: block b writes partial[b] (the host adds them in order,
+// so the result does not depend on scheduling). Launch: exactly 256 blocks of 256 threads,
+// grid-stride over n.
+template <typename T>
+__device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict__ partial,
+                                    int64_t n) {
+  double s = 0.0;
+  GRID_STRIDE(i, n) {
+    double e = (double)to_f(x[i]);
+    s += e * e;
+  }
+  s = block_sum_256(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// Sum of all n elements into out[0], accumulated in f64 like the CPU reference: an f32
+// running sum loses digits to cancellation (loss terms of mixed sign). Launch: one block
+// of 256 threads; the operands are loss-sized, so one block is enough.
+template <typename T>
+__device__ void sum_all(const T* __restrict__ x, float* __restrict__ out, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += 256) s += (double)to_f(x[i]);
+  s = block_sum_256(s);
+  if (threadIdx.x == 0) out[0] = (float)s;
 }
 
 #define INSTANTIATE_OPT(SUF, T)                                                             \
@@ -115,5 +132,8 @@ __device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict_
   }                                                                                           \
   extern "C" __global__ void sum_squares_##SUF(const T* x, double* partial, int64_t n) {     \
     sum_squares_partial<T>(x, partial, n);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void sum_all_##SUF(const T* x, float* out, int64_t n) {              \
+    sum_all<T>(x, out, n);                                                                    \
   }
 FOR_FLOAT_TYPES(INSTANTIATE_OPT)

@@ -46,8 +46,10 @@ __device__ void layernorm_bwd_dx(const T* __restrict__ dy, const T* __restrict__
   const T* dr = dy + (int64_t)row * cols;
   float m = mean[row], rs = rstd[row];
   float a = 0.f, b = 0.f;
+  // __fmul_rn keeps g*dy rounded the same way in the mean and in each element (a contracted
+  // fma would not), so a constant row, e.g. cols == 1, gets exactly zero gradient as on CPU.
   for (int c = lane; c < cols; c += 32) {
-    float gd = to_f(gamma[c]) * to_f(dr[c]);
+    float gd = __fmul_rn(to_f(gamma[c]), to_f(dr[c]));
     a += gd;
     b += gd * (to_f(xr[c]) - m) * rs;
   }
@@ -56,7 +58,7 @@ __device__ void layernorm_bwd_dx(const T* __restrict__ dy, const T* __restrict__
   T* out = dx + (int64_t)row * cols;
   for (int c = lane; c < cols; c += 32) {
     float xhat = (to_f(xr[c]) - m) * rs;
-    out[c] = from_f<T>(rs * (to_f(gamma[c]) * to_f(dr[c]) - a - xhat * b));
+    out[c] = from_f<T>(rs * (__fmul_rn(to_f(gamma[c]), to_f(dr[c])) - a - xhat * b));
   }
 }
 

@@ -7,8 +7,10 @@
 #                                     runs the GPU tests and/or benchmarks from gpu-bundle/,
 #                                     full logs into LOGDIR, a summary table last
 #
-# On the device machine: carry gpu-bundle and run `bash scripts/gpu-check.sh run $OUT tests`
-# (then `... bench` in a second call if the session's device time allows).
+# On the device machine: carry gpu-bundle and run, e.g.,
+#   M3_GPU_BUDGET_S=300 bash scripts/gpu-check.sh run /tmp/l all; tar czf $OUT/logs.tgz -C /tmp l
+# (M3_GPU_BUDGET_S caps the whole run; a device call returns at most 8 files, hence the tar).
+# Measured on an H100: tests + sanitizers ~50 s, bench ~200 s.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bundle="$root/gpu-bundle"
@@ -106,13 +108,26 @@ run() {
   [ -d "$bundle" ] || { echo "error: no gpu-bundle/ (run 'gpu-check.sh build' first and carry it)" >&2; exit 1; }
   find_libs
   export M3_REQUIRE_GPU=1
+  # A failing proptest case should report, not spend the device lease shrinking.
+  export PROPTEST_MAX_SHRINK_ITERS=${PROPTEST_MAX_SHRINK_ITERS:-4}
   # Tests read fixtures from the working tree that travelled with the bundle.
   export M3_FIXTURES="$root/fixtures"
   local summary="$logs/summary.txt"
   : >"$summary"
+  # M3_GPU_BUDGET_S caps the whole run: each step gets what is left of it (at most its own
+  # limit), and steps that would start with under 5 s left are skipped, so a device call
+  # always ends in time to pack its logs.
+  local deadline=$(( $(date +%s) + ${M3_GPU_BUDGET_S:-100000} ))
   step() {  # step NAME TIMEOUT CMD...
     local name="$1" limit="$2"; shift 2
-    local log="$logs/$name.log" t0 t1 rc
+    local log="$logs/$name.log" t0 t1 rc left
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt 5 ]; then
+      printf '%-34s %-12s %8.1fs  %s\n' "$name" "SKIP(time)" 0 "-" >>"$summary"
+      echo "== $name: skipped, out of time"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     t0=$(date +%s.%N)
     timeout "$limit" "$@" >"$log" 2>&1
     rc=$?
@@ -122,7 +137,7 @@ run() {
     [ $rc -eq 124 ] && res="TIMEOUT"
     printf '%-34s %-12s %8.1fs  %s\n' "$name" "$res" "$(awk "BEGIN{print $t1 - $t0}")" "$log" >>"$summary"
     echo "== $name: $res"
-    tail -n 25 "$log"
+    if [ "$res" = PASS ]; then tail -n 4 "$log"; else tail -n 40 "$log"; fi
   }
   {
     echo "commit: $(cat "$bundle/COMMIT")"
@@ -137,12 +152,6 @@ run() {
   for t in "$bundle"/tests/*; do
     step "test-$(basename "$t")" 600 "$t" --test-threads=4
   done
-  if command -v compute-sanitizer >/dev/null && [ -x "$bundle/tests/cuda_ops" ]; then
-    step memcheck-cuda_ops 600 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
-    step racecheck-cuda_ops 600 compute-sanitizer --tool racecheck --error-exitcode 1 \
-      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
-  fi
   fi
   if [ "$what" != tests ]; then
   for t in "$bundle"/benches/*; do
@@ -178,6 +187,18 @@ run() {
       --inputs "$logs/train-batch.json" --steps 3 --device cuda --dtype bfloat16
   fi
   rm -rf "$model"
+  fi
+  # Sanitizers last: slow, and the benchmarks matter more when the lease runs short.
+  if [ "$what" != bench ]; then
+  if command -v compute-sanitizer >/dev/null && [ -x "$bundle/tests/cuda_ops" ]; then
+    step memcheck-cuda_ops 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
+    # Racecheck reported hazards inside cuBLAS's own Hopper GEMMs (nvjet_*) on an H100
+    # (2026-11-27), code we neither wrote nor can change; none in ours. Check ours only.
+    step racecheck-cuda_ops 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
+      --kernel-name-exclude kns=nvjet \
+      "$bundle/tests/cuda_ops" --test-threads=1 ops_match_cpu_on_fixed_shapes
+  fi
   fi
   echo
   echo "================ summary ================"

