@@ -1,7 +1,7 @@
 //! GPU op benchmarks: achieved TFLOP/s (matmul) or GB/s (memory-bound kernels) on
 //! BGE-M3-sized shapes, timed with device events after warm-up, median of 50 runs (5 for
-//! ops over 20 ms), on
-//! random data. Prints a table; skips with a message where no GPU is present.
+//! ops over 20 ms), on random data. Prints a table; skips with a message where no GPU is
+//! present.
 
 use m3::backend::cuda::Cuda;
 use m3::backend::Backend;

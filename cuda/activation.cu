@@ -1,6 +1,8 @@
 // Pointwise activations and their backward passes: exact (erf) GELU and ReLU.
-// All kernels: n elements, 1-D grid-stride, 256 threads per block, f32 math; each
-// templated body is instantiated as extern "C" NAME_f32 and NAME_bf16.
+// All kernels: n elements, 1-D grid-stride, 256 threads per block, f32 math; GELU and ReLU
+// move 16-byte vectors (map1_vec16 / map2_vec16: the scalar version of GELU forward ran at
+// 640 GB/s on an H100, a fifth of its bandwidth). Each templated body is instantiated as
+// extern "C" NAME_f32 and NAME_bf16.
 #include "common.cuh"
 
 __device__ __forceinline__ float gelu_cdf(float v) {
@@ -10,33 +12,29 @@ __device__ __forceinline__ float gelu_cdf(float v) {
 // gelu forward: y = x * Phi(x), Phi through erff (the exact GELU BERT/XLM-R use).
 template <typename T>
 __device__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
-  GRID_STRIDE(i, n) {
-    float v = to_f(x[i]);
-    y[i] = from_f<T>(v * gelu_cdf(v));
-  }
+  map1_vec16(x, y, n, [](float v) { return v * gelu_cdf(v); });
 }
 
 // gelu backward: dx = dy * (Phi(x) + x * phi(x)).
 template <typename T>
 __device__ void gelu_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                          T* __restrict__ dx, int64_t n) {
-  GRID_STRIDE(i, n) {
-    float v = to_f(x[i]);
+  map2_vec16(dy, x, dx, n, [](float d, float v) {
     float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    dx[i] = from_f<T>(to_f(dy[i]) * (gelu_cdf(v) + v * pdf));
-  }
+    return d * (gelu_cdf(v) + v * pdf);
+  });
 }
 
 template <typename T>
 __device__ void relu_fwd(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
-  GRID_STRIDE(i, n) y[i] = from_f<T>(fmaxf(to_f(x[i]), 0.f));
+  map1_vec16(x, y, n, [](float v) { return fmaxf(v, 0.f); });
 }
 
 // relu backward: dx = dy where x > 0, else 0.
 template <typename T>
 __device__ void relu_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                          T* __restrict__ dx, int64_t n) {
-  GRID_STRIDE(i, n) dx[i] = to_f(x[i]) > 0.f ? dy[i] : from_f<T>(0.f);
+  map2_vec16(dy, x, dx, n, [](float d, float v) { return v > 0.f ? d : 0.f; });
 }
 
 // dropout: y[i] = x[i] * keep(seed, i), keep = 0 with probability p else 1/(1-p), from

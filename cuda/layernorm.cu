@@ -113,6 +113,72 @@ __device__ void add_layernorm_fwd(const T* __restrict__ a, const T* __restrict__
                          to_f(beta[c]));
 }
 
+// add_layernorm for bf16 rows of K * 256 columns (BGE-M3's 1024: K = 4), the inference hot
+// path: each lane loads its K x 8 values of a + b once with 16-byte loads and keeps them in
+// registers for the mean, the variance and the output (the generic kernel reads a and b
+// three times with 2-byte loads). Same launch as add_layernorm_fwd; the host picks it only
+// where every pointer is 16-byte aligned.
+template <int K>
+__device__ void add_layernorm_fwd_vec(const bf16* __restrict__ a, const bf16* __restrict__ b,
+                                      const bf16* __restrict__ gamma,
+                                      const bf16* __restrict__ beta, bf16* __restrict__ y,
+                                      int rows, int cols, float eps) {
+  int row = blockIdx.x * 8 + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int64_t o = (int64_t)row * cols;
+  float x[K][8];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    int c = (k * 32 + lane) * 8;
+    uint4 ra = *reinterpret_cast<const uint4*>(a + o + c);
+    uint4 rb = *reinterpret_cast<const uint4*>(b + o + c);
+    const bf16* ea = reinterpret_cast<const bf16*>(&ra);
+    const bf16* eb = reinterpret_cast<const bf16*>(&rb);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      x[k][j] = to_f(ea[j]) + to_f(eb[j]);
+      s += x[k][j];
+    }
+  }
+  float m = warp_sum(s) / cols;
+  float v = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float d = x[k][j] - m;
+      v += d * d;
+    }
+  float rs = rsqrtf(warp_sum(v) / cols + eps);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    int c = (k * 32 + lane) * 8;
+    uint4 rg = *reinterpret_cast<const uint4*>(gamma + c);
+    uint4 rb = *reinterpret_cast<const uint4*>(beta + c);
+    const bf16* eg = reinterpret_cast<const bf16*>(&rg);
+    const bf16* eb = reinterpret_cast<const bf16*>(&rb);
+    uint4 out;
+    bf16* eo = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      eo[j] = from_f<bf16>((x[k][j] - m) * rs * to_f(eg[j]) + to_f(eb[j]));
+    *reinterpret_cast<uint4*>(y + o + c) = out;
+  }
+}
+
+#define INSTANTIATE_VEC(K)                                                                  \
+  extern "C" __global__ void add_layernorm_fwd_vec##K##_bf16(                               \
+      const bf16* a, const bf16* b, const bf16* gamma, const bf16* beta, bf16* y, int rows, \
+      int cols, float eps) {                                                                \
+    add_layernorm_fwd_vec<K>(a, b, gamma, beta, y, rows, cols, eps);                        \
+  }
+INSTANTIATE_VEC(1)
+INSTANTIATE_VEC(2)
+INSTANTIATE_VEC(3)
+INSTANTIATE_VEC(4)
+
 // embed_layernorm: y[r] = LayerNorm(word[ids[r]] + position[positions[r]] + type0), tables
 // [*, cols], ids and positions u32 [rows] (validated on the host), y [rows, cols].
 template <typename T>

@@ -178,10 +178,14 @@ run() {
     fi
   done
   # A training step (issue 6's shape: B 16, G 8, query 64, passage 512) on the same model:
-  # m3 with f32 compute and sub-batches of 16 sequences, PyTorch with bf16 autocast.
+  # m3 with f32 and with bf16 compute, sub-batches of 16 sequences; PyTorch with bf16
+  # autocast.
   step bench-train-m3 300 "$bundle/bin/m3" bench train --model "$model" --batch 16 --group 8 \
     --query-len 64 --passage-len 512 --steps 3 --sub-batch-size 16 --device cuda \
     --save-inputs "$logs/train-batch.json"
+  step bench-train-m3-bf16 300 "$bundle/bin/m3" bench train --model "$model" --batch 16 --group 8 \
+    --query-len 64 --passage-len 512 --steps 3 --sub-batch-size 16 --device cuda \
+    --compute-dtype bf16
   if python3 -c "import transformers" >/dev/null 2>&1; then
     step bench-train-torch 300 python3 "$root/scripts/bench_torch_train.py" --model "$model" \
       --inputs "$logs/train-batch.json" --steps 3 --device cuda --dtype bfloat16

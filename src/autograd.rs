@@ -74,6 +74,8 @@ enum Op<B: Backend> {
     Scale { x: Var, c: f32 },
     /// The same elements under another shape.
     Reshape { x: Var },
+    /// A copy in another float dtype (the gradient is cast back).
+    Cast { x: Var },
     /// Inverted dropout with a counter-based mask (recomputed, not stored).
     Dropout { x: Var, p: f32, seed: u64 },
     /// Sum of all elements.
@@ -368,6 +370,17 @@ impl<'a, B: Backend> Tape<'a, B> {
         Ok(self.push(Value::Owned(y), Op::Reshape { x }, needs))
     }
 
+    /// Records `x` converted to `dtype` (bf16 compute feeding an f32 loss); returns `x`
+    /// itself when it already has that dtype.
+    pub fn cast(&mut self, x: Var, dtype: crate::tensor::DType) -> Result<Var> {
+        if self.value(x).dtype() == dtype {
+            return Ok(x);
+        }
+        let y = self.backend.cast(self.value(x), dtype)?;
+        let needs = self.needs(&[x]);
+        Ok(self.push(Value::Owned(y), Op::Cast { x }, needs))
+    }
+
     /// Records the sum of all elements (f32 `[1]`).
     pub fn sum_all(&mut self, x: Var) -> Result<Var> {
         let y = self.backend.sum_all(self.value(x))?;
@@ -626,6 +639,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 }
                 Op::Scale { x, c } => vec![(*x, be.scale(&g, *c)?)],
                 Op::Reshape { x } => vec![(*x, g.reshape(val(*x).shape())?)],
+                Op::Cast { x } => vec![(*x, be.cast(&g, val(*x).dtype())?)],
                 Op::Dropout { x, p, seed } => vec![(*x, be.dropout(&g, *p, *seed)?)],
                 Op::SumAll { x } => {
                     let v = be.to_vec_f32(&g)?[0];

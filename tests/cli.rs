@@ -439,6 +439,14 @@ fn train_writes_checkpoints_metrics_and_a_model_encode_loads() {
         !out.status.success() && err.contains("train.jsonl:2"),
         "{err}"
     );
+    // bf16 compute is the GPU's; on the CPU it is an error naming the flag.
+    args.extend(["--compute-dtype", "bf16", "--device", "cpu"]);
+    let out = m3(&args, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--compute-dtype bf16"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).unwrap();
 }
 

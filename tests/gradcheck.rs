@@ -220,6 +220,26 @@ fn tape_accumulates_a_value_used_twice() {
 }
 
 #[test]
+fn tape_cast_rounds_forward_and_passes_the_gradient_back_in_the_input_dtype() {
+    // y = 3 · f32(bf16(x)): the value is x rounded to bf16, dy/dx = 3 (cast is the identity
+    // for the gradient), and the gradient arrives in x's dtype.
+    let be = Cpu;
+    let mut tape = Tape::new(&be);
+    let x = tape.param_owned(up(&[1.0 + 1.0 / 512.0, -2.5], &[2]));
+    let h = tape.cast(x, DType::BF16).unwrap();
+    assert_eq!(tape.value(h).dtype(), DType::BF16);
+    let same = tape.cast(h, DType::BF16).unwrap();
+    assert_eq!(same, h, "a cast to the value's own dtype records nothing");
+    let f = tape.cast(h, DType::F32).unwrap();
+    close(&be.to_vec_f32(tape.value(f)).unwrap(), &[1.0, -2.5], 0.0);
+    let y = tape.scale(f, 3.0).unwrap();
+    let g = tape.backward_with(y, up(&[1., 1.], &[2])).unwrap();
+    let gx = g.get(x).unwrap();
+    assert_eq!(gx.dtype(), DType::F32);
+    close(&be.to_vec_f32(gx).unwrap(), &[3., 3.], 0.0);
+}
+
+#[test]
 fn bf16_round_trip_rounds_to_nearest_even() {
     let be = Cpu;
     let x = up(&[1.0, 1.0 + 1.0 / 256.0, 3.0e38], &[3]);

@@ -19,7 +19,7 @@ use m3::DType;
 use serde_json::json;
 
 use super::device::{on_device, Job};
-use super::DeviceArg;
+use super::{ComputeArg, DeviceArg};
 
 /// `m3 bench` subcommands.
 #[derive(Subcommand, Debug)]
@@ -68,6 +68,9 @@ pub struct TrainBenchArgs {
     /// Random seed of the token ids.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Compute precision (bf16 keeps f32 master weights and an f32 loss).
+    #[arg(long, value_enum, default_value_t = ComputeArg::F32)]
+    compute_dtype: ComputeArg,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -254,15 +257,15 @@ impl Job for EncodeBenchArgs {
 }
 
 impl Job for TrainBenchArgs {
-    fn run<B: Backend>(self, be: &B, _dtype: DType) -> anyhow::Result<ExitCode> {
+    fn run<B: Backend>(self, be: &B, device_dtype: DType) -> anyhow::Result<ExitCode> {
         use m3::batch::pack_in_order;
         use m3::train::forward::{step_grads, StepBatch, StepDropout};
         use m3::train::loss::LossConfig;
         use m3::train::model::TrainModel;
         use m3::train::optim::clip_factor;
-        use m3::train::trainer::{adamw_apply, grad_norm};
+        use m3::train::trainer::{grad_norm, split_masters, update};
 
-        // f32 on every backend: the model's tensors are the masters, updated in place.
+        let dtype = self.compute_dtype.dtype(device_dtype)?;
         let mut model = TrainModel::load(be, &self.model, DType::F32, self.seed)?;
         let mut moments = model
             .named_mut()
@@ -274,6 +277,7 @@ impl Job for TrainBenchArgs {
                 ])
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut masters = split_masters(be, &mut model, dtype)?;
         let c = model.config.clone();
         let vocab = c.vocab_size;
         let seqs = |n: usize, len: usize, seed: u64| {
@@ -312,15 +316,11 @@ impl Job for TrainBenchArgs {
             let drop = StepDropout { p: 0.0, seed: 0 };
             let (loss, grads) = step_grads(be, &model, &batch, &cfg, drop, self.sub_batch_size)?;
             let norm = grad_norm(be, &grads)?;
-            let mut named = model.named_mut();
-            let params = named
-                .iter_mut()
-                .map(|(n, t)| (n.as_str(), &mut **t))
-                .collect();
             let clip = clip_factor(norm, 1.0);
-            adamw_apply(
+            update(
                 be,
-                params,
+                &mut model,
+                &mut masters,
                 &mut moments,
                 &grads,
                 k as u64 + 1,
@@ -344,7 +344,7 @@ impl Job for TrainBenchArgs {
             "{}",
             json!({
                 "impl": "m3", "device": be.name(), "threads": rayon::current_num_threads(),
-                "batch": self.batch, "group": self.group, "tokens": tokens,
+                "compute": dtype.to_string(), "batch": self.batch, "group": self.group, "tokens": tokens,
                 "first_loss": losses[0], "losses": losses, "step_s_median": median,
                 "step_s_all": times, "tokens_per_s": tokens as f64 / median,
             })

@@ -35,6 +35,29 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// Precision of training compute (the optimiser's master weights are f32 either way).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputeArg {
+    /// f32 activations and weights (any device).
+    F32,
+    /// bf16 activations and weight copies with f32 accumulation and an f32 loss (CUDA only).
+    Bf16,
+}
+
+impl ComputeArg {
+    /// The compute dtype on a backend whose inference dtype is `device_dtype` (f32 on the
+    /// CPU, bf16 on CUDA); bf16 on the CPU is an error naming the flag.
+    pub fn dtype(self, device_dtype: m3::DType) -> anyhow::Result<m3::DType> {
+        match self {
+            ComputeArg::F32 => Ok(m3::DType::F32),
+            ComputeArg::Bf16 if device_dtype == m3::DType::BF16 => Ok(m3::DType::BF16),
+            ComputeArg::Bf16 => anyhow::bail!(
+                "--compute-dtype bf16 needs the GPU (--device cuda); the CPU backend computes in f32"
+            ),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a tiny M3 from random weights on a synthetic multilingual retrieval set (CPU,

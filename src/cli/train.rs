@@ -11,7 +11,7 @@ use m3::train::trainer::{run_training, TrainOptions};
 use m3::DType;
 
 use super::device::{on_device, Job};
-use super::DeviceArg;
+use super::{ComputeArg, DeviceArg};
 
 /// Learning-rate schedules.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +130,10 @@ pub struct TrainArgs {
     /// Write one JSON object per optimiser step (loss, its parts, lr, grad_norm, tokens/s).
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Compute precision: bf16 (GPU only) keeps f32 master weights, f32 AdamW moments and
+    /// an f32 loss; checkpoints hold the f32 masters either way.
+    #[arg(long, value_enum, default_value_t = ComputeArg::F32)]
+    compute_dtype: ComputeArg,
     /// Where to run: auto means the GPU when one is present (f32 compute, naive attention
     /// kernels for now), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -179,13 +183,12 @@ impl TrainArgs {
 }
 
 impl Job for TrainArgs {
-    fn run<B: Backend>(self, be: &B, _dtype: DType) -> anyhow::Result<ExitCode> {
-        // The masters are f32; compute copies are f32 on every device for now (bf16 compute
-        // copies on the GPU are issue 6's, with the fused loss kernels).
+    fn run<B: Backend>(self, be: &B, device_dtype: DType) -> anyhow::Result<ExitCode> {
+        let dtype = self.compute_dtype.dtype(device_dtype)?;
         run_training(
             be,
             self.options(),
-            DType::F32,
+            dtype,
             self.resume,
             self.metrics.as_deref(),
             false,

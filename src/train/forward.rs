@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::model::config::Config;
 use crate::model::encoder::{forward_taped, Dropout, EncoderVars, LinearVars};
 use crate::model::heads::NORM_EPS;
-use crate::tensor::{HostData, Tensor};
+use crate::tensor::{DType, HostData, Tensor};
 
 use super::loss::{m3_loss, LossConfig, LossParts, LossValues, Side};
 use super::model::TrainModel;
@@ -38,10 +38,15 @@ pub fn heads<B: Backend>(
     let n = batch.tokens();
     let cls: Vec<u32> = batch.cu_seqlens[..batch.len()].to_vec();
     let cls = t.backend().upload(HostData::U32(&cls), &[batch.len()])?;
+    // With bf16 compute the heads' outputs are cast to f32 here, so the scores, the
+    // temperature scaling and the softmaxes of the loss run in f32 (a bf16 dense score over
+    // τ = 0.02 would carry an error of ~0.2 in the logit).
     let pooled = t.embedding(h, cls)?;
+    let pooled = t.cast(pooled, DType::F32)?;
     let dense = t.l2_normalize(pooled, NORM_EPS)?;
     let w = t.matmul(h, false, heads.sparse.wt, false, Some(heads.sparse.b))?;
     let w = t.relu(w)?;
+    let w = t.cast(w, DType::F32)?;
     let sparse = t.reshape(w, &[n])?;
     let rows: Vec<u32> = (0..batch.len())
         .flat_map(|i| batch.range(i).skip(1).map(|r| r as u32))
@@ -49,6 +54,7 @@ pub fn heads<B: Backend>(
     let all = t.matmul(h, false, heads.colbert.wt, false, Some(heads.colbert.b))?;
     let rows_t = t.backend().upload(HostData::U32(&rows), &[rows.len()])?;
     let picked = t.embedding(all, rows_t)?;
+    let picked = t.cast(picked, DType::F32)?;
     let colbert = t.l2_normalize(picked, NORM_EPS)?;
     Ok(Side {
         dense,

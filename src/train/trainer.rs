@@ -423,17 +423,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 ],
             });
         }
-        let masters = if dtype == DType::F32 {
-            None
-        } else {
-            let copies = model
-                .named_mut()
-                .into_iter()
-                .map(|(_, t)| be.cast(t, DType::F32))
-                .collect::<Result<Vec<_>, _>>()?;
-            model.cast(be, dtype)?;
-            Some(copies)
-        };
+        let masters = split_masters(be, &mut model, dtype)?;
         let tokenizer = TextTokenizer::from_dir(&source)?;
         let sp = tokenizer.specials;
         let excluded: Vec<u32> = [Some(sp.cls), Some(sp.eos), sp.pad, sp.unk]
@@ -673,23 +663,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         } else {
             1.0
         };
-        let be = self.be;
-        let mut named = self.model.named_mut();
-        // The f32 tensors AdamW updates: the model's own, or the masters beside bf16 copies.
-        let params: Vec<(&str, &mut Tensor<B>)> = match &mut self.masters {
-            None => named
-                .iter_mut()
-                .map(|(n, t)| (n.as_str(), &mut **t))
-                .collect(),
-            Some(masters) => named
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .zip(masters.iter_mut())
-                .collect(),
-        };
-        adamw_apply(
-            be,
-            params,
+        update(
+            self.be,
+            &mut self.model,
+            &mut self.masters,
             &mut self.moments,
             &grads,
             k + 1,
@@ -697,12 +674,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             clip,
             &o.adamw,
         )?;
-        if let Some(masters) = &self.masters {
-            // Compute copies refreshed from the updated masters, on the device.
-            for ((_, t), m) in named.iter_mut().zip(masters) {
-                **t = be.cast(m, t.dtype())?;
-            }
-        }
         self.state.step += 1;
         self.state.index += 1;
         Ok(StepReport {
@@ -870,6 +841,61 @@ pub fn adamw_apply<B: Backend>(
             let s = step_scalars(t, lr, decays(name), clip, h);
             be.adamw(p, g, m, v, &s)
                 .with_context(|| format!("AdamW on {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The f32 tensors AdamW updates for a model computing in `dtype`: `None` with f32 compute
+/// (the model's own tensors are the masters, no copy), else f32 copies of every tensor,
+/// and the model itself cast to `dtype` (bf16 compute copies on a GPU).
+pub fn split_masters<B: Backend>(
+    be: &B,
+    model: &mut TrainModel<B>,
+    dtype: DType,
+) -> anyhow::Result<Option<Vec<Tensor<B>>>> {
+    if dtype == DType::F32 {
+        return Ok(None);
+    }
+    let copies = model
+        .named_mut()
+        .into_iter()
+        .map(|(_, t)| be.cast(t, DType::F32))
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    model.cast(be, dtype)?;
+    Ok(Some(copies))
+}
+
+/// One optimiser update: AdamW step `t` on the masters (the model's own f32 tensors when
+/// `masters` is `None`), then the compute copies refreshed from them on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn update<B: Backend>(
+    be: &B,
+    model: &mut TrainModel<B>,
+    masters: &mut Option<Vec<Tensor<B>>>,
+    moments: &mut [[Tensor<B>; 2]],
+    grads: &[Option<Tensor<B>>],
+    t: u64,
+    lr: f32,
+    clip: f32,
+    h: &AdamW,
+) -> anyhow::Result<()> {
+    let mut named = model.named_mut();
+    let params: Vec<(&str, &mut Tensor<B>)> = match masters {
+        None => named
+            .iter_mut()
+            .map(|(n, t)| (n.as_str(), &mut **t))
+            .collect(),
+        Some(masters) => named
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .zip(masters.iter_mut())
+            .collect(),
+    };
+    adamw_apply(be, params, moments, grads, t, lr, clip, h)?;
+    if let Some(masters) = masters {
+        for ((_, t), m) in named.iter_mut().zip(masters.iter()) {
+            **t = be.cast(m, t.dtype())?;
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchArgs, LaunchConfig, PushKernelArg,
+    LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use half::bf16;
 
@@ -75,6 +75,51 @@ pub struct Cuda {
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Mutex<blas::Blas>,
     poison: AtomicBool,
+    staging: Mutex<Staging>,
+}
+
+/// Page-locked host buffers for large downloads, grown on demand and reused: on an H100
+/// host, reading a 16k x 1024 bf16 tensor into a fresh pageable Vec and converting it on
+/// one thread took about three times as long as the forward pass that made it.
+#[derive(Default)]
+struct Staging {
+    f32: Option<PinnedHostSlice<f32>>,
+    bf16: Option<PinnedHostSlice<bf16>>,
+}
+
+/// Downloads at least this many elements go through `Staging` and a parallel conversion.
+const STAGED_DOWNLOAD: usize = 1 << 16;
+
+/// Copies `src` into the pinned buffer in `slot` (grown to fit) and converts its first `n`
+/// elements to f32 on all cores.
+fn download_staged<E>(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<PinnedHostSlice<E>>,
+    src: &CudaSlice<E>,
+    n: usize,
+    convert: impl Fn(E) -> f32 + Sync + Send,
+) -> Result<Vec<f32>>
+where
+    E: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync,
+{
+    use rayon::prelude::*;
+    let e = |e| cuda_err("download", e);
+    if slot.as_ref().is_none_or(|p| p.len() < src.len()) {
+        *slot = None;
+        // SAFETY: the buffer is written by the copy below before anything reads it. No
+        // write-combining flag: the host reads this memory.
+        *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<E>(src.len(), 0) }.map_err(e)?);
+    }
+    let pinned = slot.as_mut().expect("allocated above");
+    stream.memcpy_dtoh(src, pinned).map_err(e)?;
+    let host = pinned.as_slice().map_err(e)?;
+    let mut out = Vec::with_capacity(n);
+    host[..n]
+        .par_iter()
+        .map(|&x| convert(x))
+        .collect_into_vec(&mut out);
+    Ok(out)
 }
 
 type T = Tensor<Cuda>;
@@ -99,6 +144,12 @@ fn grid_1d(n: usize) -> LaunchConfig {
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Threads for a pointwise kernel over n elements: one per 16-byte vector of bf16 (the
+/// kernels grid-stride, so f32 and scalar tails are covered too).
+fn vector_threads(n: i64) -> usize {
+    (n as usize).div_ceil(8)
 }
 
 /// One warp per row, 8 rows per 256-thread block.
@@ -218,6 +269,7 @@ impl Cuda {
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
             poison: AtomicBool::new(false),
+            staging: Mutex::new(Staging::default()),
         })
     }
 
@@ -325,7 +377,7 @@ impl Cuda {
         let mut y = self.alloc(x.shape(), x.dtype())?;
         let n = x.numel() as i64;
         if n > 0 {
-            launch!(self, f, grid_1d(n as usize), [x, &mut y, &n])?;
+            launch!(self, f, grid_1d(vector_threads(n)), [x, &mut y, &n])?;
         }
         Ok(y)
     }
@@ -338,7 +390,7 @@ impl Cuda {
         let mut y = self.alloc(a.shape(), a.dtype())?;
         let n = a.numel() as i64;
         if n > 0 {
-            launch!(self, f, grid_1d(n as usize), [a, bt, &mut y, &n])?;
+            launch!(self, f, grid_1d(vector_threads(n)), [a, bt, &mut y, &n])?;
         }
         Ok(y)
     }
@@ -404,6 +456,17 @@ impl Backend for Cuda {
     fn to_vec_f32(&self, t: &T) -> Result<Vec<f32>> {
         let n = t.numel();
         let e = |e| cuda_err("download", e);
+        if n >= STAGED_DOWNLOAD {
+            let mut staging = self.staging.lock().unwrap();
+            let (ctx, stream) = (&self.ctx, &self.stream);
+            return match t.storage() {
+                CudaStorage::F32(s) => download_staged(ctx, stream, &mut staging.f32, s, n, |x| x),
+                CudaStorage::BF16(s) => {
+                    download_staged(ctx, stream, &mut staging.bf16, s, n, |x| x.to_f32())
+                }
+                CudaStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+            };
+        }
         match t.storage() {
             CudaStorage::F32(s) => {
                 let mut v = self.stream.clone_dtoh(s).map_err(e)?;
@@ -627,10 +690,16 @@ impl Backend for Cuda {
         let (rows, cols) = layernorm_dims(a, gamma, beta)?;
         let mut y = self.alloc(a.shape(), a.dtype())?;
         if rows > 0 {
-            let f = self.func(
-                "layernorm",
-                &format!("add_layernorm_fwd_{}", sfx(a.dtype())),
-            )?;
+            // bf16 rows of 256..1024 columns (a multiple of 256) go to the register-resident
+            // kernel with 16-byte loads, when every pointer allows them.
+            let aligned = [a, b, gamma, beta, &y]
+                .iter()
+                .all(|t| self.device_ptr(t).is_multiple_of(16));
+            let name = match (a.dtype(), cols % 256, cols / 256) {
+                (DType::BF16, 0, k @ 1..=4) if aligned => format!("add_layernorm_fwd_vec{k}_bf16"),
+                _ => format!("add_layernorm_fwd_{}", sfx(a.dtype())),
+            };
+            let f = self.func("layernorm", &name)?;
             let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
             launch!(
                 self,
