@@ -146,6 +146,28 @@ fn run(dev: &Cuda) -> R<Vec<Row>> {
             0.0,
             || dev.attention(&q, &k, &v, &cu, heads, 0.125).map(drop),
         )?);
+        // Backward, 2.5x the forward's FLOPs (FlashAttention's and bench_sdpa.py's count):
+        // the tensor-core kernels (flash_bwd.cu), then the naive ones at 512 only.
+        let (out, lse) = dev.attention(&q, &k, &v, &cu, heads, 0.125)?;
+        let dout = rand(dev, &mut rng, &[t, heads * d], bf)?;
+        let kinds: &[bool] = if l == 512 { &[true, false] } else { &[true] };
+        for &flash in kinds {
+            dev.set_flash_backward(flash);
+            rows.push(bench(
+                dev,
+                &format!(
+                    "attention bwd bf16 {} seq {l}, 16x64",
+                    if flash { "flash" } else { "naive" }
+                ),
+                2.5 * flops,
+                0.0,
+                || {
+                    dev.attention_backward(&dout, &q, &k, &v, &out, &lse, &cu, heads, 0.125)
+                        .map(drop)
+                },
+            )?);
+        }
+        dev.set_flash_backward(false);
     }
     // Max-sim as issue 5 sizes it: 32-token queries against 10k passages of 256 tokens at
     // dim 1024 (here 8 queries; the kernel is a naive warp-per-row baseline).

@@ -186,6 +186,9 @@ run() {
   step bench-train-m3-bf16 300 "$bundle/bin/m3" bench train --model "$model" --batch 16 --group 8 \
     --query-len 64 --passage-len 512 --steps 3 --sub-batch-size 16 --device cuda \
     --compute-dtype bf16
+  step bench-train-m3-bf16-flashbwd 300 env M3_ATTENTION_BWD=flash "$bundle/bin/m3" bench train \
+    --model "$model" --batch 16 --group 8 --query-len 64 --passage-len 512 --steps 3 \
+    --sub-batch-size 16 --device cuda --compute-dtype bf16
   if python3 -c "import transformers" >/dev/null 2>&1; then
     step bench-train-torch 300 python3 "$root/scripts/bench_torch_train.py" --model "$model" \
       --inputs "$logs/train-batch.json" --steps 3 --device cuda --dtype bfloat16

@@ -632,8 +632,11 @@ impl Input {
     }
 }
 
-/// Relative error `‖got - want‖₂ / max(‖want‖₂, tiny)`; infinite when `got` has a NaN or
-/// an infinity `want` lacks, or the lengths differ.
+/// Relative error `‖got - want‖₂ / ‖want‖₂`; the absolute `‖got - want‖₂` where `want` is
+/// exactly zero (a gradient that vanishes identically, such as attention's dQ over a single
+/// key: every input here is O(1), and a relative error of rounding residue against 0 would
+/// be infinite); infinite when `got` has a NaN or an infinity `want` lacks, or the lengths
+/// differ.
 pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
@@ -646,7 +649,11 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
     }
-    num.sqrt() / den.sqrt().max(1e-30)
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        num.sqrt() / den.sqrt()
+    }
 }
 
 /// How far one evaluation is from a reference: the worst relative error over the output

@@ -119,6 +119,52 @@ proptest! {
 }
 
 #[test]
+fn flash_attention_backward_matches_cpu() {
+    // The tensor-core backward (flash_bwd.cu, opt-in until it passes here) on the attention
+    // op cases in bf16: fixed shapes, 8192 rows, random shapes.
+    let Some(dev) = gpu() else { return };
+    dev.set_flash_backward(true);
+    let mut dims: Vec<CaseDims> = FIXED.to_vec();
+    dims.push(CaseDims {
+        rows: 8192,
+        cols: 64,
+        inner: 32,
+        vocab: 250,
+    });
+    let mut rng = m3::gradcheck::Rng::new(77);
+    for _ in 0..8 {
+        dims.push(CaseDims {
+            rows: 1 + rng.below(700) as usize,
+            cols: 1 + rng.below(300) as usize,
+            inner: 1 + rng.below(100) as usize,
+            vocab: 1 + rng.below(300) as usize,
+        });
+    }
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (i, d) in dims.iter().enumerate() {
+        let seed = 500 + i as u64;
+        for r in cross_check(&dev, *d, DType::BF16, seed).expect("cross check ran") {
+            if !r.name.starts_with("attention(") {
+                continue;
+            }
+            checked += 1;
+            if r.error > cross_tolerance(DType::BF16) {
+                failures.push(format!(
+                    "{} {d:?} seed {seed}: {} {:.3e}",
+                    r.name, r.worst, r.error
+                ));
+            }
+        }
+    }
+    assert!(
+        checked >= 4 * dims.len(),
+        "only {checked} attention rows checked"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
 fn poisoned_outputs_are_fully_written() {
     // A poisoned allocation is NaN until written; a kernel that skips an element leaves it.
     let Some(dev) = gpu() else { return };

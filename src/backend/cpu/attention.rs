@@ -169,7 +169,8 @@ pub fn backward(
                 for r in 0..bl {
                     // delta = Σ_j P_ij dP_ij, equal to dout·out in exact arithmetic but
                     // rounded from the same P and dP it is subtracted from: a one-key row
-                    // (P = 1) then gets exactly zero dS, as the CUDA kernel does.
+                    // (P = 1) then gets exactly zero dS, as the naive CUDA kernel does (the
+                    // flash backward leaves ~1e-7 there: its dP comes from the mma).
                     let delta = (0..l)
                         .map(|c| p[r * l + c] as f64 * ds[r * l + c] as f64)
                         .sum::<f64>() as f32;

@@ -76,6 +76,7 @@ pub struct Cuda {
     blas: Mutex<blas::Blas>,
     poison: AtomicBool,
     staging: Mutex<Staging>,
+    flash_backward: AtomicBool,
 }
 
 /// Page-locked host buffers for large downloads, grown on demand and reused: on an H100
@@ -270,6 +271,9 @@ impl Cuda {
             blas: Mutex::new(blas),
             poison: AtomicBool::new(false),
             staging: Mutex::new(Staging::default()),
+            flash_backward: AtomicBool::new(
+                std::env::var("M3_ATTENTION_BWD").as_deref() == Ok("flash"),
+            ),
         })
     }
 
@@ -277,6 +281,13 @@ impl Cuda {
     /// so tests catch elements a kernel forgot to write.
     pub fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Routes bf16 attention backward (head dims 32, 64, 128) to the tensor-core kernels
+    /// of `flash_bwd.cu` instead of the naive two-pass kernels. Off by default until those
+    /// kernels have passed on a GPU; `M3_ATTENTION_BWD=flash` turns it on at start.
+    pub fn set_flash_backward(&self, on: bool) {
+        self.flash_backward.store(on, Ordering::Relaxed);
     }
 
     /// The stream every op is queued on.
@@ -393,6 +404,19 @@ impl Cuda {
             launch!(self, f, grid_1d(vector_threads(n)), [a, bt, &mut y, &n])?;
         }
         Ok(y)
+    }
+
+    /// (sequence, first row) of every 64-row tile of a packed batch, uploaded, and the
+    /// tile count: the grid of the flash attention kernels.
+    fn row_tiles(&self, cu_seqlens: &[u32]) -> Result<(T, usize)> {
+        let mut tiles = Vec::new();
+        for (s, w) in cu_seqlens.windows(2).enumerate() {
+            for start in (w[0]..w[1]).step_by(64) {
+                tiles.extend([s as u32, start]);
+            }
+        }
+        let n = tiles.len() / 2;
+        Ok((self.upload(HostData::U32(&tiles), &[tiles.len()])?, n))
     }
 
     fn device_ptr(&self, t: &T) -> u64 {
@@ -926,14 +950,7 @@ impl Backend for Cuda {
             && std::env::var("M3_ATTENTION").as_deref() != Ok("naive");
         if t > 0 && flash {
             let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
-            let mut tiles = Vec::new();
-            for (s, w) in cu_seqlens.windows(2).enumerate() {
-                for start in (w[0]..w[1]).step_by(64) {
-                    tiles.extend([s as u32, start]);
-                }
-            }
-            let n_tiles = tiles.len() / 2;
-            let tiles = self.upload(HostData::U32(&tiles), &[tiles.len()])?;
+            let (tiles, n_tiles) = self.row_tiles(cu_seqlens)?;
             let f = self.func("flash", &format!("attention_fwd_flash_d{inst}_bf16"))?;
             let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
             let h = to_i32(OP, "heads", heads)?;
@@ -999,7 +1016,49 @@ impl Backend for Cuda {
         let mut dq = self.alloc(&[t, hidden], q.dtype())?;
         let mut dk = self.alloc(&[t, hidden], q.dtype())?;
         let mut dv = self.alloc(&[t, hidden], q.dtype())?;
-        if t > 0 {
+        let flash = q.dtype() == DType::BF16
+            && head_dim == inst
+            && self.flash_backward.load(Ordering::Relaxed);
+        if t > 0 && flash {
+            let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
+            let mut delta = self.alloc(&[t, heads], DType::F32)?;
+            let (rows, h, d) = (
+                to_i32(OP, "tokens", t)?,
+                to_i32(OP, "heads", heads)?,
+                to_i32(OP, "head dim", head_dim)?,
+            );
+            let f = self.func("flash_bwd", "attention_bwd_delta_bf16")?;
+            let pairs = to_i32(OP, "rows x heads", t * heads)? as usize;
+            launch!(
+                self,
+                f,
+                grid_rows(pairs),
+                [dout, out, &mut delta, &rows, &h, &d]
+            )?;
+            let (tiles, n_tiles) = self.row_tiles(cu_seqlens)?;
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(OP, "tiles", n_tiles)? as u32, h as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.func(
+                "flash_bwd",
+                &format!("attention_bwd_dkv_flash_d{inst}_bf16"),
+            )?;
+            launch!(
+                self,
+                f,
+                cfg,
+                [dout, q, k, v, lse, &delta, &mut dk, &mut dv, &tiles, &cu, &h, &scale]
+            )?;
+            let f = self.func("flash_bwd", &format!("attention_bwd_dq_flash_d{inst}_bf16"))?;
+            launch!(
+                self,
+                f,
+                cfg,
+                [dout, q, k, v, lse, &delta, &mut dq, &tiles, &cu, &h, &scale]
+            )?;
+        } else if t > 0 {
             let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
             let mut delta = self.alloc(&[t, heads], DType::F32)?;
             let d = to_i32(OP, "head dim", head_dim)?;

@@ -1,0 +1,34 @@
+// bf16 tensor-core helpers shared by the flash attention kernels (flash.cu, flash_bwd.cu):
+// register packing and mma.sync m16n8k16 with f32 accumulation. Fragment layouts are
+// documented at the top of flash.cu.
+#pragma once
+#include "common.cuh"
+
+#define KT 64  // keys per tile (both kernels)
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t load_pair(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Two bf16 from different rows (same column) packed into one register.
+__device__ __forceinline__ uint32_t gather_pair(const bf16* lo, const bf16* hi) {
+  __nv_bfloat162 v;
+  v.x = *lo;
+  v.y = *hi;
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
