@@ -139,13 +139,20 @@ fn run(dev: &Cuda) -> R<Vec<Row>> {
         let k = rand(dev, &mut rng, &[t, heads * d], bf)?;
         let v = rand(dev, &mut rng, &[t, heads * d], bf)?;
         let flops = 4.0 * (t * l * d * heads) as f64;
-        rows.push(bench(
-            dev,
-            &format!("attention fwd bf16 {t} tokens, seq {l}, 16x64"),
-            flops,
-            0.0,
-            || dev.attention(&q, &k, &v, &cu, heads, 0.125).map(drop),
-        )?);
+        for ldm in [false, true] {
+            dev.set_flash_ldmatrix(ldm);
+            rows.push(bench(
+                dev,
+                &format!(
+                    "attention fwd bf16 {t} tokens, seq {l}, 16x64{}",
+                    if ldm { " (ldmatrix)" } else { "" }
+                ),
+                flops,
+                0.0,
+                || dev.attention(&q, &k, &v, &cu, heads, 0.125).map(drop),
+            )?);
+        }
+        dev.set_flash_ldmatrix(false);
         // Backward, 2.5x the forward's FLOPs (FlashAttention's and bench_sdpa.py's count):
         // the tensor-core kernels (flash_bwd.cu), then the naive ones at 512 only.
         let (out, lse) = dev.attention(&q, &k, &v, &cu, heads, 0.125)?;
@@ -177,13 +184,20 @@ fn run(dev: &Cuda) -> R<Vec<Row>> {
     let q_cu: Vec<u32> = (0..=nq).map(|i| (i * lq) as u32).collect();
     let p_cu: Vec<u32> = (0..=np).map(|i| (i * lp) as u32).collect();
     let flops = 2.0 * (nq * lq * np * lp * d) as f64;
-    rows.push(bench(
-        dev,
-        &format!("maxsim bf16 {nq}x{lq} vs {np}x{lp} d{d}"),
-        flops,
-        0.0,
-        || dev.maxsim(&qv, &q_cu, &pv, &p_cu).map(drop),
-    )?);
+    for gemm in [false, true] {
+        dev.set_maxsim_gemm(gemm);
+        rows.push(bench(
+            dev,
+            &format!(
+                "maxsim bf16 {nq}x{lq} vs {np}x{lp} d{d}{}",
+                if gemm { " (GEMM)" } else { "" }
+            ),
+            flops,
+            0.0,
+            || dev.maxsim(&qv, &q_cu, &pv, &p_cu).map(drop),
+        )?);
+    }
+    dev.set_maxsim_gemm(false);
     // Lexical scores of a training batch: 16 queries of 64 tokens against 128 passages of
     // 512 tokens, ids from BGE-M3's vocabulary (host grouping by id included).
     let (bq, bp) = (16usize, 128usize);

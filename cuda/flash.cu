@@ -17,7 +17,10 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-template <int D>
+// LDM = true is the variant being brought up (opt-in until it passes on a GPU): K and V
+// B fragments through ldmatrix (.trans for V) instead of 32- and 16-bit shared loads (the
+// V gather cost four 16-bit loads per mma), and exp2 with log2(e) folded into the scale.
+template <int D, bool LDM>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, bf16* __restrict__ out,
                           float* __restrict__ lse, const uint32_t* __restrict__ tiles,
@@ -71,22 +74,39 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
     float s[KT / 8][4];
 #pragma unroll
-    for (int n = 0; n < KT / 8; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int n = 0; n < KT / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    if constexpr (LDM) {
+      // One ldmatrix.x4 per (16 keys, 16 dims): matrix j = lane / 8 holds keys + (j / 2) * 8,
+      // dims + (j % 2) * 8, i.e. b0, b1 of n-tile 2 n2 and of n-tile 2 n2 + 1.
+      const int j = lane / 8, r = lane % 8;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const bf16* kr = &ks[n * 8 + g][kk * 16 + 2 * i];
-        mma_bf16(s[n], qa[kk], load_pair(kr), load_pair(kr + 8));
-      }
+      for (int n2 = 0; n2 < KT / 16; ++n2)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t b[4];
+          ldmatrix_x4(b, &ks[n2 * 16 + (j / 2) * 8 + r][kk * 16 + (j % 2) * 8]);
+          mma_bf16(s[2 * n2], qa[kk], b[0], b[1]);
+          mma_bf16(s[2 * n2 + 1], qa[kk], b[2], b[3]);
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < KT / 8; ++n)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const bf16* kr = &ks[n * 8 + g][kk * 16 + 2 * i];
+          mma_bf16(s[n], qa[kk], load_pair(kr), load_pair(kr + 8));
+        }
     }
-    // Scale, mask keys past the sequence, and the online softmax per row.
+    // Scale (by log2(e) too with exp2), mask keys past the sequence, and the online softmax
+    // per row.
+    const float sc = LDM ? scale * 1.4426950408889634f : scale;
     float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
     for (int n = 0; n < KT / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const uint32_t key = k0 + n * 8 + 2 * i + (e & 1);
-        s[n][e] = key < s1 ? s[n][e] * scale : -INFINITY;
+        s[n][e] = key < s1 ? s[n][e] * sc : -INFINITY;
       }
       mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
       mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
@@ -97,14 +117,15 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
     }
-    const float corr_lo = expf(m_lo - mx_lo), corr_hi = expf(m_hi - mx_hi);
+    auto ex = [](float x) { return LDM ? exp2f(x) : expf(x); };
+    const float corr_lo = ex(m_lo - mx_lo), corr_hi = ex(m_hi - mx_hi);
     float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
     for (int n = 0; n < KT / 8; ++n) {
-      s[n][0] = expf(s[n][0] - mx_lo);
-      s[n][1] = expf(s[n][1] - mx_lo);
-      s[n][2] = expf(s[n][2] - mx_hi);
-      s[n][3] = expf(s[n][3] - mx_hi);
+      s[n][0] = ex(s[n][0] - mx_lo);
+      s[n][1] = ex(s[n][1] - mx_lo);
+      s[n][2] = ex(s[n][2] - mx_hi);
+      s[n][3] = ex(s[n][3] - mx_hi);
       sum_lo += s[n][0] + s[n][1];
       sum_hi += s[n][2] + s[n][3];
     }
@@ -133,13 +154,26 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
       pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const int kr = kk * 16 + 2 * i;
+      if constexpr (LDM) {
+        // One ldmatrix.x4.trans per (16 keys, 16 dims): matrix j holds keys + (j % 2) * 8,
+        // dims + (j / 2) * 8, i.e. b0, b1 of d n-tile 2 n2 and of 2 n2 + 1.
+        const int j = lane / 8, r = lane % 8;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const int dc = n * 8 + g;
-        uint32_t b0 = gather_pair(&vs[kr][dc], &vs[kr + 1][dc]);
-        uint32_t b1 = gather_pair(&vs[kr + 8][dc], &vs[kr + 9][dc]);
-        mma_bf16(o[n], pa, b0, b1);
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, &vs[kk * 16 + (j % 2) * 8 + r][n2 * 16 + (j / 2) * 8]);
+          mma_bf16(o[2 * n2], pa, b[0], b[1]);
+          mma_bf16(o[2 * n2 + 1], pa, b[2], b[3]);
+        }
+      } else {
+        const int kr = kk * 16 + 2 * i;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          const int dc = n * 8 + g;
+          uint32_t b0 = gather_pair(&vs[kr][dc], &vs[kr + 1][dc]);
+          uint32_t b1 = gather_pair(&vs[kr + 8][dc], &vs[kr + 9][dc]);
+          mma_bf16(o[n], pa, b0, b1);
+        }
       }
     }
   }
@@ -155,9 +189,11 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       *reinterpret_cast<uint32_t*>(out + (int64_t)r_hi * hidden + col0 + c) =
           pack_bf16(o[n][2] * inv_hi, o[n][3] * inv_hi);
   }
+  // The running max is in log2 units with exp2: back to a natural log-sum-exp.
+  const float to_ln = LDM ? 0.6931471805599453f : 1.f;
   if (i == 0) {
-    if (ok_lo) lse[(int64_t)r_lo * heads + h] = m_lo + logf(l_lo);
-    if (ok_hi) lse[(int64_t)r_hi * heads + h] = m_hi + logf(l_hi);
+    if (ok_lo) lse[(int64_t)r_lo * heads + h] = m_lo * to_ln + logf(l_lo);
+    if (ok_hi) lse[(int64_t)r_hi * heads + h] = m_hi * to_ln + logf(l_hi);
   }
 }
 
@@ -166,7 +202,14 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       attention_fwd_flash_d##D##_bf16(const bf16* q, const bf16* k, const bf16* v,         \
                                       bf16* out, float* lse, const uint32_t* tiles,        \
                                       const uint32_t* cu, int nseq, int heads, float scale) { \
-    flash_fwd<D>(q, k, v, out, lse, tiles, cu, nseq, heads, scale);                        \
+    flash_fwd<D, false>(q, k, v, out, lse, tiles, cu, nseq, heads, scale);                 \
+  }                                                                                        \
+  extern "C" __global__ void __launch_bounds__(128, 2)                                     \
+      attention_fwd_flash_ldm_d##D##_bf16(const bf16* q, const bf16* k, const bf16* v,     \
+                                          bf16* out, float* lse, const uint32_t* tiles,    \
+                                          const uint32_t* cu, int nseq, int heads,         \
+                                          float scale) {                                   \
+    flash_fwd<D, true>(q, k, v, out, lse, tiles, cu, nseq, heads, scale);                  \
   }
 INSTANTIATE(32)
 INSTANTIATE(64)

@@ -39,6 +39,46 @@ __device__ void maxsim_rows(const T* __restrict__ q, const T* __restrict__ p,
   }
 }
 
+// Best match per (query row, passage) from a score block computed by a GEMM (the fast path:
+// cuBLASLt forms S = Q P^T for a chunk of passages, this reduces it). s f32 [Tq, cols] holds
+// the scores against passage rows j0 .. j0 + cols; passages n0 .. n0 + grid.x lie inside it.
+// Writes best / arg exactly as maxsim_rows does (first j on ties, 0 / NO_ROW when empty).
+// Launch: grid (passages in the chunk, ceil(Tq / 8)), 256 threads; warp w takes query row
+// blockIdx.y * 8 + w, lanes stride over the passage's columns (coalesced along the row).
+extern "C" __global__ void maxsim_segmax(const float* __restrict__ s,
+                                         const uint32_t* __restrict__ p_cu,
+                                         float* __restrict__ best, uint32_t* __restrict__ arg,
+                                         int tq, int bp, int n0, int j0, int cols) {
+  const int n = n0 + blockIdx.x;
+  const int i = blockIdx.y * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (i >= tq) return;
+  const uint32_t c0 = p_cu[n] - (uint32_t)j0, c1 = p_cu[n + 1] - (uint32_t)j0;
+  const float* row = s + (int64_t)i * cols;
+  float m = -INFINITY;
+  uint32_t a = NO_ROW;
+  for (uint32_t c = c0 + lane; c < c1; c += 32) {
+    const float v = row[c];
+    if (v > m) {
+      m = v;
+      a = c + (uint32_t)j0;
+    }
+  }
+  // Warp arg-max; equal values keep the smaller row, as the sequential scan would.
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, off);
+    const uint32_t oa = __shfl_xor_sync(0xffffffffu, a, off);
+    if (om > m || (om == m && oa < a)) {
+      m = om;
+      a = oa;
+    }
+  }
+  if (lane == 0) {
+    best[(int64_t)i * bp + n] = c1 > c0 ? m : 0.f;
+    arg[(int64_t)i * bp + n] = c1 > c0 ? a : NO_ROW;
+  }
+}
+
 // Scores: s f32 [Bq, Bp], s[b, n] = (1 / L_b) * sum_{i in query b} best[i, n] (0 for an empty
 // query), summed in row order. Launch: 1-D grid-stride over Bq * Bp, 256 threads per block.
 extern "C" __global__ void maxsim_reduce(const float* __restrict__ best,

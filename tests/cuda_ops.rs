@@ -119,11 +119,11 @@ proptest! {
 }
 
 #[test]
-fn flash_attention_backward_matches_cpu() {
-    // The tensor-core backward (flash_bwd.cu, opt-in until it passes here) on the attention
-    // op cases in bf16: fixed shapes, 8192 rows, random shapes.
+fn flash_variants_being_brought_up_match_cpu() {
+    // The kernels that are opt-in until they pass here: the tensor-core backward
+    // (flash_bwd.cu) and the ldmatrix forward (flash.cu, LDM), alone and together, on the
+    // attention op cases in bf16: fixed shapes, 8192 rows, random shapes.
     let Some(dev) = gpu() else { return };
-    dev.set_flash_backward(true);
     let mut dims: Vec<CaseDims> = FIXED.to_vec();
     dims.push(CaseDims {
         rows: 8192,
@@ -141,27 +141,104 @@ fn flash_attention_backward_matches_cpu() {
         });
     }
     let mut failures = Vec::new();
-    let mut checked = 0;
-    for (i, d) in dims.iter().enumerate() {
-        let seed = 500 + i as u64;
-        for r in cross_check(&dev, *d, DType::BF16, seed).expect("cross check ran") {
-            if !r.name.starts_with("attention(") {
-                continue;
+    for (ldm, flash_bwd) in [(false, true), (true, false), (true, true)] {
+        dev.set_flash_ldmatrix(ldm);
+        dev.set_flash_backward(flash_bwd);
+        let mut checked = 0;
+        for (i, d) in dims.iter().enumerate() {
+            let seed = 500 + i as u64;
+            for r in cross_check(&dev, *d, DType::BF16, seed).expect("cross check ran") {
+                if !r.name.starts_with("attention(") {
+                    continue;
+                }
+                checked += 1;
+                if r.error > cross_tolerance(DType::BF16) {
+                    failures.push(format!(
+                        "ldmatrix fwd {ldm}, flash bwd {flash_bwd}: {} {d:?} seed {seed}: {} {:.3e}",
+                        r.name, r.worst, r.error
+                    ));
+                }
             }
-            checked += 1;
-            if r.error > cross_tolerance(DType::BF16) {
-                failures.push(format!(
-                    "{} {d:?} seed {seed}: {} {:.3e}",
-                    r.name, r.worst, r.error
-                ));
+        }
+        assert!(
+            checked >= 4 * dims.len(),
+            "only {checked} attention rows checked"
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn maxsim_through_gemms_matches_cpu_and_the_warp_kernel() {
+    // The cuBLASLt path of max-sim (opt-in until it passes here): the op cases in f32 and
+    // bf16 against the CPU, then a batch big enough for two GEMM chunks (1000 query rows x
+    // ~75k passage rows > 64M scores) against the validated one-warp-per-pair kernel.
+    use m3::gradcheck::Rng;
+    let Some(dev) = gpu() else { return };
+    dev.set_maxsim_gemm(true);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (i, d) in FIXED.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            for r in cross_check(&dev, *d, dtype, 900 + i as u64).expect("cross check ran") {
+                if r.name.starts_with("maxsim") {
+                    checked += 1;
+                    if r.error > cross_tolerance(dtype) {
+                        failures.push(format!(
+                            "{} {dtype} {d:?}: {} {:.3e}",
+                            r.name, r.worst, r.error
+                        ));
+                    }
+                }
             }
         }
     }
     assert!(
-        checked >= 4 * dims.len(),
-        "only {checked} attention rows checked"
+        checked >= 2 * FIXED.len(),
+        "only {checked} max-sim rows checked"
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let mut rng = Rng::new(3);
+    let d = 16;
+    let q_cu: Vec<u32> = (0..=40).map(|b| b * 25).collect();
+    let mut p_cu = vec![0u32];
+    for _ in 0..300 {
+        let len = rng.below(500);
+        p_cu.push(p_cu.last().unwrap() + len);
+    }
+    let (tq, tp) = (1000usize, *p_cu.last().unwrap() as usize);
+    assert!(tq * tp > 64 << 20, "the batch must need two chunks");
+    let q = dev
+        .upload(HostData::F32(&rng.vec(tq * d, -1.0, 1.0)), &[tq, d])
+        .unwrap();
+    let p = dev
+        .upload(HostData::F32(&rng.vec(tp * d, -1.0, 1.0)), &[tp, d])
+        .unwrap();
+    let (s_gemm, arg_gemm) = dev.maxsim(&q, &q_cu, &p, &p_cu).unwrap();
+    dev.set_maxsim_gemm(false);
+    let (s_warp, _) = dev.maxsim(&q, &q_cu, &p, &p_cu).unwrap();
+    let (a, b) = (
+        dev.to_vec_f32(&s_gemm).unwrap(),
+        dev.to_vec_f32(&s_warp).unwrap(),
+    );
+    let err = m3::gradcheck::relative_error(&a, &b);
+    assert!(err <= 1e-5, "scores through GEMMs off by {err:.3e}");
+    // Every arg-max row lies in its passage, NO_ROW exactly for empty passages.
+    let args = dev.to_vec_u32(&arg_gemm).unwrap();
+    for i in 0..tq {
+        for n in 0..300 {
+            let (j0, j1) = (p_cu[n], p_cu[n + 1]);
+            let a = args[i * 300 + n];
+            if j0 == j1 {
+                assert_eq!(a, u32::MAX, "row {i} passage {n} is empty");
+            } else {
+                assert!(
+                    (j0..j1).contains(&a),
+                    "row {i} passage {n}: arg {a} outside {j0}..{j1}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -77,6 +77,8 @@ pub struct Cuda {
     poison: AtomicBool,
     staging: Mutex<Staging>,
     flash_backward: AtomicBool,
+    flash_ldmatrix: AtomicBool,
+    maxsim_gemm: AtomicBool,
 }
 
 /// Page-locked host buffers for large downloads, grown on demand and reused: on an H100
@@ -274,6 +276,10 @@ impl Cuda {
             flash_backward: AtomicBool::new(
                 std::env::var("M3_ATTENTION_BWD").as_deref() == Ok("flash"),
             ),
+            flash_ldmatrix: AtomicBool::new(
+                std::env::var("M3_ATTENTION").as_deref() == Ok("flash-ldm"),
+            ),
+            maxsim_gemm: AtomicBool::new(std::env::var("M3_MAXSIM").as_deref() == Ok("gemm")),
         })
     }
 
@@ -288,6 +294,91 @@ impl Cuda {
     /// kernels have passed on a GPU; `M3_ATTENTION_BWD=flash` turns it on at start.
     pub fn set_flash_backward(&self, on: bool) {
         self.flash_backward.store(on, Ordering::Relaxed);
+    }
+
+    /// Routes the bf16 attention forward to the ldmatrix variant of `flash.cu` (K and V
+    /// fragments through ldmatrix, exp2). Off by default until it has passed on a GPU;
+    /// `M3_ATTENTION=flash-ldm` turns it on at start.
+    pub fn set_flash_ldmatrix(&self, on: bool) {
+        self.flash_ldmatrix.store(on, Ordering::Relaxed);
+    }
+
+    /// Computes max-sim through cuBLASLt (S = Q P^T per chunk of passages, then a segmented
+    /// arg-max kernel) instead of the one-warp-per-pair kernel. Off by default until it has
+    /// passed on a GPU; `M3_MAXSIM=gemm` turns it on at start.
+    pub fn set_maxsim_gemm(&self, on: bool) {
+        self.maxsim_gemm.store(on, Ordering::Relaxed);
+    }
+
+    /// Max-sim's best match per (query row, passage) through GEMMs: passages in chunks of
+    /// at most ~64M score elements (256 MB of f32), S = Q P_chunk^T by cuBLASLt, then
+    /// `maxsim_segmax` per passage.
+    fn maxsim_rows_gemm(
+        &self,
+        q: &T,
+        p: &T,
+        p_cu: &[u32],
+        best: &mut T,
+        arg: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "maxsim";
+        let (tq, d) = (q.shape()[0], q.shape()[1]);
+        let bp = p_cu.len() - 1;
+        let budget = ((64usize << 20) / tq.max(1)).max(1);
+        let pc = self.upload(HostData::U32(p_cu), &[p_cu.len()])?;
+        let f = self.func("maxsim", "maxsim_segmax")?;
+        let elem = q.dtype().size() as u64;
+        let mut n0 = 0;
+        while n0 < bp {
+            // At least one passage per chunk, however long.
+            let j0 = p_cu[n0] as usize;
+            let mut n1 = n0 + 1;
+            while n1 < bp && p_cu[n1 + 1] as usize - j0 <= budget {
+                n1 += 1;
+            }
+            let cols = p_cu[n1] as usize - j0;
+            // With only empty passages there is nothing to multiply; the kernel still
+            // writes their 0 / NO_ROW entries.
+            let scores = self.alloc(&[tq, cols.max(1)], DType::F32)?;
+            if cols > 0 {
+                let args = blas::MatmulArgs {
+                    m: tq,
+                    n: cols,
+                    k: d,
+                    a: self.device_ptr(q),
+                    trans_a: false,
+                    b: self.device_ptr(p) + j0 as u64 * d as u64 * elem,
+                    trans_b: true,
+                    c: self.device_ptr(&scores),
+                    in_type: q.dtype(),
+                    out_type: DType::F32,
+                    bias: None,
+                };
+                // SAFETY: rows j0 .. j0 + cols of p lie inside p (maxsim_dims checked p_cu
+                // against p's rows); scores is [tq, cols].
+                unsafe { self.blas.lock().unwrap().matmul(&args)? };
+            }
+            let cfg = LaunchConfig {
+                grid_dim: ((n1 - n0) as u32, tq.div_ceil(8) as u32, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (ti, bi, ni, ji, ci) = (
+                to_i32(OP, "query rows", tq)?,
+                to_i32(OP, "passages", bp)?,
+                to_i32(OP, "passages", n0)?,
+                to_i32(OP, "passage rows", j0)?,
+                to_i32(OP, "chunk rows", cols)?,
+            );
+            launch!(
+                self,
+                f,
+                cfg,
+                [&scores, &pc, &mut *best, &mut *arg, &ti, &bi, &ni, &ji, &ci]
+            )?;
+            n0 = n1;
+        }
+        Ok(())
     }
 
     /// The stream every op is queued on.
@@ -951,7 +1042,12 @@ impl Backend for Cuda {
         if t > 0 && flash {
             let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
             let (tiles, n_tiles) = self.row_tiles(cu_seqlens)?;
-            let f = self.func("flash", &format!("attention_fwd_flash_d{inst}_bf16"))?;
+            let variant = if self.flash_ldmatrix.load(Ordering::Relaxed) {
+                "flash_ldm"
+            } else {
+                "flash"
+            };
+            let f = self.func("flash", &format!("attention_fwd_{variant}_d{inst}_bf16"))?;
             let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
             let h = to_i32(OP, "heads", heads)?;
             let cfg = LaunchConfig {
@@ -1246,7 +1342,9 @@ impl Backend for Cuda {
         let mut best = self.alloc(&[tq, bp], DType::F32)?;
         let mut arg = self.alloc(&[tq, bp], DType::U32)?;
         let mut s = self.alloc(&[bq, bp], DType::F32)?;
-        if tq * bp > 0 {
+        if tq * bp > 0 && d > 0 && self.maxsim_gemm.load(Ordering::Relaxed) {
+            self.maxsim_rows_gemm(q, p, p_cu, &mut best, &mut arg)?;
+        } else if tq * bp > 0 {
             let pc = self.upload(HostData::U32(p_cu), &[p_cu.len()])?;
             let f = self.func("maxsim", &format!("maxsim_rows_{}", sfx(q.dtype())))?;
             let (ti, bi, di) = (
