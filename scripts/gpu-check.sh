@@ -195,6 +195,9 @@ run() {
     step bench-train-torch 300 python3 "$root/scripts/bench_torch_train.py" --model "$model" \
       --inputs "$logs/train-batch.json" --steps 3 --device cuda --dtype bfloat16
   fi
+  # The largest batch per passage length (1024/4096/8192), without and with sub-batches of
+  # 4, bf16 compute with the flash backward: the paper's Table 10 question.
+  step bench-memory 240 env M3_ATTENTION_BWD=flash "$bundle/bin/m3" bench memory --model "$model"
   rm -rf "$model"
   fi
   # Sanitizers last: slow, and the benchmarks matter more when the lease runs short.

@@ -342,6 +342,29 @@ fn help_documents_every_subcommand() {
     ] {
         assert!(text.contains(cmd), "{text}");
     }
+    let out = m3(&["bench", "--help"], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["make-model", "encode", "train", "memory"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    // The memory benchmark reads the GPU's memory pool; on the CPU it says so.
+    let model = fixture("tiny-m3");
+    let out = m3(
+        &[
+            "bench",
+            "memory",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        b"",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--device cuda"),
+        "{err}"
+    );
 }
 
 #[test]

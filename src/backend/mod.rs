@@ -49,6 +49,23 @@ pub trait Backend: Sized + Send + Sync {
         Ok(())
     }
 
+    /// Most device memory in use by tensors since the last [`Backend::reset_peak_memory`]
+    /// (bytes); `None` where the backend does not track it (the CPU).
+    fn peak_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Starts a new peak-memory measurement from the memory in use now.
+    fn reset_peak_memory(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Device memory tensors could use: free memory plus what tensors hold now (bytes);
+    /// `None` on the CPU.
+    fn memory_available(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Copies host data to the device as a tensor of the given shape.
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Copies a float tensor back to the host as f32.

@@ -32,6 +32,9 @@ pub enum BenchCommand {
     /// Time full training steps (forward, backward, clipping, AdamW, weight refresh) on one
     /// batch of random token ids; `scripts/bench_torch_train.py` is the PyTorch peer.
     Train(TrainBenchArgs),
+    /// The largest training batch that fits the GPU per passage length, from the peak
+    /// device memory of steps at batch 1 and 2 (the question of the paper's Table 10).
+    Memory(super::bench_memory::MemoryBenchArgs),
 }
 
 /// `m3 bench train` flags.
@@ -279,18 +282,14 @@ impl Job for TrainBenchArgs {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut masters = split_masters(be, &mut model, dtype)?;
         let c = model.config.clone();
-        let vocab = c.vocab_size;
-        let seqs = |n: usize, len: usize, seed: u64| {
-            inputs(
-                &format!("uniform:{len}"),
-                n * len,
-                vocab,
-                c.max_tokens(),
-                seed,
-            )
-        };
-        let queries = seqs(self.batch, self.query_len, self.seed)?;
-        let passages = seqs(self.batch * self.group, self.passage_len, self.seed + 1)?;
+        let (queries, passages) = train_inputs(
+            &c,
+            self.batch,
+            self.group,
+            self.query_len,
+            self.passage_len,
+            self.seed,
+        )?;
         let excluded = vec![0, 1, 2, 3];
         if let Some(path) = &self.save_inputs {
             let ids = |v: &[Encoded]| v.iter().map(|e| e.ids.clone()).collect::<Vec<_>>();
@@ -354,10 +353,33 @@ impl Job for TrainBenchArgs {
 }
 
 /// Runs `m3 bench ...`.
+/// Random query and passage token ids for a training batch: `b` queries of `q_len` tokens
+/// and `b * g` passages of `p_len` (each query's group contiguous).
+pub(super) fn train_inputs(
+    c: &Config,
+    b: usize,
+    g: usize,
+    q_len: usize,
+    p_len: usize,
+    seed: u64,
+) -> anyhow::Result<(Vec<Encoded>, Vec<Encoded>)> {
+    let seqs = |n: usize, len: usize, seed: u64| {
+        inputs(
+            &format!("uniform:{len}"),
+            n * len,
+            c.vocab_size,
+            c.max_tokens(),
+            seed,
+        )
+    };
+    Ok((seqs(b, q_len, seed)?, seqs(b * g, p_len, seed + 1)?))
+}
+
 pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
         BenchCommand::MakeModel(a) => make_model(&a),
         BenchCommand::Encode(a) => on_device(a.device, a),
         BenchCommand::Train(a) => on_device(a.device, a),
+        BenchCommand::Memory(a) => on_device(a.device, a),
     }
 }

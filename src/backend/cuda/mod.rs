@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -497,6 +498,32 @@ impl Cuda {
         Ok(y)
     }
 
+    /// The device's default memory pool (where cuMemAllocAsync takes tensors from).
+    fn default_pool(&self) -> Result<sys::CUmemoryPool> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("memory pool", e))?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: writes one pool handle for this context's device.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()
+            .map_err(|e| cuda_err("memory pool", e))?;
+        Ok(pool)
+    }
+
+    /// A u64 attribute of the default memory pool.
+    fn pool_attribute(&self, attr: sys::CUmemPool_attribute) -> Result<u64> {
+        let pool = self.default_pool()?;
+        let mut v = 0u64;
+        // SAFETY: the USED_MEM_* / RESERVED_MEM_* attributes are u64.
+        unsafe {
+            sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void)
+        }
+        .result()
+        .map_err(|e| cuda_err("memory pool", e))?;
+        Ok(v)
+    }
+
     /// (sequence, first row) of every 64-row tile of a packed batch, uploaded, and the
     /// tile count: the grid of the flash attention kernels.
     fn row_tiles(&self, cu_seqlens: &[u32]) -> Result<(T, usize)> {
@@ -546,6 +573,39 @@ impl Backend for Cuda {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// The default memory pool's high-water mark of used bytes (every tensor comes from
+    /// that pool through cuMemAllocAsync).
+    fn peak_memory(&self) -> Result<Option<u64>> {
+        self.pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+            .map(Some)
+    }
+
+    fn reset_peak_memory(&self) -> Result<()> {
+        let pool = self.default_pool()?;
+        let mut zero = 0u64;
+        // SAFETY: setting USED_MEM_HIGH (to 0: reset to the current use) takes a u64.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err("memory pool", e))
+    }
+
+    fn memory_available(&self) -> Result<Option<u64>> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("memory", e))?;
+        let (free, _) =
+            cudarc::driver::result::mem_get_info().map_err(|e| cuda_err("memory", e))?;
+        let used =
+            self.pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(Some(free as u64 + used))
     }
 
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
