@@ -73,6 +73,31 @@ fn run(dev: &Cuda) -> R<Vec<Row>> {
             || dev.matmul(&dy, true, &x, false, None, DType::F32).map(drop),
         )?);
     }
+    // The FFN up-projection with its GELU: GEMM then the GELU kernel, and cuBLASLt's
+    // GELU_BIAS epilogue (opt-in).
+    {
+        let x = rand(dev, &mut rng, &[t, 1024], bf)?;
+        let w = rand(dev, &mut rng, &[1024, 4096], bf)?;
+        let b = rand(dev, &mut rng, &[4096], bf)?;
+        for epilogue in [false, true] {
+            dev.set_gelu_epilogue(epilogue);
+            rows.push(bench(
+                dev,
+                &format!(
+                    "linear+gelu bf16 {t}x1024 -> 4096 ({})",
+                    if epilogue {
+                        "epilogue"
+                    } else {
+                        "GEMM, GELU kernel"
+                    }
+                ),
+                2.0 * (t * 1024 * 4096) as f64,
+                0.0,
+                || dev.linear_gelu(&x, &w, &b).map(drop),
+            )?);
+        }
+        dev.set_gelu_epilogue(false);
+    }
     let x = rand(dev, &mut rng, &[t, 1024], bf)?;
     let g = rand(dev, &mut rng, &[1024], bf)?;
     let b = rand(dev, &mut rng, &[1024], bf)?;

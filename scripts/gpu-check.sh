@@ -172,7 +172,8 @@ run() {
     step "bench-encode-m3-$tag" 300 "$bundle/bin/m3" bench encode --model "$model" \
       --lengths "$enc" --tokens 65536 --batch-tokens 16384 --device cuda \
       --save-inputs "$logs/ids-$tag.json"
-    step "bench-encode-m3-ldm-$tag" 300 env M3_ATTENTION=flash-ldm "$bundle/bin/m3" bench encode \
+    step "bench-encode-m3-variants-$tag" 300 env M3_ATTENTION=flash-ldm M3_GELU=epilogue \
+      "$bundle/bin/m3" bench encode \
       --model "$model" --lengths "$enc" --tokens 65536 --batch-tokens 16384 --device cuda
     if python3 -c "import transformers" >/dev/null 2>&1; then
       step "bench-encode-torch-$tag" 300 python3 "$root/scripts/bench_torch.py" --model "$model" \

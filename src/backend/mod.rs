@@ -44,6 +44,17 @@ pub trait Backend: Sized + Send + Sync {
     /// Human-readable device name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
 
+    /// Inference's FFN up-projection: `gelu(x · w + bias)` with exact (erf) GELU, `w`
+    /// `[in, out]`. The default is the composition, which is the reference.
+    fn linear_gelu(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        self.gelu(&self.matmul(x, false, w, false, Some(bias), x.dtype())?)
+    }
+
     /// Waits until all queued work is done (a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())

@@ -44,7 +44,7 @@ pub fn forward<B: Backend>(
             be.attention(&q, &k, &v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
         let o = linear(be, &a, &l.attn_out)?;
         x = be.add_layernorm(&o, &x, &l.attn_norm.g, &l.attn_norm.b, eps)?;
-        let h = be.gelu(&linear(be, &x, &l.ffn_in)?)?;
+        let h = be.linear_gelu(&x, &l.ffn_in.wt, &l.ffn_in.b)?;
         let o = linear(be, &h, &l.ffn_out)?;
         x = be.add_layernorm(&o, &x, &l.ffn_norm.g, &l.ffn_norm.b, eps)?;
     }

@@ -70,6 +70,8 @@ pub struct MatmulArgs {
     pub out_type: DType,
     /// Optional bias pointer, `[n]` of `out_type`.
     pub bias: Option<u64>,
+    /// Apply cuBLASLt's GELU epilogue after the bias (its tanh approximation of GELU).
+    pub gelu: bool,
 }
 
 /// RAII wrappers so every early return frees the descriptors.
@@ -164,12 +166,17 @@ impl Blas {
         use sys::cublasLtMatmulDescAttributes_t as A;
         set_attr(&desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &(trans_b as i32))?;
         set_attr(&desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &(trans_a as i32))?;
+        use sys::cublasLtEpilogue_t as E;
+        let epilogue = match (args.bias.is_some(), args.gelu) {
+            (true, true) => Some(E::CUBLASLT_EPILOGUE_GELU_BIAS),
+            (true, false) => Some(E::CUBLASLT_EPILOGUE_BIAS),
+            (false, true) => Some(E::CUBLASLT_EPILOGUE_GELU),
+            (false, false) => None,
+        };
+        if let Some(e) = epilogue {
+            set_attr(&desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &e)?;
+        }
         if let Some(bias) = args.bias {
-            set_attr(
-                &desc,
-                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            )?;
             set_attr(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
             set_attr(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out_t)?;
         }
