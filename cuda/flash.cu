@@ -40,16 +40,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
   // Q fragments for all D / 16 k-steps, zero for rows past the sequence.
   uint32_t qa[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + 2 * i;
-    const bf16* lo = q + (int64_t)r_lo * hidden + col0 + c;
-    const bf16* hi = q + (int64_t)r_hi * hidden + col0 + c;
-    qa[kk][0] = ok_lo ? load_pair(lo) : 0u;
-    qa[kk][1] = ok_hi ? load_pair(hi) : 0u;
-    qa[kk][2] = ok_lo ? load_pair(lo + 8) : 0u;
-    qa[kk][3] = ok_hi ? load_pair(hi + 8) : 0u;
-  }
+  load_a_frags<D>(qa, q, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;

@@ -27,24 +27,6 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ dout, const bf16* __res
   if (lane == 0) delta[r] = s;
 }
 
-// A fragments (16 rows x D, row-major) of rows r_lo = row g, r_hi = row g + 8 of a tile,
-// zero for rows past the sequence.
-template <int D>
-__device__ __forceinline__ void load_a_frags(uint32_t a[D / 16][4], const bf16* __restrict__ x,
-                                             uint32_t r_lo, uint32_t r_hi, bool ok_lo,
-                                             bool ok_hi, int64_t hidden, int64_t col0, int i) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + 2 * i;
-    const bf16* lo = x + (int64_t)r_lo * hidden + col0 + c;
-    const bf16* hi = x + (int64_t)r_hi * hidden + col0 + c;
-    a[kk][0] = ok_lo ? load_pair(lo) : 0u;
-    a[kk][1] = ok_hi ? load_pair(hi) : 0u;
-    a[kk][2] = ok_lo ? load_pair(lo + 8) : 0u;
-    a[kk][3] = ok_hi ? load_pair(hi + 8) : 0u;
-  }
-}
-
 // Cooperative copy of rows first .. first + R (zeros past end) of two [*, hidden] tensors'
 // head columns into shared tiles; 128 threads, 8 bf16 per thread per step.
 template <int D, int R>

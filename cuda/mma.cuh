@@ -33,6 +33,24 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32
 }
 
 
+// A fragments (16 rows x D, row-major) of rows r_lo = row g, r_hi = row g + 8 of a tile,
+// zero for rows past the sequence.
+template <int D>
+__device__ __forceinline__ void load_a_frags(uint32_t a[D / 16][4], const bf16* __restrict__ x,
+                                             uint32_t r_lo, uint32_t r_hi, bool ok_lo,
+                                             bool ok_hi, int64_t hidden, int64_t col0, int i) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * i;
+    const bf16* lo = x + (int64_t)r_lo * hidden + col0 + c;
+    const bf16* hi = x + (int64_t)r_hi * hidden + col0 + c;
+    a[kk][0] = ok_lo ? load_pair(lo) : 0u;
+    a[kk][1] = ok_hi ? load_pair(hi) : 0u;
+    a[kk][2] = ok_lo ? load_pair(lo + 8) : 0u;
+    a[kk][3] = ok_hi ? load_pair(hi + 8) : 0u;
+  }
+}
+
 // ldmatrix: four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8j ..
 // 8j + 7 give matrix j's rows, 16-byte aligned). Without .trans lane 4g + i receives
 // (row g, cols 2i, 2i + 1) of each matrix; with .trans (rows 2i, 2i + 1, col g).

@@ -266,20 +266,11 @@ impl Job for TrainBenchArgs {
         use m3::train::loss::LossConfig;
         use m3::train::model::TrainModel;
         use m3::train::optim::clip_factor;
-        use m3::train::trainer::{grad_norm, split_masters, update};
+        use m3::train::trainer::{grad_norm, split_masters, update, zero_moments};
 
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         let mut model = TrainModel::load(be, &self.model, DType::F32, self.seed)?;
-        let mut moments = model
-            .named_mut()
-            .into_iter()
-            .map(|(_, t)| {
-                Ok([
-                    be.zeros(t.shape(), DType::F32)?,
-                    be.zeros(t.shape(), DType::F32)?,
-                ])
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut moments = zero_moments(be, &mut model)?;
         let mut masters = split_masters(be, &mut model, dtype)?;
         let c = model.config.clone();
         let (queries, passages) = train_inputs(

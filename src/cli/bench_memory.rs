@@ -18,7 +18,7 @@ use m3::batch::pack_in_order;
 use m3::train::forward::{step_grads, StepBatch, StepDropout};
 use m3::train::loss::LossConfig;
 use m3::train::model::TrainModel;
-use m3::train::trainer::split_masters;
+use m3::train::trainer::{split_masters, zero_moments};
 use m3::DType;
 use serde_json::json;
 
@@ -64,16 +64,7 @@ impl Job for MemoryBenchArgs {
         let mut model = TrainModel::load(be, &self.model, DType::F32, 1)?;
         // Resident as in training: masters (bf16 compute) and both AdamW moments.
         let _masters = split_masters(be, &mut model, dtype)?;
-        let _moments = model
-            .named_mut()
-            .into_iter()
-            .map(|(_, t)| {
-                Ok([
-                    be.zeros(t.shape(), DType::F32)?,
-                    be.zeros(t.shape(), DType::F32)?,
-                ])
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let _moments = zero_moments(be, &mut model)?;
         let c = model.config.clone();
         let off = c.position_offset();
         let cfg = LossConfig::new(self.group, vec![0, 1, 2, 3]);

@@ -846,6 +846,23 @@ pub fn adamw_apply<B: Backend>(
     Ok(())
 }
 
+/// Zeroed f32 AdamW moments `[m, v]` for every tensor of `model`, in its order.
+pub fn zero_moments<B: Backend>(
+    be: &B,
+    model: &mut TrainModel<B>,
+) -> crate::error::Result<Vec<[Tensor<B>; 2]>> {
+    model
+        .named_mut()
+        .into_iter()
+        .map(|(_, t)| {
+            Ok([
+                be.zeros(t.shape(), DType::F32)?,
+                be.zeros(t.shape(), DType::F32)?,
+            ])
+        })
+        .collect()
+}
+
 /// The f32 tensors AdamW updates for a model computing in `dtype`: `None` with f32 compute
 /// (the model's own tensors are the masters, no copy), else f32 copies of every tensor,
 /// and the model itself cast to `dtype` (bf16 compute copies on a GPU).
