@@ -6,7 +6,7 @@
 
 use m3::backend::cuda::Cuda;
 use m3::backend::Backend;
-use m3::gradcheck::{cross_check, cross_tolerance, CaseDims};
+use m3::gradcheck::{cross_check, cross_check_ops, cross_tolerance, CaseDims};
 use m3::{DType, HostData};
 use proptest::prelude::*;
 
@@ -147,10 +147,9 @@ fn flash_variants_being_brought_up_match_cpu() {
         let mut checked = 0;
         for (i, d) in dims.iter().enumerate() {
             let seed = 500 + i as u64;
-            for r in cross_check(&dev, *d, DType::BF16, seed).expect("cross check ran") {
-                if !r.name.starts_with("attention(") {
-                    continue;
-                }
+            let attention = |n: &str| n.starts_with("attention(");
+            let rows = cross_check_ops(&dev, *d, DType::BF16, seed, attention);
+            for r in rows.expect("cross check ran") {
                 checked += 1;
                 if r.error > cross_tolerance(DType::BF16) {
                     failures.push(format!(
@@ -180,15 +179,15 @@ fn maxsim_through_gemms_matches_cpu_and_the_warp_kernel() {
     let mut checked = 0;
     for (i, d) in FIXED.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
-            for r in cross_check(&dev, *d, dtype, 900 + i as u64).expect("cross check ran") {
-                if r.name.starts_with("maxsim") {
-                    checked += 1;
-                    if r.error > cross_tolerance(dtype) {
-                        failures.push(format!(
-                            "{} {dtype} {d:?}: {} {:.3e}",
-                            r.name, r.worst, r.error
-                        ));
-                    }
+            let maxsim = |n: &str| n.starts_with("maxsim");
+            let rows = cross_check_ops(&dev, *d, dtype, 900 + i as u64, maxsim);
+            for r in rows.expect("cross check ran") {
+                checked += 1;
+                if r.error > cross_tolerance(dtype) {
+                    failures.push(format!(
+                        "{} {dtype} {d:?}: {} {:.3e}",
+                        r.name, r.worst, r.error
+                    ));
                 }
             }
         }
