@@ -10,7 +10,9 @@
 # On the device machine: carry gpu-bundle and run, e.g.,
 #   M3_GPU_BUDGET_S=300 bash scripts/gpu-check.sh run /tmp/l all; tar czf $OUT/logs.tgz -C /tmp l
 # (M3_GPU_BUDGET_S caps the whole run; a device call returns at most 8 files, hence the tar).
-# Measured on an H100: tests + sanitizers ~50 s, bench ~200 s.
+# Measured on an H100 (2026-11-27): tests + sanitizers ~50 s, bench ~200 s; since then the
+# opt-in variants' tests and benches, two more training steps and `bench memory` (capped at
+# 240 s) were added: run `tests` and `bench` as two calls.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bundle="$root/gpu-bundle"
