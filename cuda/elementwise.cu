@@ -86,7 +86,8 @@ __device__ void adamw(float* __restrict__ p, const T* __restrict__ g, float* __r
   }
 }
 
-// Tree sum of one f64 value per thread over a 256-thread block; thread 0 gets the total.
+// Tree sum of one f64 value per thread over a 256-thread block; every thread gets the
+// total. Once per kernel: there is no barrier before the first write to the shared array.
 __device__ double block_sum_256(double s) {
   __shared__ double acc[256];
   acc[threadIdx.x] = s;

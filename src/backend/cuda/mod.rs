@@ -118,6 +118,9 @@ where
     }
     let pinned = slot.as_mut().expect("allocated above");
     stream.memcpy_dtoh(src, pinned).map_err(e)?;
+    // A copy into pinned memory is asynchronous, and with event tracking off (Cuda::new)
+    // cudarc records no event on the slice, so as_slice() would not wait: wait here.
+    stream.synchronize().map_err(e)?;
     let host = pinned.as_slice().map_err(e)?;
     let mut out = Vec::with_capacity(n);
     host[..n]
