@@ -600,13 +600,25 @@ impl<'a, B: Backend> Tape<'a, B> {
                 Op::Relu { x } => vec![(*x, be.relu_backward(&g, val(*x))?)],
                 Op::Embedding { table, ids, vocab } => {
                     // A table already holding a gradient (used twice on this tape) takes the
-                    // rows in place instead of a second vocabulary-sized buffer.
+                    // rows in place instead of a second vocabulary-sized buffer. The scatter
+                    // is f32, right for parameters; a gather from a bf16 activation (the
+                    // heads' CLS and colbert rows under bf16 compute) gets its gradient back
+                    // in bf16, as every other op on that path does.
+                    let want = self.grad_dtype(*table);
                     match grads[table.0].as_mut() {
-                        Some(prev) if prev.dtype() == DType::F32 => {
+                        Some(prev) if prev.dtype() == DType::F32 && want == DType::F32 => {
                             be.embedding_backward_into(&g, ids, prev)?;
                             Vec::new()
                         }
-                        _ => vec![(*table, be.embedding_backward(&g, ids, *vocab)?)],
+                        _ => {
+                            let d = be.embedding_backward(&g, ids, *vocab)?;
+                            let d = if d.dtype() == want {
+                                d
+                            } else {
+                                be.cast(&d, want)?
+                            };
+                            vec![(*table, d)]
+                        }
                     }
                 }
                 Op::L2Normalize { x, norms, eps } => {
@@ -639,7 +651,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 }
                 Op::Scale { x, c } => vec![(*x, be.scale(&g, *c)?)],
                 Op::Reshape { x } => vec![(*x, g.reshape(val(*x).shape())?)],
-                Op::Cast { x } => vec![(*x, be.cast(&g, val(*x).dtype())?)],
+                Op::Cast { x } => vec![(*x, be.cast(&g, self.grad_dtype(*x))?)],
                 Op::Dropout { x, p, seed } => vec![(*x, be.dropout(&g, *p, *seed)?)],
                 Op::SumAll { x } => {
                     let v = be.to_vec_f32(&g)?[0];

@@ -207,12 +207,9 @@ fn variant_maxsim_through_gemms_matches_cpu_and_the_warp_kernel() {
     }
     let (tq, tp) = (1000usize, *p_cu.last().unwrap() as usize);
     assert!(tq * tp > 64 << 20, "the batch must need two chunks");
-    let q = dev
-        .upload(HostData::F32(&rng.vec(tq * d, -1.0, 1.0)), &[tq, d])
-        .unwrap();
-    let p = dev
-        .upload(HostData::F32(&rng.vec(tp * d, -1.0, 1.0)), &[tp, d])
-        .unwrap();
+    let (qh, ph) = (rng.vec(tq * d, -1.0, 1.0), rng.vec(tp * d, -1.0, 1.0));
+    let q = dev.upload(HostData::F32(&qh), &[tq, d]).unwrap();
+    let p = dev.upload(HostData::F32(&ph), &[tp, d]).unwrap();
     let (s_gemm, arg_gemm) = dev.maxsim(&q, &q_cu, &p, &p_cu).unwrap();
     dev.set_maxsim_gemm(false);
     let (s_warp, _) = dev.maxsim(&q, &q_cu, &p, &p_cu).unwrap();
@@ -222,20 +219,35 @@ fn variant_maxsim_through_gemms_matches_cpu_and_the_warp_kernel() {
     );
     let err = m3::gradcheck::relative_error(&a, &b);
     assert!(err <= 1e-5, "scores through GEMMs off by {err:.3e}");
-    // Every arg-max row lies in its passage, NO_ROW exactly for empty passages.
+    // Every arg-max row lies in its passage (NO_ROW exactly for empty passages) and scores
+    // the passage's best, recomputed on the host in f64: this checks the second chunk's
+    // row offset too.
     let args = dev.to_vec_u32(&arg_gemm).unwrap();
+    let dot = |i: usize, j: usize| -> f64 {
+        (0..d)
+            .map(|c| qh[i * d + c] as f64 * ph[j * d + c] as f64)
+            .sum()
+    };
     for i in 0..tq {
         for n in 0..300 {
             let (j0, j1) = (p_cu[n], p_cu[n + 1]);
             let a = args[i * 300 + n];
             if j0 == j1 {
                 assert_eq!(a, u32::MAX, "row {i} passage {n} is empty");
-            } else {
-                assert!(
-                    (j0..j1).contains(&a),
-                    "row {i} passage {n}: arg {a} outside {j0}..{j1}"
-                );
+                continue;
             }
+            assert!(
+                (j0..j1).contains(&a),
+                "row {i} passage {n}: arg {a} outside {j0}..{j1}"
+            );
+            let best = (j0..j1)
+                .map(|j| dot(i, j as usize))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let got = dot(i, a as usize);
+            assert!(
+                (best - got).abs() <= 1e-4,
+                "row {i} passage {n}: arg {a} scores {got}, the best is {best}"
+            );
         }
     }
 }

@@ -182,13 +182,29 @@ impl Blas {
         }
         let pref = Pref(result::create_matmul_pref().map_err(|e| blas_err("preference", e))?);
         let ws_size = self.workspace.len();
-        result::set_matmul_pref_attribute(
-            pref.0,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let set_pref = |attr: P, v: *const c_void, size: usize| {
+            result::set_matmul_pref_attribute(pref.0, attr, v, size)
+                .map_err(|e| blas_err("preference attribute", e))
+        };
+        set_pref(
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
             &ws_size as *const usize as *const c_void,
             size_of::<usize>(),
-        )
-        .map_err(|e| blas_err("preference attribute", e))?;
+        )?;
+        // cuBLASLt assumes 256-byte aligned operands unless told otherwise; a pointer into
+        // the middle of a tensor (max-sim's passage chunks) may be less aligned. Its A is
+        // our B (see the layouts above).
+        let align = |p: u64| -> u32 { 1u32 << p.trailing_zeros().min(8) };
+        for (attr, ptr) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, args.b),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, args.a),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, args.c),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, args.c),
+        ] {
+            let a = align(ptr);
+            set_pref(attr, &a as *const u32 as *const c_void, size_of::<u32>())?;
+        }
         let heuristic =
             result::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0)
                 .map_err(|e| {

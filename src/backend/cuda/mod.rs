@@ -634,6 +634,11 @@ impl Backend for Cuda {
     /// The default memory pool's high-water mark of used bytes (every tensor comes from
     /// that pool through cuMemAllocAsync).
     fn peak_memory(&self) -> Result<Option<u64>> {
+        // Without stream-ordered allocation cudarc falls back to cuMemAlloc and the pool
+        // sees nothing.
+        if !self.ctx.has_async_alloc() {
+            return Ok(None);
+        }
         self.pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
             .map(Some)
     }
@@ -654,14 +659,20 @@ impl Backend for Cuda {
     }
 
     fn memory_available(&self) -> Result<Option<u64>> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        // Queued frees first; then what the driver has free plus all the pool holds (in use
+        // or kept for reuse: RESERVED includes USED).
+        self.synchronize()?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_err("memory", e))?;
         let (free, _) =
             cudarc::driver::result::mem_get_info().map_err(|e| cuda_err("memory", e))?;
-        let used =
-            self.pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-        Ok(Some(free as u64 + used))
+        let held =
+            self.pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        Ok(Some(free as u64 + held))
     }
 
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
