@@ -117,6 +117,142 @@ fn encode_writes_one_line_per_input_in_order_matching_flagembedding() {
     }
 }
 
+/// A `.npy` file's shape and raw little-endian data (descr checked).
+fn read_npy(path: &Path, descr: &str) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert_eq!((10 + len) % 64, 0, "header not 64-byte aligned: {header}");
+    assert!(header.contains(&format!("'descr': '{descr}'")), "{header}");
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse().unwrap())
+        .collect();
+    (shape, bytes[10 + len..].to_vec())
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn npy_output_holds_exactly_what_jsonl_holds() {
+    let g = golden();
+    let recs = g["records"].as_array().unwrap();
+    let mut input = Vec::new();
+    for (i, r) in recs.iter().enumerate() {
+        writeln!(input, "{}", serde_json::json!({"text": r["text"], "id": i})).unwrap();
+    }
+    let model = fixture("tiny-m3");
+    let outputs = ["--outputs", "dense,sparse,colbert"];
+    let mut args = vec!["encode", MODEL, model.to_str().unwrap()];
+    args.extend(outputs);
+    let json = m3(&args, &input);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let json = lines(&json);
+    let d = tmp("npy");
+    let dir = d.join("out");
+    let mut args = vec!["encode", MODEL, model.to_str().unwrap(), "--npy-dir"];
+    args.push(dir.to_str().unwrap());
+    args.extend(outputs);
+    let out = m3(&args, &input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    let n = recs.len();
+    let (shape, dense) = read_npy(&dir.join("dense.npy"), "<f4");
+    assert_eq!(shape, [n, 32]);
+    let dense = f32s(&dense);
+    let (shape, colbert) = read_npy(&dir.join("colbert.npy"), "<f4");
+    let colbert = f32s(&colbert);
+    let (cshape, coff) = read_npy(&dir.join("colbert_offsets.npy"), "<i8");
+    let coff = i64s(&coff);
+    assert_eq!(cshape, [n + 1]);
+    assert_eq!(shape, [*coff.last().unwrap() as usize, 32]);
+    let (_, lid) = read_npy(&dir.join("lexical_ids.npy"), "<u4");
+    let lid: Vec<u32> = lid
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let (_, lw) = read_npy(&dir.join("lexical_weights.npy"), "<f4");
+    let lw = f32s(&lw);
+    let (_, loff) = read_npy(&dir.join("lexical_offsets.npy"), "<i8");
+    let loff = i64s(&loff);
+    let ids = std::fs::read_to_string(dir.join("ids.jsonl")).unwrap();
+    let ids: Vec<Value> = ids
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ids.len(), n);
+    for (i, j) in json.iter().enumerate() {
+        assert_eq!(ids[i], j["id"]);
+        let want: Vec<f32> = j["dense_vecs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(&dense[i * 32..(i + 1) * 32], &want[..], "text {i} dense");
+        let rows = j["colbert_vecs"].as_array().unwrap();
+        assert_eq!(
+            coff[i + 1] - coff[i],
+            rows.len() as i64,
+            "text {i} colbert rows"
+        );
+        for (k, row) in rows.iter().enumerate() {
+            let want: Vec<f32> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let at = (coff[i] as usize + k) * 32;
+            assert_eq!(&colbert[at..at + 32], &want[..], "text {i} colbert row {k}");
+        }
+        let lex = j["lexical_weights"].as_object().unwrap();
+        let (a, b) = (loff[i] as usize, loff[i + 1] as usize);
+        assert_eq!(b - a, lex.len(), "text {i} lexical entries");
+        for (id, w) in lid[a..b].iter().zip(&lw[a..b]) {
+            assert_eq!(
+                lex[&id.to_string()].as_f64().unwrap() as f32,
+                *w,
+                "text {i} token {id}"
+            );
+        }
+    }
+    // --npy-dir and --output are one or the other.
+    let mut args = args.clone();
+    args.extend(["--output", "x.jsonl"]);
+    let out = m3(&args, &input);
+    assert!(!out.status.success());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn a_bad_line_stops_with_its_number_after_completing_the_lines_before() {
     let model = fixture("tiny-m3");

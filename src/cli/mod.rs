@@ -7,6 +7,7 @@ mod device;
 mod encode;
 mod jsonl;
 mod kernels;
+mod npy;
 mod score;
 mod search;
 mod selfcheck;

@@ -126,6 +126,11 @@ impl<B: Backend> Embedder<B> {
         self.colbert_head.is_some()
     }
 
+    /// Width of the colbert vectors (the colbert head's outputs), if there is a head.
+    pub fn colbert_dim(&self) -> Option<usize> {
+        self.colbert_head.as_ref().map(|h| h.wt.shape()[1])
+    }
+
     /// The longest sequence the model takes, special tokens included.
     pub fn max_tokens(&self) -> usize {
         self.config.max_tokens()
