@@ -170,16 +170,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   }
   // Normalise and store; rows past the sequence are not written.
   const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    const int c = n * 8 + 2 * i;
-    if (ok_lo)
-      *reinterpret_cast<uint32_t*>(out + (int64_t)r_lo * hidden + col0 + c) =
-          pack_bf16(o[n][0] * inv_lo, o[n][1] * inv_lo);
-    if (ok_hi)
-      *reinterpret_cast<uint32_t*>(out + (int64_t)r_hi * hidden + col0 + c) =
-          pack_bf16(o[n][2] * inv_hi, o[n][3] * inv_hi);
-  }
+  store_c<D>(out, o, inv_lo, inv_hi, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
   // The running max is in log2 units with exp2: back to a natural log-sum-exp.
   const float to_ln = LDM ? 0.6931471805599453f : 1.f;
   if (i == 0) {

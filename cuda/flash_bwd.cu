@@ -47,23 +47,6 @@ __device__ __forceinline__ void load_tiles(bf16 (*xs)[D + 8], bf16 (*ys)[D + 8],
   }
 }
 
-// Stores a 16 x D f32 accumulator (C layout, rows g and g + 8) times `mul` as bf16.
-template <int D>
-__device__ __forceinline__ void store_c(bf16* __restrict__ y, const float acc[D / 8][4],
-                                        float mul, uint32_t r_lo, uint32_t r_hi, bool ok_lo,
-                                        bool ok_hi, int64_t hidden, int64_t col0, int i) {
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    const int c = n * 8 + 2 * i;
-    if (ok_lo)
-      *reinterpret_cast<uint32_t*>(y + (int64_t)r_lo * hidden + col0 + c) =
-          pack_bf16(acc[n][0] * mul, acc[n][1] * mul);
-    if (ok_hi)
-      *reinterpret_cast<uint32_t*>(y + (int64_t)r_hi * hidden + col0 + c) =
-          pack_bf16(acc[n][2] * mul, acc[n][3] * mul);
-  }
-}
-
 // dK and dV of one 64-key tile. Launch: grid (key tiles, heads), 128 threads = 4 warps;
 // warp w owns keys tile + 16w .. +16 (K and V as A fragments in registers, dK and dV
 // accumulators in C layout). Queries stream through shared memory QT rows at a time
@@ -152,8 +135,8 @@ __device__ void flash_bwd_dkv(const bf16* __restrict__ dout, const bf16* __restr
       }
     }
   }
-  store_c<D>(dk, dka, scale, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
-  store_c<D>(dv, dva, 1.f, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
+  store_c<D>(dk, dka, scale, scale, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
+  store_c<D>(dv, dva, 1.f, 1.f, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
 }
 
 // dQ of one 64-query tile. Launch: grid (query tiles, heads), 128 threads = 4 warps; warp
@@ -232,7 +215,7 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ dout, const bf16* __restri
       }
     }
   }
-  store_c<D>(dq, dqa, scale, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
+  store_c<D>(dq, dqa, scale, scale, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -51,6 +51,25 @@ __device__ __forceinline__ void load_a_frags(uint32_t a[D / 16][4], const bf16* 
   }
 }
 
+// Stores a 16 x D f32 accumulator (C layout: rows g and g + 8) as bf16, row g times mul_lo
+// and row g + 8 times mul_hi; rows past the sequence are not written.
+template <int D>
+__device__ __forceinline__ void store_c(bf16* __restrict__ y, const float acc[D / 8][4],
+                                        float mul_lo, float mul_hi, uint32_t r_lo,
+                                        uint32_t r_hi, bool ok_lo, bool ok_hi, int64_t hidden,
+                                        int64_t col0, int i) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * i;
+    if (ok_lo)
+      *reinterpret_cast<uint32_t*>(y + (int64_t)r_lo * hidden + col0 + c) =
+          pack_bf16(acc[n][0] * mul_lo, acc[n][1] * mul_lo);
+    if (ok_hi)
+      *reinterpret_cast<uint32_t*>(y + (int64_t)r_hi * hidden + col0 + c) =
+          pack_bf16(acc[n][2] * mul_hi, acc[n][3] * mul_hi);
+  }
+}
+
 // ldmatrix: four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8j ..
 // 8j + 7 give matrix j's rows, 16-byte aligned). Without .trans lane 4g + i receives
 // (row g, cols 2i, 2i + 1) of each matrix; with .trans (rows 2i, 2i + 1, col g).

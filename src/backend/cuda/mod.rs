@@ -79,6 +79,7 @@ pub struct Cuda {
     staging: Mutex<Staging>,
     flash_backward: AtomicBool,
     flash_ldmatrix: AtomicBool,
+    attention_naive: bool,
     maxsim_gemm: AtomicBool,
     gelu_epilogue: AtomicBool,
 }
@@ -284,6 +285,8 @@ impl Cuda {
             flash_ldmatrix: AtomicBool::new(
                 std::env::var("M3_ATTENTION").as_deref() == Ok("flash-ldm"),
             ),
+            // Every kernel switch is read once here, not per call.
+            attention_naive: std::env::var("M3_ATTENTION").as_deref() == Ok("naive"),
             maxsim_gemm: AtomicBool::new(std::env::var("M3_MAXSIM").as_deref() == Ok("gemm")),
             gelu_epilogue: AtomicBool::new(std::env::var("M3_GELU").as_deref() == Ok("epilogue")),
         })
@@ -580,17 +583,31 @@ impl Cuda {
         Ok(v)
     }
 
-    /// (sequence, first row) of every 64-row tile of a packed batch, uploaded, and the
-    /// tile count: the grid of the flash attention kernels.
-    fn row_tiles(&self, cu_seqlens: &[u32]) -> Result<(T, usize)> {
+    /// The launch of the flash attention kernels (flash.cu, flash_bwd.cu): (sequence, first
+    /// row) of every 64-row tile of a packed batch, uploaded, and the grid (tiles, heads) of
+    /// 128-thread blocks.
+    fn flash_launch(
+        &self,
+        op: &'static str,
+        cu_seqlens: &[u32],
+        heads: usize,
+    ) -> Result<(T, LaunchConfig)> {
         let mut tiles = Vec::new();
         for (s, w) in cu_seqlens.windows(2).enumerate() {
             for start in (w[0]..w[1]).step_by(64) {
                 tiles.extend([s as u32, start]);
             }
         }
-        let n = tiles.len() / 2;
-        Ok((self.upload(HostData::U32(&tiles), &[tiles.len()])?, n))
+        let cfg = LaunchConfig {
+            grid_dim: (
+                to_i32(op, "tiles", tiles.len() / 2)? as u32,
+                to_i32(op, "heads", heads)? as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((self.upload(HostData::U32(&tiles), &[tiles.len()])?, cfg))
     }
 
     fn device_ptr(&self, t: &T) -> u64 {
@@ -1145,12 +1162,10 @@ impl Backend for Cuda {
         let mut lse = self.alloc(&[t, heads], DType::F32)?;
         // bf16 with a whole head dim of 32, 64 or 128: the tensor-core kernel (flash.cu);
         // otherwise, or with M3_ATTENTION=naive, the one-warp-per-row baseline.
-        let flash = q.dtype() == DType::BF16
-            && head_dim == inst
-            && std::env::var("M3_ATTENTION").as_deref() != Ok("naive");
+        let flash = q.dtype() == DType::BF16 && head_dim == inst && !self.attention_naive;
         if t > 0 && flash {
             let cu = self.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
-            let (tiles, n_tiles) = self.row_tiles(cu_seqlens)?;
+            let (tiles, cfg) = self.flash_launch(OP, cu_seqlens, heads)?;
             let variant = if self.flash_ldmatrix.load(Ordering::Relaxed) {
                 "flash_ldm"
             } else {
@@ -1159,11 +1174,6 @@ impl Backend for Cuda {
             let f = self.func("flash", &format!("attention_fwd_{variant}_d{inst}_bf16"))?;
             let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
             let h = to_i32(OP, "heads", heads)?;
-            let cfg = LaunchConfig {
-                grid_dim: (to_i32(OP, "query tiles", n_tiles)? as u32, h as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
             launch!(
                 self,
                 f,
@@ -1240,12 +1250,7 @@ impl Backend for Cuda {
                 grid_rows(pairs),
                 [dout, out, &mut delta, &rows, &h, &d]
             )?;
-            let (tiles, n_tiles) = self.row_tiles(cu_seqlens)?;
-            let cfg = LaunchConfig {
-                grid_dim: (to_i32(OP, "tiles", n_tiles)? as u32, h as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let (tiles, cfg) = self.flash_launch(OP, cu_seqlens, heads)?;
             let f = self.func(
                 "flash_bwd",
                 &format!("attention_bwd_dkv_flash_d{inst}_bf16"),
