@@ -48,19 +48,8 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
   for (uint32_t k0 = s0; k0 < s1; k0 += KT) {
     __syncthreads();  // the previous tile's readers are done
-    // Cooperative load of K and V rows k0 .. k0 + KT (zeros past the sequence), 8 bf16 per
-    // thread per step.
-    for (int e = threadIdx.x * 8; e < KT * D; e += 128 * 8) {
-      const int r = e / D, c = e % D;
-      const uint32_t key = k0 + r;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (key < s1) {
-        kv = *reinterpret_cast<const uint4*>(k + (int64_t)key * hidden + col0 + c);
-        vv = *reinterpret_cast<const uint4*>(v + (int64_t)key * hidden + col0 + c);
-      }
-      *reinterpret_cast<uint4*>(&ks[r][c]) = kv;
-      *reinterpret_cast<uint4*>(&vs[r][c]) = vv;
-    }
+    // K and V rows k0 .. k0 + KT (zeros past the sequence).
+    load_tiles<D, KT>(ks, vs, k, v, k0, s1, hidden, col0);
     __syncthreads();
     // S = Q K^T for 64 keys: 8 n-tiles of 8 keys.
     float s[KT / 8][4];

@@ -27,26 +27,6 @@ __device__ void flash_bwd_delta(const bf16* __restrict__ dout, const bf16* __res
   if (lane == 0) delta[r] = s;
 }
 
-// Cooperative copy of rows first .. first + R (zeros past end) of two [*, hidden] tensors'
-// head columns into shared tiles; 128 threads, 8 bf16 per thread per step.
-template <int D, int R>
-__device__ __forceinline__ void load_tiles(bf16 (*xs)[D + 8], bf16 (*ys)[D + 8],
-                                           const bf16* __restrict__ x,
-                                           const bf16* __restrict__ y, uint32_t first,
-                                           uint32_t end, int64_t hidden, int64_t col0) {
-  for (int e = threadIdx.x * 8; e < R * D; e += 128 * 8) {
-    const int r = e / D, c = e % D;
-    const uint32_t row = first + r;
-    uint4 xv = make_uint4(0, 0, 0, 0), yv = make_uint4(0, 0, 0, 0);
-    if (row < end) {
-      xv = *reinterpret_cast<const uint4*>(x + (int64_t)row * hidden + col0 + c);
-      yv = *reinterpret_cast<const uint4*>(y + (int64_t)row * hidden + col0 + c);
-    }
-    *reinterpret_cast<uint4*>(&xs[r][c]) = xv;
-    *reinterpret_cast<uint4*>(&ys[r][c]) = yv;
-  }
-}
-
 // dK and dV of one 64-key tile. Launch: grid (key tiles, heads), 128 threads = 4 warps;
 // warp w owns keys tile + 16w .. +16 (K and V as A fragments in registers, dK and dV
 // accumulators in C layout). Queries stream through shared memory QT rows at a time

@@ -51,6 +51,26 @@ __device__ __forceinline__ void load_a_frags(uint32_t a[D / 16][4], const bf16* 
   }
 }
 
+// Cooperative copy of rows first .. first + R (zeros past end) of two [*, hidden] tensors'
+// head columns into shared tiles; 128 threads, 8 bf16 per thread per step.
+template <int D, int R>
+__device__ __forceinline__ void load_tiles(bf16 (*xs)[D + 8], bf16 (*ys)[D + 8],
+                                           const bf16* __restrict__ x,
+                                           const bf16* __restrict__ y, uint32_t first,
+                                           uint32_t end, int64_t hidden, int64_t col0) {
+  for (int e = threadIdx.x * 8; e < R * D; e += 128 * 8) {
+    const int r = e / D, c = e % D;
+    const uint32_t row = first + r;
+    uint4 xv = make_uint4(0, 0, 0, 0), yv = make_uint4(0, 0, 0, 0);
+    if (row < end) {
+      xv = *reinterpret_cast<const uint4*>(x + (int64_t)row * hidden + col0 + c);
+      yv = *reinterpret_cast<const uint4*>(y + (int64_t)row * hidden + col0 + c);
+    }
+    *reinterpret_cast<uint4*>(&xs[r][c]) = xv;
+    *reinterpret_cast<uint4*>(&ys[r][c]) = yv;
+  }
+}
+
 // Stores a 16 x D f32 accumulator (C layout: rows g and g + 8) as bf16, row g times mul_lo
 // and row g + 8 times mul_hi; rows past the sequence are not written.
 template <int D>
