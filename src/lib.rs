@@ -4,11 +4,13 @@
 //! device buffers, [`backend`] the kernel-level operations (CPU reference and CUDA), and
 //! [`autograd`] the tape that records coarse ops and walks them backwards.
 
+pub mod atomic;
 pub mod autograd;
 pub mod backend;
 pub mod batch;
 pub mod error;
 pub mod gradcheck;
+pub mod index;
 pub mod model;
 pub mod score;
 pub mod tensor;

@@ -9,6 +9,24 @@ use anyhow::{anyhow, Context};
 /// Content tokens per CLS in MCLS mode (SPEC §3).
 pub const MCLS_CHUNK: usize = 256;
 
+/// Characters of a text kept per token of the length limit before tokenizing: tokenizing
+/// costs hundreds of bytes per character, so a text is first cut to this many characters
+/// per token of `max_length` (a token averages 2 to 6 characters in BGE-M3's vocabulary),
+/// then exactly to `max_length` tokens. Only a text averaging more than this per token (long
+/// runs of one character that its normalizer collapses) can lose tokens to the first cut.
+pub const CHARS_PER_TOKEN: usize = 64;
+
+/// The longest input line (one JSONL record) m3 reads: 64 MiB.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// `text` cut to at most `chars` characters, and whether it was cut.
+pub fn cut_chars(text: &str, chars: usize) -> (&str, bool) {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => (&text[..at], true),
+        None => (text, false),
+    }
+}
+
 /// A tokenized text ready for packing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
@@ -43,6 +61,7 @@ impl Specials {
 /// The model's tokenizer.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    path: std::path::PathBuf,
     /// The special token ids.
     pub specials: Specials,
 }
@@ -101,7 +120,26 @@ impl TextTokenizer {
             pad: id(&["pad_token"], &["<pad>", "[PAD]"]),
             unk: id(&["unk_token"], &["<unk>", "[UNK]"]),
         };
-        Ok(TextTokenizer { inner, specials })
+        Ok(TextTokenizer {
+            inner,
+            path,
+            specials,
+        })
+    }
+
+    /// Refuses a tokenizer whose ids reach past the model's word-embedding table
+    /// (`vocab_size` rows, from `config`), naming both files.
+    pub fn check_vocab(&self, vocab_size: usize, config: &Path) -> anyhow::Result<()> {
+        let top = self.inner.get_vocab(true).into_values().max().unwrap_or(0);
+        if top as usize >= vocab_size {
+            anyhow::bail!(
+                "{} has token ids up to {top}, but {} says vocab_size {vocab_size}: the \
+                 tokenizer and the model do not belong together",
+                self.path.display(),
+                config.display()
+            );
+        }
+        Ok(())
     }
 
     /// Content token ids of `text`, without special tokens.
@@ -117,9 +155,14 @@ impl TextTokenizer {
     /// `CLS content EOS`, content truncated to fit `max_length` tokens in all (at least 2).
     /// With `mcls`, a CLS goes before every [`MCLS_CHUNK`] content tokens and the inserted
     /// CLS tokens count toward `max_length`.
+    /// The text is cut to [`CHARS_PER_TOKEN`] characters per token first, so memory follows
+    /// `max_length`, not the text's length.
     pub fn encode(&self, text: &str, max_length: usize, mcls: bool) -> anyhow::Result<Encoded> {
+        let (text, cut) = cut_chars(text, max_length.saturating_mul(CHARS_PER_TOKEN));
         let content = self.content_ids(text)?;
-        Ok(self.assemble(&content, max_length, mcls))
+        let mut e = self.assemble(&content, max_length, mcls);
+        e.truncated |= cut;
+        Ok(e)
     }
 
     /// Builds the sequence from content ids (see [`TextTokenizer::encode`]).
@@ -201,6 +244,20 @@ mod tests {
             (e.ids, e.cls_positions, e.truncated),
             (vec![0, 2], vec![0], false)
         );
+    }
+
+    #[test]
+    fn long_texts_are_cut_before_tokenizing_with_the_same_tokens() {
+        let t = tok();
+        let words = ["alpha ", "beta ", "gamma ", "delta "];
+        let text: String = (0..20_000).map(|i| words[i % 4]).collect();
+        let cut = t.encode(&text, 16, false).unwrap();
+        let full = t.assemble(&t.content_ids(&text).unwrap(), 16, false);
+        assert_eq!(cut, full);
+        assert_eq!(cut_chars("añb", 2), ("añ", true));
+        assert_eq!(cut_chars("añb", 3), ("añb", false));
+        // A text within the character budget is not marked truncated by the cut.
+        assert!(!t.encode("alpha beta", 16, false).unwrap().truncated);
     }
 
     #[test]

@@ -218,7 +218,8 @@ impl Job for EncodeBenchArgs {
         )?;
         if let Some(path) = &self.save_inputs {
             let ids: Vec<&Vec<u32>> = seqs.iter().map(|s| &s.ids).collect();
-            std::fs::write(path, serde_json::to_vec(&ids)?)?;
+            std::fs::write(path, serde_json::to_vec(&ids)?)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
         let batches = pack(&seqs, self.batch_tokens, config.position_offset());
@@ -288,7 +289,8 @@ impl Job for TrainBenchArgs {
                 "queries": ids(&queries), "passages": ids(&passages), "group": self.group,
                 "temperature": self.temperature, "excluded": excluded,
             });
-            std::fs::write(path, serde_json::to_vec(&batch)?)?;
+            std::fs::write(path, serde_json::to_vec(&batch)?)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         let off = c.position_offset();
         let batch = StepBatch {

@@ -12,9 +12,10 @@ use m3::DType;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use super::clobber::{files_in, named, refuse_dir_holding_input, refuse_same_file};
 use super::device::{on_device, Job};
 use super::jsonl::{read_chunk, text_record, Lines, Sink, TextRecord};
-use super::npy::NpySink;
+use super::npy::{NpySink, NPY_FILES};
 use super::DeviceArg;
 
 /// Texts read, encoded and written per round: bounds memory on large inputs.
@@ -131,6 +132,16 @@ pub fn warn_truncated(n: usize, limit: &str, hint: &str) {
     }
 }
 
+/// Refuses a `--max-length` with no room for a content token, naming the flag.
+pub fn check_max_length(flag: &str, n: usize) -> anyhow::Result<()> {
+    if n < 3 {
+        anyhow::bail!(
+            "{flag} {n} leaves no room for text: it counts CLS and EOS, so it must be at least 3"
+        );
+    }
+    Ok(())
+}
+
 /// Encode options from the flags.
 fn options(a: &EncodeArgs) -> EncodeOptions {
     EncodeOptions {
@@ -174,18 +185,30 @@ fn write_line(sink: &mut Sink, r: &TextRecord, e: &Embedding) -> anyhow::Result<
 impl Job for EncodeArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let opts = options(&self);
+        let mut inputs = files_in("--model", &self.model.model);
+        inputs.push(named("--input", &self.input));
+        match &self.npy_dir {
+            Some(dir) => {
+                inputs.push(named("--model", &self.model.model));
+                refuse_dir_holding_input(&named("--npy-dir", dir), &inputs)?;
+                m3::atomic::ensure_replaceable(dir, &NPY_FILES, "m3's npy output")?;
+            }
+            None => refuse_same_file(&[named("--output", &self.output)], &inputs)?,
+        }
         let model = Embedder::load(be, &self.model.model, dtype)?;
         let mut lines = Lines::open(&self.input)?;
+        // The npy directory is built beside the old one and swapped in when the run ends
+        // (also at a malformed line, after the lines before it): the old output stays whole
+        // until then, and a crash leaves it untouched.
+        let mut staged = None;
         let mut sink = match &self.npy_dir {
             Some(dir) => {
+                let stage = m3::atomic::StagedDir::new(dir)?;
                 let colbert_dim = opts.colbert.then(|| model.colbert_dim()).flatten();
                 let dense_dim = opts.dense.then_some(model.config.hidden_size);
-                Out::Npy(Box::new(NpySink::create(
-                    dir,
-                    dense_dim,
-                    opts.sparse,
-                    colbert_dim,
-                )?))
+                let s = NpySink::create(stage.path(), dense_dim, opts.sparse, colbert_dim)?;
+                staged = Some(stage);
+                Out::Npy(Box::new(s))
             }
             None => Out::Jsonl(Sink::create(&self.output)?),
         };
@@ -216,6 +239,10 @@ impl Job for EncodeArgs {
             }
             if let Some(e) = err {
                 sink.flush()?;
+                drop(sink);
+                if let Some(s) = staged {
+                    s.commit()?;
+                }
                 pb.finish_and_clear();
                 warn_truncated(truncated, &limit, hint);
                 return Err(e);
@@ -225,6 +252,10 @@ impl Job for EncodeArgs {
             }
         }
         sink.flush()?;
+        drop(sink);
+        if let Some(s) = staged {
+            s.commit()?;
+        }
         pb.finish_and_clear();
         warn_truncated(truncated, &limit, hint);
         Ok(ExitCode::SUCCESS)
@@ -236,5 +267,6 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
     if args.outputs.is_empty() {
         anyhow::bail!("--outputs is empty: name at least one of dense, sparse, colbert");
     }
+    check_max_length("--max-length", args.max_length)?;
     on_device(args.model.device, args)
 }

@@ -3,7 +3,7 @@
 //! so every line before a bad one is complete.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
@@ -37,14 +37,23 @@ impl Lines {
     pub fn next_value(&mut self) -> anyhow::Result<Option<(usize, Value)>> {
         loop {
             let mut buf = Vec::new();
-            let n = self
-                .reader
+            let limit = m3::text::MAX_LINE_BYTES as u64 + 1;
+            let n = (&mut self.reader)
+                .take(limit)
                 .read_until(b'\n', &mut buf)
                 .with_context(|| format!("{}: read error after line {}", self.name, self.line))?;
             if n == 0 {
                 return Ok(None);
             }
             self.line += 1;
+            if buf.len() as u64 == limit && buf.last() != Some(&b'\n') {
+                bail!(
+                    "{}:{}: line longer than {} MiB, the limit for one record",
+                    self.name,
+                    self.line,
+                    m3::text::MAX_LINE_BYTES >> 20
+                );
+            }
             let text = std::str::from_utf8(&buf)
                 .map_err(|e| anyhow!("{}:{}: invalid UTF-8 ({e})", self.name, self.line))?;
             if text.trim().is_empty() {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_memory;
+mod clobber;
 mod demo;
 mod device;
 mod encode;

@@ -17,6 +17,17 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use m3::model::embedder::Embedding;
 
+/// Every file an npy output directory may hold (what `--npy-dir` may replace).
+pub const NPY_FILES: [&str; 7] = [
+    "dense.npy",
+    "colbert.npy",
+    "colbert_offsets.npy",
+    "lexical_ids.npy",
+    "lexical_weights.npy",
+    "lexical_offsets.npy",
+    "ids.jsonl",
+];
+
 /// Bytes reserved for an `.npy` header (magic, version, length, dict): room for any shape.
 const HEADER: usize = 128;
 

@@ -13,8 +13,9 @@ use m3::DType;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::clobber::{files_in, named, refuse_same_file};
 use super::device::{on_device, Job};
-use super::encode::{progress, warn_truncated, ModelArgs};
+use super::encode::{check_max_length, progress, warn_truncated, ModelArgs};
 use super::jsonl::{read_chunk, Lines, Sink};
 
 const CHUNK: usize = 512;
@@ -100,6 +101,9 @@ struct Line<'a> {
 
 impl Job for ScoreArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
+        let mut inputs = files_in("--model", &self.model.model);
+        inputs.push(named("--input", &self.input));
+        refuse_same_file(&[named("--output", &self.output)], &inputs)?;
         let model = Embedder::load(be, &self.model.model, dtype)?;
         let batch_tokens = self.model.batch_tokens;
         let qo = EncodeOptions::all_outputs(self.query_max_length, batch_tokens);
@@ -160,5 +164,7 @@ impl Job for ScoreArgs {
 
 /// Runs `m3 score`.
 pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    check_max_length("--query-max-length", args.query_max_length)?;
+    check_max_length("--passage-max-length", args.passage_max_length)?;
     on_device(args.model.device, args)
 }

@@ -10,6 +10,7 @@ use m3::train::optim::AdamW;
 use m3::train::trainer::{run_training, TrainOptions};
 use m3::DType;
 
+use super::clobber::{files_in, named, refuse_dir_holding_input, refuse_same_file};
 use super::device::{on_device, Job};
 use super::{ComputeArg, DeviceArg};
 
@@ -182,8 +183,29 @@ impl TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// Refuses outputs that would overwrite or delete an input: `--metrics` naming a data
+    /// or model file, an `--output-dir` (whose checkpoints m3 deletes and whose model files
+    /// it replaces) holding the model or the data.
+    fn check_paths(&self) -> anyhow::Result<()> {
+        let mut inputs = files_in("--model", &self.model);
+        inputs.push(named("--model", &self.model));
+        for d in &self.data {
+            if d.is_dir() {
+                inputs.extend(files_in("--data", d));
+            }
+            inputs.push(named("--data", d));
+        }
+        if let Some(m) = &self.metrics {
+            refuse_same_file(&[named("--metrics", m)], &inputs)?;
+        }
+        refuse_dir_holding_input(&named("--output-dir", &self.output_dir), &inputs)
+    }
+}
+
 impl Job for TrainArgs {
     fn run<B: Backend>(self, be: &B, device_dtype: DType) -> anyhow::Result<ExitCode> {
+        self.check_paths()?;
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         run_training(
             be,

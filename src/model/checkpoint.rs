@@ -41,10 +41,18 @@ fn err<T>(path: &Path, message: impl Into<String>) -> Result<T, CheckpointError>
 /// starts with `PK`), whatever the extension.
 pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, HostTensor>, CheckpointError> {
     let bytes = std::fs::read(path).or_else(|e| err(path, format!("cannot read: {e}")))?;
+    read_checkpoint_bytes(path, &bytes)
+}
+
+/// [`read_checkpoint`] of a file already in memory (`path` names it in errors).
+pub fn read_checkpoint_bytes(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HashMap<String, HostTensor>, CheckpointError> {
     if bytes.starts_with(b"PK\x03\x04") {
-        read_torch_zip(path, &bytes)
+        read_torch_zip(path, bytes)
     } else {
-        read_safetensors(path, &bytes)
+        read_safetensors(path, bytes)
     }
 }
 
@@ -153,7 +161,8 @@ fn read_torch_zip(
         let mut f = zip
             .by_name(name)
             .or_else(|e| err(path, format!("missing archive entry {name}: {e}")))?;
-        let mut buf = Vec::with_capacity(f.size().min(1 << 32) as usize);
+        // The declared size is the file's word: never reserve more than the file holds.
+        let mut buf = Vec::with_capacity((f.size() as usize).min(bytes.len()));
         f.read_to_end(&mut buf)
             .or_else(|e| err(path, format!("cannot read archive entry {name}: {e}")))?;
         Ok(buf)
@@ -167,6 +176,9 @@ fn read_torch_zip(
     let state = read_state_dict(&pickle).or_else(|e| err(path, format!("{pkl}: {e}")))?;
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = HashMap::new();
+    // Views materialise at most twice the archive's bytes as f32 (tied weights share a
+    // storage, so a little more than once is legitimate), never what a view merely claims.
+    let mut budget = bytes.len().saturating_mul(2) / 4 + (1 << 16);
     for (name, t) in state {
         if matches!(t.storage.dtype.as_str(), "Long" | "Int" | "Bool") {
             continue; // integer buffers are not weights
@@ -176,15 +188,16 @@ fn read_torch_zip(
             let data = entry(&format!("{prefix}data/{key}"))?;
             storages.insert(key.clone(), data);
         }
-        let tensor =
-            gather(&t, &storages[key]).or_else(|m| err(path, format!("tensor {name}: {m}")))?;
+        let tensor = gather(&t, &storages[key], &mut budget)
+            .or_else(|m| err(path, format!("tensor {name}: {m}")))?;
         out.insert(name, tensor);
     }
     Ok(out)
 }
 
-/// Materialises a strided view of a storage, checking every index against the storage.
-fn gather(t: &TensorRef, raw: &[u8]) -> Result<HostTensor, String> {
+/// Materialises a strided view of a storage, checking every index against the storage and
+/// the element count against `budget` (elements left to materialise) before allocating.
+fn gather(t: &TensorRef, raw: &[u8], budget: &mut usize) -> Result<HostTensor, String> {
     let (width, decode) = decoder(&t.storage.dtype).ok_or_else(|| {
         format!(
             "storage type {} is not supported (Float, Half, BFloat16)",
@@ -219,6 +232,16 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<HostTensor, String> {
             ));
         }
     }
+    if numel > elems {
+        return Err(format!(
+            "view of {numel} elements (size {:?}, stride {:?}) over a storage of {elems}: \
+             broadcast (stride-0) views are not weights",
+            t.size, t.stride
+        ));
+    }
+    *budget = budget.checked_sub(numel).ok_or_else(|| {
+        format!("views of the archive materialise more elements than it holds ({numel} more)")
+    })?;
     let mut data = Vec::with_capacity(numel);
     let mut idx = vec![0usize; t.size.len()];
     for _ in 0..numel {
@@ -260,12 +283,20 @@ mod tests {
     fn strided_views_gather_and_out_of_range_views_are_errors() {
         let raw: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
         // A transposed 2x3 view of a 3x2 storage.
-        let t = gather(&view(0, vec![2, 3], vec![1, 2]), &raw).unwrap();
+        let b = &mut 1000;
+        let t = gather(&view(0, vec![2, 3], vec![1, 2]), &raw, b).unwrap();
         assert_eq!(t.data, vec![0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
-        assert!(gather(&view(1, vec![2, 3], vec![3, 1]), &raw).is_err());
-        assert!(gather(&view(0, vec![7], vec![1]), &raw).is_err());
-        assert!(gather(&view(usize::MAX, vec![2], vec![1]), &raw).is_err());
-        assert!(gather(&view(0, vec![2, usize::MAX], vec![1, usize::MAX]), &raw).is_err());
+        assert!(gather(&view(1, vec![2, 3], vec![3, 1]), &raw, b).is_err());
+        assert!(gather(&view(0, vec![7], vec![1]), &raw, b).is_err());
+        assert!(gather(&view(usize::MAX, vec![2], vec![1]), &raw, b).is_err());
+        assert!(gather(&view(0, vec![2, usize::MAX], vec![1, usize::MAX]), &raw, b).is_err());
+        // Stride 0 with a huge size: refused before anything is allocated.
+        let e = gather(&view(0, vec![1 << 40], vec![0]), &raw, b).unwrap_err();
+        assert!(e.contains("stride-0"), "{e}");
+        // The budget: views may not materialise more than it allows in all.
+        let b = &mut 8;
+        assert!(gather(&view(0, vec![6], vec![1]), &raw, b).is_ok());
+        assert!(gather(&view(0, vec![6], vec![1]), &raw, b).is_err());
     }
 
     #[test]

@@ -75,6 +75,46 @@ impl Config {
                 c.hidden_act
             );
         }
+        let bad = |what: String| anyhow::anyhow!("{}: {what}", path.display());
+        for (name, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("type_vocab_size", c.type_vocab_size),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("{name} is 0; it must be at least 1")));
+            }
+        }
+        if !(c.layer_norm_eps.is_finite() && c.layer_norm_eps >= 0.0) {
+            return Err(bad(format!(
+                "layer_norm_eps {} is not a finite non-negative number",
+                c.layer_norm_eps
+            )));
+        }
+        if !(0.0..1.0).contains(&c.hidden_dropout_prob) {
+            return Err(bad(format!(
+                "hidden_dropout_prob {} is not in [0, 1)",
+                c.hidden_dropout_prob
+            )));
+        }
+        if c.family()? == Family::XlmRoberta {
+            // Position ids start after pad_token_id (XLM-R), so it must leave room in the
+            // position table for at least CLS, one token and EOS.
+            let room = (c.max_position_embeddings as u64).checked_sub(c.pad_token_id as u64 + 1);
+            if room.is_none_or(|r| r < 3) {
+                return Err(bad(format!(
+                    "pad_token_id {} leaves fewer than 3 of max_position_embeddings {} for \
+                     positions (XLM-R positions start at pad_token_id + 1)",
+                    c.pad_token_id, c.max_position_embeddings
+                )));
+            }
+        } else if c.max_position_embeddings < 3 {
+            return Err(bad(format!(
+                "max_position_embeddings {} is under 3 (CLS, one token, EOS)",
+                c.max_position_embeddings
+            )));
+        }
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             anyhow::bail!(
                 "{}: hidden_size {} does not split into {} heads",
@@ -100,7 +140,8 @@ impl Config {
     /// Position id of a sequence's first token.
     pub fn position_offset(&self) -> u32 {
         match self.family() {
-            Ok(Family::XlmRoberta) => self.pad_token_id + 1,
+            // Validated by `from_file`: pad_token_id + 1 < max_position_embeddings.
+            Ok(Family::XlmRoberta) => self.pad_token_id.saturating_add(1),
             _ => 0,
         }
     }

@@ -100,6 +100,7 @@ impl<B: Backend> Embedder<B> {
         }
         let config = Config::from_file(&dir.join("config.json"))?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
+        tokenizer.check_vocab(config.vocab_size, &dir.join("config.json"))?;
         let weights = weights_file(dir)?;
         let mut file = TensorFile::open(&weights)?;
         let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;

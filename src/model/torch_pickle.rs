@@ -41,17 +41,109 @@ enum Value {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
-    List(Vec<Value>),
-    Dict(Vec<(Value, Value)>),
-    Global(String, String),
-    Storage(StorageRef),
-    Tensor(TensorRef),
+    // Containers carry their nesting depth, so building one never walks its contents.
+    Tuple(Vec<Value>, u16),
+    List(Vec<Value>, u16),
+    Dict(Vec<(Value, Value)>, u16),
+    // Boxed so that a value is 32 bytes: the stack's size per pickle byte.
+    Global(Box<(String, String)>),
+    Storage(Box<StorageRef>),
+    Tensor(Box<TensorRef>),
     Mark,
 }
 
 /// Why a pickle was rejected.
 pub type PickleError = String;
+
+/// Deepest nesting accepted: torch's state dicts nest about five deep; the bound keeps the
+/// recursion in cloning, comparing and dropping values off the end of the stack.
+const MAX_DEPTH: u16 = 100;
+
+/// Bytes of values the machine may build, per byte of pickle, plus a floor: every opcode
+/// creates at most a few values, so only memo copies (`GET` of a big object, again and
+/// again: "billion laughs") can exceed this.
+const BYTES_PER_INPUT_BYTE: usize = 2 * std::mem::size_of::<Value>();
+const BUDGET_FLOOR: usize = 1 << 20;
+const _: () = assert!(std::mem::size_of::<Value>() <= 32);
+
+impl Value {
+    /// Nesting depth: 0 for scalars.
+    fn depth(&self) -> u16 {
+        match self {
+            Value::Tuple(_, d) | Value::List(_, d) | Value::Dict(_, d) => *d,
+            _ => 0,
+        }
+    }
+
+    /// Bytes this value occupies, contents included (what a clone costs).
+    fn weight(&self) -> usize {
+        let own = std::mem::size_of::<Value>();
+        own + match self {
+            Value::Str(s) => s.len(),
+            Value::Global(g) => 48 + g.0.len() + g.1.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Tuple(v, _) | Value::List(v, _) => v.iter().map(Value::weight).sum(),
+            Value::Dict(v, _) => v.iter().map(|(k, x)| k.weight() + x.weight()).sum(),
+            Value::Storage(r) => std::mem::size_of::<StorageRef>() + r.key.len() + r.dtype.len(),
+            Value::Tensor(t) => {
+                std::mem::size_of::<TensorRef>()
+                    + 8 * (t.size.len() + t.stride.len())
+                    + t.storage.key.len()
+                    + t.storage.dtype.len()
+            }
+            _ => 0,
+        }
+    }
+
+    /// A short description for messages (never the whole value: it may be huge).
+    fn kind(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("bool {b}"),
+            Value::Int(i) => format!("int {i}"),
+            Value::Float(f) => format!("float {f}"),
+            Value::Str(s) if s.len() <= 64 => format!("string {s:?}"),
+            Value::Str(s) => format!("string of {} bytes", s.len()),
+            Value::Bytes(b) => format!("bytes of length {}", b.len()),
+            Value::Tuple(v, _) => format!("tuple of {}", v.len()),
+            Value::List(v, _) => format!("list of {}", v.len()),
+            Value::Dict(v, _) => format!("dict of {}", v.len()),
+            Value::Global(g) => format!("global {}.{}", g.0, g.1),
+            Value::Storage(_) => "storage".into(),
+            Value::Tensor(_) => "tensor".into(),
+            Value::Mark => "mark".into(),
+        }
+    }
+}
+
+/// The depth of a container holding `items`, or an error past [`MAX_DEPTH`].
+fn depth_over<'v>(items: impl IntoIterator<Item = &'v Value>) -> Result<u16, PickleError> {
+    let d = 1 + items.into_iter().map(Value::depth).max().unwrap_or(0);
+    if d > MAX_DEPTH {
+        return Err(format!("objects nested deeper than {MAX_DEPTH}"));
+    }
+    Ok(d)
+}
+
+/// Counts the bytes of values built against the file's budget.
+struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    fn spend(&mut self, n: usize) -> Result<(), PickleError> {
+        self.left = self.left.checked_sub(n).ok_or_else(|| {
+            "the pickle builds far more data than its size explains (memo copies?)".to_string()
+        })?;
+        Ok(())
+    }
+
+    /// A copy of `v`, paid for.
+    fn copy(&mut self, v: &Value) -> Result<Value, PickleError> {
+        self.spend(v.weight())?;
+        Ok(v.clone())
+    }
+}
 
 struct Reader<'a> {
     data: &'a [u8],
@@ -121,16 +213,22 @@ fn pop_mark(stack: &mut Vec<Value>) -> Result<Vec<Value>, PickleError> {
 fn as_usize(v: &Value, what: &str) -> Result<usize, PickleError> {
     match v {
         Value::Int(i) if *i >= 0 => Ok(*i as usize),
-        other => Err(format!("{what} must be a non-negative int, got {other:?}")),
+        other => Err(format!(
+            "{what} must be a non-negative int, got {}",
+            other.kind()
+        )),
     }
 }
 
 fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, PickleError> {
     match v {
-        Value::Tuple(items) | Value::List(items) => {
+        Value::Tuple(items, _) | Value::List(items, _) => {
             items.iter().map(|x| as_usize(x, what)).collect()
         }
-        other => Err(format!("{what} must be a tuple of ints, got {other:?}")),
+        other => Err(format!(
+            "{what} must be a tuple of ints, got {}",
+            other.kind()
+        )),
     }
 }
 
@@ -162,31 +260,35 @@ fn check_global(module: &str, name: &str) -> Result<(), PickleError> {
 
 /// Applies an allowed callable to its arguments.
 fn reduce(func: Value, args: Value) -> Result<Value, PickleError> {
-    let Value::Global(module, name) = func else {
-        return Err(format!("REDUCE on a non-global {func:?}"));
+    let Value::Global(g) = func else {
+        return Err(format!("REDUCE on a non-global {}", func.kind()));
     };
-    let Value::Tuple(args) = args else {
+    let (module, name) = *g;
+    let Value::Tuple(args, _) = args else {
         return Err("REDUCE arguments must be a tuple".into());
     };
     match (module.as_str(), name.as_str()) {
-        ("collections", "OrderedDict") if args.is_empty() => Ok(Value::Dict(Vec::new())),
+        ("collections", "OrderedDict") if args.is_empty() => Ok(Value::Dict(Vec::new(), 1)),
         ("torch._utils", "_rebuild_tensor_v2") if args.len() >= 4 => {
             let Value::Storage(storage) = &args[0] else {
                 return Err(format!(
-                    "_rebuild_tensor_v2 wants a storage, got {:?}",
-                    args[0]
+                    "_rebuild_tensor_v2 wants a storage, got {}",
+                    args[0].kind()
                 ));
             };
-            Ok(Value::Tensor(TensorRef {
-                storage: storage.clone(),
+            Ok(Value::Tensor(Box::new(TensorRef {
+                storage: (**storage).clone(),
                 offset: as_usize(&args[1], "storage offset")?,
                 size: as_usizes(&args[2], "size")?,
                 stride: as_usizes(&args[3], "stride")?,
-            }))
+            })))
         }
         ("torch._utils", "_rebuild_parameter") if !args.is_empty() => match &args[0] {
             t @ Value::Tensor(_) => Ok(t.clone()),
-            other => Err(format!("_rebuild_parameter wants a tensor, got {other:?}")),
+            other => Err(format!(
+                "_rebuild_parameter wants a tensor, got {}",
+                other.kind()
+            )),
         },
         _ => Err(format!(
             "unsupported call {module}.{name} with {} arguments",
@@ -197,26 +299,30 @@ fn reduce(func: Value, args: Value) -> Result<Value, PickleError> {
 
 /// Resolves a persistent id `('storage', StorageClass, key, location, numel)`.
 fn persistent_load(pid: Value) -> Result<Value, PickleError> {
-    let Value::Tuple(items) = pid else {
+    let Value::Tuple(items, _) = pid else {
         return Err("persistent id must be a tuple".into());
     };
     match items.as_slice() {
-        [Value::Str(tag), Value::Global(_, class), Value::Str(key), _location, numel]
+        [Value::Str(tag), Value::Global(g), Value::Str(key), _location, numel]
             if tag == "storage" =>
         {
+            let class = &g.1;
             let dtype = class
                 .strip_suffix("Storage")
                 .ok_or_else(|| format!("unknown storage class {class}"))?;
             if key.is_empty() || key.contains('/') || key.contains("..") {
                 return Err(format!("bad storage key {key:?}"));
             }
-            Ok(Value::Storage(StorageRef {
+            Ok(Value::Storage(Box::new(StorageRef {
                 key: key.clone(),
                 dtype: dtype.to_string(),
                 numel: as_usize(numel, "storage size")?,
-            }))
+            })))
         }
-        _ => Err(format!("unsupported persistent id {items:?}")),
+        _ => Err(format!(
+            "unsupported persistent id of {} items",
+            items.len()
+        )),
     }
 }
 
@@ -225,8 +331,16 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u64, Value> = HashMap::new();
+    let mut budget = Budget {
+        left: data
+            .len()
+            .saturating_mul(BYTES_PER_INPUT_BYTE)
+            .saturating_add(BUDGET_FLOOR),
+    };
     loop {
         let op = r.u8()?;
+        // Every opcode builds at most one new value of its own (copies are paid apart).
+        budget.spend(std::mem::size_of::<Value>())?;
         match op {
             0x80 => {
                 let proto = r.u8()?;
@@ -239,9 +353,9 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
             }
             b'.' => break,
             b'(' => stack.push(Value::Mark),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
+            b'}' => stack.push(Value::Dict(Vec::new(), 1)),
+            b']' => stack.push(Value::List(Vec::new(), 1)),
+            b')' => stack.push(Value::Tuple(Vec::new(), 1)),
             b'N' => stack.push(Value::None),
             0x88 => stack.push(Value::Bool(true)),
             0x89 => stack.push(Value::Bool(false)),
@@ -288,7 +402,8 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
             }
             b't' => {
                 let items = pop_mark(&mut stack)?;
-                stack.push(Value::Tuple(items));
+                let d = depth_over(&items)?;
+                stack.push(Value::Tuple(items, d));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -296,13 +411,14 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                     return Err("stack underflow in TUPLE".into());
                 }
                 let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                let d = depth_over(&items)?;
+                stack.push(Value::Tuple(items, d));
             }
             b'c' => {
                 let module = r.line()?;
                 let name = r.line()?;
                 check_global(&module, &name)?;
-                stack.push(Value::Global(module, name));
+                stack.push(Value::Global(Box::new((module, name))));
             }
             0x93 => {
                 let name = pop(&mut stack)?;
@@ -311,19 +427,16 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                     return Err("STACK_GLOBAL wants two strings".into());
                 };
                 check_global(&module, &name)?;
-                stack.push(Value::Global(module, name));
+                stack.push(Value::Global(Box::new((module, name))));
             }
-            b'q' => {
-                let k = r.u8()? as u64;
-                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
-            }
-            b'r' => {
-                let k = r.u32()? as u64;
-                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
-            }
-            0x94 => {
-                let k = memo.len() as u64;
-                memo.insert(k, stack.last().cloned().ok_or("memo put on empty stack")?);
+            b'q' | b'r' | 0x94 => {
+                let k = match op {
+                    b'q' => r.u8()? as u64,
+                    b'r' => r.u32()? as u64,
+                    _ => memo.len() as u64,
+                };
+                let top = stack.last().ok_or("memo put on empty stack")?;
+                memo.insert(k, budget.copy(top)?);
             }
             b'h' | b'j' => {
                 let k = if op == b'h' {
@@ -331,11 +444,8 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                 } else {
                     r.u32()? as u64
                 };
-                stack.push(
-                    memo.get(&k)
-                        .cloned()
-                        .ok_or_else(|| format!("memo key {k} unset"))?,
-                );
+                let v = memo.get(&k).ok_or_else(|| format!("memo key {k} unset"))?;
+                stack.push(budget.copy(v)?);
             }
             b'Q' => {
                 let pid = pop(&mut stack)?;
@@ -351,15 +461,21 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                 // and tensors' empty state; neither carries weights, so the state is dropped.
                 let _state = pop(&mut stack)?;
                 match stack.last() {
-                    Some(Value::Dict(_)) | Some(Value::Tensor(_)) => {}
-                    other => return Err(format!("BUILD on unsupported object {other:?}")),
+                    Some(Value::Dict(..)) | Some(Value::Tensor(_)) => {}
+                    Some(other) => {
+                        return Err(format!("BUILD on unsupported object {}", other.kind()))
+                    }
+                    None => return Err("BUILD on an empty stack".into()),
                 }
             }
             b's' => {
                 let v = pop(&mut stack)?;
                 let k = pop(&mut stack)?;
                 match stack.last_mut() {
-                    Some(Value::Dict(d)) => d.push((k, v)),
+                    Some(Value::Dict(d, depth)) => {
+                        *depth = (*depth).max(depth_over([&k, &v])?);
+                        d.push((k, v));
+                    }
                     _ => return Err("SETITEM on a non-dict".into()),
                 }
             }
@@ -368,9 +484,10 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                 if items.len() % 2 != 0 {
                     return Err("SETITEMS with an odd number of items".into());
                 }
-                let Some(Value::Dict(d)) = stack.last_mut() else {
+                let Some(Value::Dict(d, depth)) = stack.last_mut() else {
                     return Err("SETITEMS on a non-dict".into());
                 };
+                *depth = (*depth).max(depth_over(&items)?);
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     d.push((k, v));
@@ -379,14 +496,20 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
             b'a' => {
                 let v = pop(&mut stack)?;
                 match stack.last_mut() {
-                    Some(Value::List(l)) => l.push(v),
+                    Some(Value::List(l, depth)) => {
+                        *depth = (*depth).max(depth_over([&v])?);
+                        l.push(v);
+                    }
                     _ => return Err("APPEND on a non-list".into()),
                 }
             }
             b'e' => {
                 let items = pop_mark(&mut stack)?;
                 match stack.last_mut() {
-                    Some(Value::List(l)) => l.extend(items),
+                    Some(Value::List(l, depth)) => {
+                        *depth = (*depth).max(depth_over(&items)?);
+                        l.extend(items);
+                    }
                     _ => return Err("APPENDS on a non-list".into()),
                 }
             }
@@ -397,20 +520,17 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, PickleEr
                 ))
             }
         }
-        if stack.len() > 1 << 20 {
-            return Err("pickle stack too deep".into());
-        }
     }
-    let Some(Value::Dict(items)) = stack.pop() else {
+    let Some(Value::Dict(items, _)) = stack.pop() else {
         return Err("the checkpoint's top-level object is not a dict".into());
     };
     let mut out = Vec::with_capacity(items.len());
     for (k, v) in items {
         match (k, v) {
-            (Value::Str(name), Value::Tensor(t)) => out.push((name, t)),
+            (Value::Str(name), Value::Tensor(t)) => out.push((name, *t)),
             // Non-tensor entries (e.g. BatchNorm's num_batches_tracked ints) carry no weights.
             (Value::Str(_), _) => {}
-            (k, _) => return Err(format!("state dict key {k:?} is not a string")),
+            (k, _) => return Err(format!("state dict key {} is not a string", k.kind())),
         }
     }
     Ok(out)

@@ -315,11 +315,21 @@ pub fn load_head<B: Backend>(
     // The colbert head's output size is the checkpoint's (colbert_dim); read it from the file.
     let out = match out {
         Some(o) => o,
-        None => f
-            .tensors
-            .get("weight")
-            .map(|t| t.shape[0])
-            .ok_or_else(|| anyhow!("{}: tensor weight is missing", path.display()))?,
+        None => {
+            let shape = &f
+                .tensors
+                .get("weight")
+                .ok_or_else(|| anyhow!("{}: tensor weight is missing", path.display()))?
+                .shape;
+            match shape.as_slice() {
+                [rows, _] if *rows > 0 => *rows,
+                _ => bail!(
+                    "{}: tensor weight has shape {shape:?}, expected [out, {hidden}] with \
+                     out at least 1",
+                    path.display()
+                ),
+            }
+        }
     };
     let w = f.take("weight", &[out, hidden])?;
     let mut ld = Loader {

@@ -105,6 +105,12 @@ pub fn load_file(path: &Path, no_in_batch_neg: bool) -> anyhow::Result<Dataset> 
     let mut lines = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let src = format!("{}:{}", path.display(), i + 1);
+        if line.len() > crate::text::MAX_LINE_BYTES {
+            bail!(
+                "{src}: line longer than {} MiB, the limit for one record",
+                crate::text::MAX_LINE_BYTES >> 20
+            );
+        }
         let text =
             std::str::from_utf8(line).map_err(|e| anyhow::anyhow!("{src}: invalid UTF-8 ({e})"))?;
         if text.trim().is_empty() {

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::atomic::{sync_dir_files, sync_path, StagedDir};
 use crate::backend::Backend;
 use crate::batch::pack_in_order;
 use crate::model::checkpoint::{read_checkpoint, write_safetensors};
@@ -207,7 +208,10 @@ pub struct Trainer<'a, B: Backend> {
     total: u64,
     schedule: Schedule,
     excluded: Vec<u32>,
-    source: PathBuf,
+    /// The model directory's config and tokenizer files, read once at the start so every
+    /// checkpoint holds them even after the one they came from is deleted by the
+    /// retention limit.
+    side_files: Vec<(&'static str, Vec<u8>)>,
     last_checkpoint: Option<PathBuf>,
 }
 
@@ -287,16 +291,16 @@ fn validate(o: &TrainOptions) -> anyhow::Result<()> {
     )?;
     check(o.group > 0, "--train-group-size must be at least 1".into())?;
     check(
-        o.query_max_len >= 2,
+        o.query_max_len >= 3,
         format!(
-            "--query-max-len must be at least 2, got {}",
+            "--query-max-len must be at least 3 (CLS, one token, EOS), got {}",
             o.query_max_len
         ),
     )?;
     check(
-        o.passage_max_len >= 2,
+        o.passage_max_len >= 3,
         format!(
-            "--passage-max-len must be at least 2, got {}",
+            "--passage-max-len must be at least 3 (CLS, one token, EOS), got {}",
             o.passage_max_len
         ),
     )?;
@@ -425,12 +429,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let masters = split_masters(be, &mut model, dtype)?;
         let tokenizer = TextTokenizer::from_dir(&source)?;
+        tokenizer.check_vocab(model.config.vocab_size, &source.join("config.json"))?;
+        let side_files = read_side_files(&source, &opts.model)?;
         let sp = tokenizer.specials;
         let excluded: Vec<u32> = [Some(sp.cls), Some(sp.eos), sp.pad, sp.unk]
             .into_iter()
             .flatten()
             .collect();
         let datasets = load_all(&opts.data)?;
+        check_group_size(&datasets, opts.group)?;
         let max_lens = datasets
             .iter()
             .map(|d| lengths(&tokenizer, d, &opts))
@@ -493,7 +500,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             total,
             schedule,
             excluded,
-            source,
+            side_files,
             last_checkpoint: found_resumed,
             opts,
         })
@@ -690,10 +697,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// the output directory, under a temporary name renamed into place when complete.
     pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
         let out = &self.opts.output_dir.clone();
-        let name = format!("checkpoint-{}", self.state.step);
-        let tmp = out.join(format!(".{name}.tmp"));
-        let dst = out.join(&name);
-        fresh_dir(&tmp)?;
+        let dst = out.join(format!("checkpoint-{}", self.state.step));
+        // Built beside its final name and swapped in whole: a crash leaves the whole
+        // checkpoint or none, and leftovers of a crashed save are removed by the next one.
+        let stage = StagedDir::new(&dst)?;
+        let tmp = stage.path().to_path_buf();
         let masters = self.masters_host()?;
         self.write_model(&tmp, &masters)?;
         let moments: Vec<[Vec<f32>; 2]> = self
@@ -714,16 +722,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let state_path = tmp.join("trainer_state.json");
         std::fs::write(&state_path, serde_json::to_vec_pretty(&state)?)
             .with_context(|| format!("{}: cannot write", state_path.display()))?;
-        // Every file and the directory reach the disk before the rename publishes them, so
-        // a crash leaves either the whole checkpoint or none.
-        sync_dir_files(&tmp)?;
-        if dst.exists() {
-            std::fs::remove_dir_all(&dst)
-                .with_context(|| format!("{}: cannot replace", dst.display()))?;
-        }
-        std::fs::rename(&tmp, &dst)
-            .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
-        sync_path(out)?;
+        stage.commit()?;
         self.last_checkpoint = Some(dst.clone());
         if let Some(limit) = self.opts.save_total_limit {
             for old in checkpoints(out).into_iter().skip(limit.max(1)) {
@@ -743,13 +742,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         fresh_dir(&tmp)?;
         self.write_model(&tmp, &masters)?;
         sync_dir_files(&tmp)?;
-        for e in std::fs::read_dir(&tmp)? {
-            let e = e?;
+        let list = |e| anyhow::anyhow!("{}: cannot list: {e}", tmp.display());
+        for e in std::fs::read_dir(&tmp).map_err(list)? {
+            let e = e.map_err(list)?;
             let dst = out.join(e.file_name());
             std::fs::rename(e.path(), &dst)
                 .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
         }
-        std::fs::remove_dir(&tmp)?;
+        std::fs::remove_dir(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
         sync_path(out)
     }
 
@@ -801,12 +801,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .collect();
             write_torch_state_dict(&dir.join(format!("{stem}.pt")), &t)?;
         }
-        for f in SIDE_FILES {
-            let src = self.source.join(f);
-            if src.exists() {
-                std::fs::copy(&src, dir.join(f))
-                    .with_context(|| format!("copying {}", src.display()))?;
-            }
+        for (name, bytes) in &self.side_files {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         Ok(())
     }
@@ -918,6 +916,57 @@ pub fn update<B: Backend>(
     Ok(())
 }
 
+/// Refuses a group size no record can fill (it would only repeat negatives, and memory
+/// grows with it), and warns, once, how many records have too few negatives.
+fn check_group_size(datasets: &[Dataset], group: usize) -> anyhow::Result<()> {
+    let want = group - 1;
+    let records = datasets.iter().flat_map(|d| &d.records);
+    let most = records.clone().map(|r| r.neg.len()).max().unwrap_or(0);
+    if want > most {
+        bail!(
+            "--train-group-size {group} needs {want} negatives per query, but no record in \
+             the data has more than {most}; use --train-group-size {} or less",
+            most + 1
+        );
+    }
+    let short = records.clone().filter(|r| r.neg.len() < want).count();
+    if short > 0 {
+        eprintln!(
+            "warning: {short} of {} record(s) have fewer than {want} negatives: their \
+             negatives are repeated to fill the group of {group} (records with none train \
+             against in-batch negatives only)",
+            records.count()
+        );
+    }
+    Ok(())
+}
+
+/// The config and tokenizer files ([`SIDE_FILES`]) of `source` (the model directory or the
+/// checkpoint resumed from), each taken from `model` where `source` lacks it (checkpoints
+/// of older m3 versions could lose them); `config.json` and `tokenizer.json` must exist.
+fn read_side_files(source: &Path, model: &Path) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for f in SIDE_FILES {
+        let found = [source.join(f), model.join(f)]
+            .into_iter()
+            .find(|p| p.is_file());
+        match found {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+                out.push((f, bytes));
+            }
+            None if f == "config.json" || f == "tokenizer.json" => bail!(
+                "{}: missing (and not in {} either)",
+                source.join(f).display(),
+                model.display()
+            ),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// An empty directory at `dir` (an old one, say from a crash mid-write, is removed).
 fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
@@ -925,21 +974,6 @@ fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("{}: cannot remove", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))
-}
-
-/// fsync of one file or directory.
-fn sync_path(p: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("{}: cannot sync to disk", p.display()))
-}
-
-/// fsync of every file in `dir`, then of `dir` itself.
-fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        sync_path(&e?.path())?;
-    }
-    sync_path(dir)
 }
 
 /// The per-device batch size of `bucket` for dataset `d`: the dataset's own (its first
@@ -1016,7 +1050,8 @@ pub fn run_training<B: Backend>(
     metrics: Option<&Path>,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.output_dir)?;
+    std::fs::create_dir_all(&opts.output_dir)
+        .with_context(|| format!("{}: cannot create", opts.output_dir.display()))?;
     let save_steps = opts.save_steps;
     let mut trainer = Trainer::new(be, opts, dtype, resume)?;
     let mut metrics = metrics
@@ -1076,12 +1111,18 @@ pub fn run_training<B: Backend>(
 }
 
 /// Appends one JSON object per line to a metrics file.
-pub struct MetricsWriter(std::io::BufWriter<std::fs::File>);
+pub struct MetricsWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+}
 
 impl MetricsWriter {
     /// Opens a metrics file: truncated for a fresh run; when resuming after step `n`, with
     /// the lines of steps up to `n` kept (later ones, from the run that crashed, dropped).
+    /// The kept lines replace the file through a temporary file and a rename, so a crash
+    /// while rewinding loses none of them.
     pub fn open(path: &Path, resumed_at: Option<u64>) -> anyhow::Result<Self> {
+        let io = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", path.display());
         let mut keep = String::new();
         if let (Some(n), Ok(old)) = (resumed_at, std::fs::read_to_string(path)) {
             for line in old.lines() {
@@ -1094,17 +1135,27 @@ impl MetricsWriter {
                 }
             }
         }
-        let f = std::fs::File::create(path)
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".m3-tmp");
+        let tmp = PathBuf::from(tmp_name);
+        std::fs::write(&tmp, keep.as_bytes())
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
             .with_context(|| format!("{}: cannot open for writing", path.display()))?;
-        let mut w = MetricsWriter(std::io::BufWriter::new(f));
-        w.0.write_all(keep.as_bytes())?;
-        Ok(w)
+        Ok(MetricsWriter {
+            out: std::io::BufWriter::new(f),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes one line and flushes it, so a crash keeps every finished step.
     pub fn write(&mut self, v: &serde_json::Value) -> anyhow::Result<()> {
-        writeln!(self.0, "{v}")?;
-        self.0.flush()?;
+        let io = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", self.path.display());
+        writeln!(self.out, "{v}").map_err(io)?;
+        self.out.flush().map_err(io)?;
         Ok(())
     }
 }
