@@ -93,6 +93,19 @@ fn query(model: &Path, index: &Path) -> Output {
 
 // ---- data loss ----
 
+/// Runs `args` (one query line in), which must be refused as overwriting `file`, and
+/// checks `file` is unchanged.
+fn refused_and_kept(args: &[&str], file: &Path) {
+    let before = std::fs::read(file).unwrap();
+    failed_with(&m3(args, b"\"x\"\n"), "same file");
+    assert_eq!(
+        std::fs::read(file).unwrap(),
+        before,
+        "{} changed",
+        file.display()
+    );
+}
+
 #[test]
 fn an_output_that_is_an_input_is_refused_and_the_input_kept() {
     let d = tmp("clobber");
@@ -137,25 +150,14 @@ fn an_output_that_is_an_input_is_refused_and_the_input_kept() {
     assert_eq!(std::fs::read_to_string(&pairs).unwrap(), pair_text);
     // An output over a model file would destroy the model.
     let m = model_copy(&d);
-    let cfg = std::fs::read(m.join("config.json")).unwrap();
-    let r = m3(
-        &[
-            "encode",
-            MODEL,
-            s(&m),
-            "--output",
-            s(&m.join("config.json")),
-        ],
-        b"\"x\"\n",
-    );
-    failed_with(&r, "same file");
-    assert_eq!(std::fs::read(m.join("config.json")).unwrap(), cfg);
-    // search query: --output over the index's own files or the query file.
+    let cfg = m.join("config.json");
+    refused_and_kept(&["encode", MODEL, s(&m), "--output", s(&cfg)], &cfg);
+    // search query: --output over the index's own files.
     let c = corpus(&d, 6);
     let idx = d.join("idx");
     ok(&index(&model, &c, &idx));
-    let meta = std::fs::read(idx.join("meta.json")).unwrap();
-    let r = m3(
+    let meta = idx.join("meta.json");
+    refused_and_kept(
         &[
             "search",
             "query",
@@ -164,12 +166,10 @@ fn an_output_that_is_an_input_is_refused_and_the_input_kept() {
             "--index",
             s(&idx),
             "--output",
-            s(&idx.join("meta.json")),
+            s(&meta),
         ],
-        b"\"x\"\n",
+        &meta,
     );
-    failed_with(&r, "same file");
-    assert_eq!(std::fs::read(idx.join("meta.json")).unwrap(), meta);
     // An npy directory or an index holding the input or the model is refused.
     let r = m3(
         &[
@@ -590,4 +590,123 @@ fn paths_appear_in_filesystem_errors() {
     failed_with(&r, "plain-file");
     let r = train(&d, &file.join("out"), &["--max-steps", "1"]);
     failed_with(&r, "plain-file");
+}
+
+// ---- kill -9 at any point ----
+
+/// Starts `m3 args` and kills it with SIGKILL after `after`.
+fn kill_after(args: &[&str], after: std::time::Duration) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let _ = child.kill(); // SIGKILL on Unix; an error only if it already ended
+    child.wait().unwrap();
+}
+
+fn count_of(idx: &Path) -> u64 {
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(idx.join("meta.json")).unwrap()).unwrap();
+    meta["count"].as_u64().unwrap()
+}
+
+#[test]
+fn kill_9_during_indexing_or_training_leaves_a_usable_index_and_a_resumable_run() {
+    let d = tmp("kill");
+    let model = fixture("tiny-m3");
+    let idx = d.join("idx");
+    let old = corpus(&d, 300);
+    ok(&index(&model, &old, &idx));
+    std::fs::create_dir_all(d.join("n")).unwrap();
+    let new = corpus(&d.join("n"), 200);
+    let t0 = std::time::Instant::now();
+    let args = [
+        "search",
+        "index",
+        MODEL,
+        s(&model),
+        "--corpus",
+        s(&new),
+        "--index",
+        s(&idx),
+    ];
+    ok(&m3(&args, b""));
+    let full = t0.elapsed();
+    let mut interrupted = 0;
+    for k in 0..8 {
+        ok(&index(&model, &old, &idx));
+        kill_after(&args, full.mul_f64((k as f64 + 0.5) / 8.0));
+        ok(&query(&model, &idx));
+        let n = count_of(&idx);
+        assert!(n == 300 || n == 200, "an index of {n} passages");
+        interrupted += usize::from(n == 300);
+    }
+    assert!(interrupted > 0, "no kill landed before the build finished");
+    ok(&m3(&args, b""));
+    assert_eq!(count_of(&idx), 200);
+    let left: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("m3-tmp") || n.contains("m3-old"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "leftovers after a completed build: {left:?}"
+    );
+
+    // Training with a retention limit, killed at spread-out points, then resumed.
+    let out = d.join("out");
+    let t0 = std::time::Instant::now();
+    ok(&train(
+        &d,
+        &out,
+        &["--max-steps", "12", "--overwrite-output-dir"],
+    ));
+    let full = t0.elapsed();
+    let data = d.join("train.jsonl");
+    let mut resumed = 0;
+    for k in 0..6 {
+        let _ = std::fs::remove_dir_all(&out);
+        let args = [
+            "train",
+            MODEL,
+            s(&model),
+            "--data",
+            s(&data),
+            "--output-dir",
+            s(&out),
+            "--per-device-train-batch-size",
+            "2",
+            "--train-group-size",
+            "2",
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--max-steps",
+            "12",
+        ];
+        kill_after(&args, full.mul_f64((k as f64 + 0.5) / 6.0));
+        let has_checkpoint = std::fs::read_dir(&out)
+            .map(|r| {
+                r.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+            })
+            .unwrap_or(false);
+        let finished = out.join("model.safetensors").exists();
+        resumed += usize::from(has_checkpoint && !finished);
+        let r = if has_checkpoint {
+            train(&d, &out, &["--max-steps", "12", "--resume"])
+        } else {
+            train(&d, &out, &["--max-steps", "12"])
+        };
+        ok(&r);
+        assert_self_contained(&out.join("checkpoint-12"));
+        assert_self_contained(&out);
+    }
+    assert!(resumed > 0, "no kill landed between two checkpoints");
 }

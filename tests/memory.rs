@@ -1,6 +1,9 @@
-//! Peak heap memory of training pieces, counted by a global allocator: the lexical loss
-//! is O(tokens), never batch × length × vocabulary, and sub-batching bounds activation
-//! memory by the sub-batch, not the batch.
+//! Peak heap memory, counted by a global allocator: the lexical loss is O(tokens), never
+//! batch × length × vocabulary; sub-batching bounds activation memory by the sub-batch,
+//! not the batch; and a hostile file of N bytes makes the readers allocate a small multiple
+//! of N plus the tensors it legitimately declares.
+
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,7 +55,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Peak bytes allocated by `f` above what was live when it started.
+/// Serialises the measurements: the counter is global, tests run on threads.
+static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Peak bytes allocated by `f` above what was live when it started (callers hold
+/// [`LOCK`]).
 fn peak_of<R>(f: impl FnOnce() -> R) -> (usize, R) {
     let base = CURRENT.load(Ordering::SeqCst);
     PEAK.store(base, Ordering::SeqCst);
@@ -117,9 +124,9 @@ fn step_peak(model: &TrainModel<Cpu>, queries: usize, group: usize, sub: Option<
     peak
 }
 
-// One test: the counter is global, so the measurements must not run concurrently.
 #[test]
 fn peak_memory_follows_tokens_and_sub_batches() {
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // Lexical scores at BGE-M3's vocabulary: FlagEmbedding's dense B × L × vocab tensor
     // would be 16 × 128 × 250002 × 4 bytes = 2 GB for the passages alone.
     let vocab = 250_002;
@@ -150,4 +157,73 @@ fn peak_memory_follows_tokens_and_sub_batches() {
     // ...with them it stays near one sub-batch's, whatever the batch.
     assert!((sub4 as f64) < 1.3 * sub2 as f64, "{sub4} vs {sub2}");
     assert!((sub4 as f64) < 0.25 * whole4 as f64, "{sub4} vs {whole4}");
+}
+
+/// Peak bytes of reading the checkpoint `bytes` as a file (it must fail or succeed; a
+/// panic or abort fails the test).
+fn read_peak(dir: &std::path::Path, name: &str, bytes: &[u8]) -> usize {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    let (peak, _) = peak_of(|| m3::model::checkpoint::read_checkpoint(&p).map(|t| t.len()));
+    peak
+}
+
+#[test]
+fn hostile_checkpoints_and_texts_allocate_in_proportion_to_their_size() {
+    use common::pickles::{memo_doubling, nested_lists, state_dict, torch_zip};
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("m3-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let storage: Vec<u8> = (0..4).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    // The reader reads the whole file (N bytes), and the pickle machine may build 64 bytes
+    // of values per pickle byte plus 1 MiB: the bound is that and a little slack.
+    let bound = |n: usize| 2 * n + 64 * n + (3 << 20);
+    for (what, file) in [
+        (
+            "memo doubling (billion laughs)",
+            torch_zip(&memo_doubling(60), &storage),
+        ),
+        (
+            "nested 1M deep",
+            torch_zip(&nested_lists(1_000_000), &storage),
+        ),
+        (
+            "stride-0 view of 2^40 elements",
+            torch_zip(&state_dict(4, 0, &[1 << 40], &[0]), &storage),
+        ),
+        (
+            "view claiming 2^20 x 2^20",
+            torch_zip(&state_dict(4, 0, &[1 << 20, 1 << 20], &[0, 0]), &storage),
+        ),
+    ] {
+        let peak = read_peak(&dir, "hostile.pt", &file);
+        eprintln!("{what}: {} byte file, peak {peak} bytes", file.len());
+        assert!(
+            peak <= bound(file.len()),
+            "{what}: {peak} bytes for a {}-byte file",
+            file.len()
+        );
+    }
+    // A real head file: its tensors' f32 values, the file, and small change.
+    let head = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3/colbert_linear.pt"),
+    )
+    .unwrap();
+    let peak = read_peak(&dir, "colbert_linear.pt", &head);
+    assert!(peak <= bound(head.len()), "fixture head: {peak} bytes");
+    // A 4 MB one-line text cut to 16 tokens: tokenizing it whole costs hundreds of bytes
+    // per character; cut first, it costs what 16 tokens' worth of characters does.
+    let tok = m3::text::TextTokenizer::from_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3"),
+    )
+    .unwrap();
+    let text: String = std::iter::repeat_n("alpha beta gamma ", 250_000).collect();
+    let (peak, e) = peak_of(|| tok.encode(&text, 16, false).unwrap());
+    eprintln!("4 MB text at 16 tokens: peak {peak} bytes");
+    assert_eq!(e.ids.len(), 16);
+    assert!(
+        peak < 2 << 20,
+        "{peak} bytes to tokenize 16 tokens of a 4 MB text"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
