@@ -5,7 +5,7 @@
 
 use m3::backend::cuda::Cuda;
 use m3::backend::Backend;
-use m3::gradcheck::Rng;
+use m3::rng::Rng;
 use m3::{DType, HostData, Tensor};
 
 type R<T> = m3::Result<T>;

@@ -3,7 +3,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
-use m3::gradcheck::Rng;
+use m3::rng::Rng;
 use m3::{DType, HostData, Tensor};
 
 fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor<Cpu> {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod gradcheck;
 pub mod index;
 pub mod model;
+pub mod rng;
 pub mod score;
 pub mod tensor;
 pub mod text;

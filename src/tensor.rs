@@ -1,7 +1,13 @@
 //! Shapes, element types and the backend-owned buffer that together make a tensor.
 
-use crate::backend::Backend;
 use crate::error::{shape_err, Result};
+
+/// What a tensor needs of the device it lives on: the type of its buffers. Backends
+/// implement it (and `crate::backend::Backend` on top), so this module depends on none.
+pub trait Device {
+    /// The device buffer behind a [`Tensor`].
+    type Storage: Send + Sync;
+}
 
 /// Element type of a tensor. Floats are f32 (reference, master weights, statistics) or bf16
 /// (GPU activations and compute weights); u32 holds token ids and target columns.
@@ -40,7 +46,7 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Host data handed to [`Backend::upload`].
+/// Host data handed to `Backend::upload`.
 #[derive(Debug, Clone, Copy)]
 pub enum HostData<'a> {
     /// f32 values.
@@ -77,13 +83,13 @@ impl HostData<'_> {
 }
 
 /// A dense row-major tensor living on backend `B`.
-pub struct Tensor<B: Backend> {
+pub struct Tensor<B: Device> {
     shape: Vec<usize>,
     dtype: DType,
     storage: B::Storage,
 }
 
-impl<B: Backend> Tensor<B> {
+impl<B: Device> Tensor<B> {
     /// Wraps a backend buffer; only backends call this, after sizing the buffer.
     pub fn from_parts(shape: Vec<usize>, dtype: DType, storage: B::Storage) -> Self {
         Tensor {
@@ -148,15 +154,7 @@ impl<B: Backend> Tensor<B> {
     }
 }
 
-impl<B: Backend> Tensor<B> {
-    /// A device copy of a u32 tensor (ids are small; ops that keep ids own a copy).
-    pub fn clone_ids(&self, be: &B) -> Result<Self> {
-        let v = be.to_vec_u32(self)?;
-        be.upload(crate::tensor::HostData::U32(&v), &self.shape)
-    }
-}
-
-impl<B: Backend> std::fmt::Debug for Tensor<B> {
+impl<B: Device> std::fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor<{}>{:?}", self.dtype, self.shape)
     }

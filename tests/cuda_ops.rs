@@ -131,7 +131,7 @@ fn variant_flash_kernels_match_cpu() {
         inner: 32,
         vocab: 250,
     });
-    let mut rng = m3::gradcheck::Rng::new(77);
+    let mut rng = m3::rng::Rng::new(77);
     for _ in 0..8 {
         dims.push(CaseDims {
             rows: 1 + rng.below(700) as usize,
@@ -172,7 +172,7 @@ fn variant_maxsim_through_gemms_matches_cpu_and_the_warp_kernel() {
     // The cuBLASLt path of max-sim (opt-in until it passes here): the op cases in f32 and
     // bf16 against the CPU, then a batch big enough for two GEMM chunks (1000 query rows x
     // ~75k passage rows > 64M scores) against the validated one-warp-per-pair kernel.
-    use m3::gradcheck::Rng;
+    use m3::rng::Rng;
     let Some(dev) = gpu() else { return };
     dev.set_maxsim_gemm(true);
     let mut failures = Vec::new();
@@ -267,7 +267,7 @@ fn variant_gelu_epilogue_matches_the_cpu_composition() {
 /// GELU, within bf16's 1e-2.
 fn linear_gelu_against_cpu(epilogue: bool) {
     use m3::backend::cpu::Cpu;
-    use m3::gradcheck::Rng;
+    use m3::rng::Rng;
     let Some(dev) = gpu() else { return };
     let (rows, k, n) = (257usize, 256usize, 1024usize);
     let mut rng = Rng::new(11);
@@ -499,7 +499,8 @@ fn variant_bf16_training_follows_the_cpu_loss_curve() {
 /// GPU with `dtype` compute: both loss curves, or None without a GPU.
 fn training_curves(dtype: DType) -> Option<(Vec<f32>, Vec<f32>)> {
     use m3::backend::cpu::Cpu;
-    use m3::train::trainer::{TrainOptions, Trainer};
+    use m3::train::options::TrainOptions;
+    use m3::train::trainer::Trainer;
     let dev = gpu()?;
     let dir = std::env::temp_dir().join(format!("m3-gpu-train-{}-{dtype}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -564,7 +565,7 @@ fn fused_layernorms_match_the_cpu_composition() {
     // add_layernorm and embed_layernorm (fused on CUDA) against the CPU's add / gather +
     // layernorm, on inputs rounded to bf16 first so both sides see the same values.
     use m3::backend::cpu::Cpu;
-    use m3::gradcheck::Rng;
+    use m3::rng::Rng;
     let Some(dev) = gpu() else { return };
     let round = |v: Vec<f32>| -> Vec<f32> {
         v.into_iter()
@@ -645,7 +646,7 @@ fn fused_layernorms_match_the_cpu_composition() {
 #[test]
 fn adamw_and_sum_of_squares_match_the_host_reference() {
     use m3::backend::{adamw_host, sum_squares_host, AdamWStep};
-    use m3::gradcheck::Rng;
+    use m3::rng::Rng;
     let Some(dev) = gpu() else { return };
     for n in [1usize, 17, 257, 100_003] {
         let mut rng = Rng::new(n as u64);

@@ -7,10 +7,11 @@ use m3::autograd::{Tape, Var};
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
 use m3::batch::pack;
-use m3::gradcheck::{check, Input, Rng, Tolerance};
+use m3::gradcheck::{check, Input, Tolerance};
 use m3::model::config::Config;
 use m3::model::embedder::{Embedder, EncodeOptions};
 use m3::model::encoder::{forward_taped, Dropout, EncoderVars, LayerVars, LinearVars, NormVars};
+use m3::rng::Rng;
 use m3::DType;
 
 #[test]

@@ -4,7 +4,8 @@
 use m3::autograd::Tape;
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
-use m3::gradcheck::{check, op_cases, CaseDims, Input, Rng, Tolerance};
+use m3::gradcheck::{check, op_cases, CaseDims, Input, Tolerance};
+use m3::rng::Rng;
 use m3::{DType, HostData};
 use proptest::prelude::*;
 

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use m3::autograd::{Tape, Var};
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
-use m3::gradcheck::{check, Input, Rng, Tolerance};
+use m3::gradcheck::{check, Input, Tolerance};
+use m3::rng::Rng;
 use m3::score;
 use m3::train::loss::{m3_loss, KdLoss, LossConfig, Side};
 

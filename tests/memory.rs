@@ -12,7 +12,7 @@ use m3::autograd::Tape;
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
 use m3::batch::pack_in_order;
-use m3::gradcheck::Rng;
+use m3::rng::Rng;
 use m3::text::Encoded;
 use m3::train::forward::{step_grads, StepBatch, StepDropout};
 use m3::train::loss::LossConfig;

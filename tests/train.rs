@@ -12,7 +12,8 @@ use m3::train::forward::{step_grads, StepBatch, StepDropout};
 use m3::train::loss::{KdLoss, LossConfig};
 use m3::train::model::TrainModel;
 use m3::train::optim::AdamW;
-use m3::train::trainer::{run_training, TrainOptions, Trainer};
+use m3::train::options::TrainOptions;
+use m3::train::trainer::{run_training, Silent, Trainer};
 use m3::DType;
 
 fn fixture() -> PathBuf {
@@ -91,7 +92,7 @@ fn training_lowers_the_loss_and_writes_a_model_that_encodes() {
     let out = d.join("out");
     let metrics = d.join("metrics.jsonl");
     let opts = options(write_data(&d), out.clone());
-    run_training(&Cpu, opts, DType::F32, false, Some(&metrics), true).unwrap();
+    run_training(&Cpu, opts, DType::F32, false, Some(&metrics), &mut Silent).unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -178,7 +179,7 @@ fn resume_continues_bit_identically() {
     std::fs::create_dir_all(&opts.output_dir).unwrap();
     let metrics = d.join("metrics.jsonl");
     let mut b = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
-    let mut w = m3::train::trainer::MetricsWriter::open(&metrics, None).unwrap();
+    let mut w = m3::train::metrics::MetricsWriter::open(&metrics, None).unwrap();
     for _ in 0..5 {
         let r = b.step().unwrap();
         w.write(&r.to_json()).unwrap();
@@ -187,7 +188,15 @@ fn resume_continues_bit_identically() {
         }
     }
     drop((b, w));
-    run_training(&Cpu, opts.clone(), DType::F32, true, Some(&metrics), true).unwrap();
+    run_training(
+        &Cpu,
+        opts.clone(),
+        DType::F32,
+        true,
+        Some(&metrics),
+        &mut Silent,
+    )
+    .unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -279,8 +288,8 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     opts.adamw.lr = 1e38;
     opts.max_grad_norm = 0.0;
     opts.save_steps = Some(1);
-    let e =
-        run_training(&Cpu, opts, DType::F32, false, None, true).expect_err("training should stop");
+    let e = run_training(&Cpu, opts, DType::F32, false, None, &mut Silent)
+        .expect_err("training should stop");
     let e = format!("{e:#}");
     assert!(e.contains("step 2") && e.contains("checkpoint-1"), "{e}");
     assert!(d.join("out/checkpoint-1/model.safetensors").exists());

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::{dtype_err, shape_err, Error, Result};
+pub use crate::tensor::Device;
 use crate::tensor::{DType, HostData, Tensor};
 
 /// LayerNorm forward results: output and the statistics its backward needs.
@@ -37,10 +38,7 @@ pub struct LayerNormGrads<B: Backend> {
 }
 
 /// Kernel-level operations; one implementation per device.
-pub trait Backend: Sized + Send + Sync {
-    /// The device buffer behind a [`Tensor`].
-    type Storage: Send + Sync;
-
+pub trait Backend: Device + Sized + Send + Sync {
     /// Human-readable device name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
 
@@ -791,6 +789,14 @@ pub fn dropout_keep(seed: u64, i: u64, p: f32) -> f32 {
         0.0
     } else {
         1.0 / (1.0 - p)
+    }
+}
+
+impl<B: Backend> Tensor<B> {
+    /// A device copy of a u32 tensor (ids are small; ops that keep ids own a copy).
+    pub fn clone_ids(&self, be: &B) -> Result<Self> {
+        let v = be.to_vec_u32(self)?;
+        be.upload(HostData::U32(&v), self.shape())
     }
 }
 

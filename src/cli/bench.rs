@@ -9,11 +9,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use m3::backend::Backend;
 use m3::batch::pack;
-use m3::gradcheck::Rng;
 use m3::model::config::Config;
 use m3::model::encoder;
 use m3::model::random::write_random_model;
 use m3::model::weights::{EncoderWeights, TensorFile};
+use m3::rng::Rng;
 use m3::text::Encoded;
 use m3::DType;
 use serde_json::json;
@@ -263,16 +263,17 @@ impl Job for EncodeBenchArgs {
 impl Job for TrainBenchArgs {
     fn run<B: Backend>(self, be: &B, device_dtype: DType) -> anyhow::Result<ExitCode> {
         use m3::batch::pack_in_order;
-        use m3::train::forward::{step_grads, StepBatch, StepDropout};
+        use m3::train::forward::{StepBatch, StepDropout};
         use m3::train::loss::LossConfig;
         use m3::train::model::TrainModel;
-        use m3::train::optim::clip_factor;
-        use m3::train::trainer::{grad_norm, split_masters, update, zero_moments};
+        use m3::train::optim::AdamW;
+        use m3::train::optimizer::Optimizer;
+        use m3::train::step::{train_step, StepInput};
 
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         let mut model = TrainModel::load(be, &self.model, DType::F32, self.seed)?;
-        let mut moments = zero_moments(be, &mut model)?;
-        let mut masters = split_masters(be, &mut model, dtype)?;
+        let adamw = AdamW::default();
+        let mut opt = Optimizer::new(be, &mut model, dtype, adamw, 1.0, None)?;
         let c = model.config.clone();
         let (queries, passages) = train_inputs(
             &c,
@@ -300,26 +301,19 @@ impl Job for TrainBenchArgs {
         let tokens = batch.q.tokens() + batch.p.tokens();
         let mut cfg = LossConfig::new(self.group, excluded);
         cfg.temperature = self.temperature;
-        let adamw = m3::train::optim::AdamW::default();
         let mut losses = Vec::new();
         let mut times = Vec::new();
         for k in 0..=self.steps {
             let t0 = Instant::now();
-            let drop = StepDropout { p: 0.0, seed: 0 };
-            let (loss, grads) = step_grads(be, &model, &batch, &cfg, drop, self.sub_batch_size)?;
-            let norm = grad_norm(be, &grads)?;
-            let clip = clip_factor(norm, 1.0);
-            update(
-                be,
-                &mut model,
-                &mut masters,
-                &mut moments,
-                &grads,
-                k as u64 + 1,
-                adamw.lr,
-                clip,
-                &adamw,
-            )?;
+            let input = StepInput {
+                batch: &batch,
+                loss: &cfg,
+                dropout: StepDropout { p: 0.0, seed: 0 },
+                sub_batch: self.sub_batch_size,
+                t: k as u64 + 1,
+                lr: adamw.lr,
+            };
+            let loss = train_step(be, &mut model, &mut opt, &input)?.loss;
             if k > 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }

@@ -15,10 +15,12 @@ use anyhow::bail;
 use clap::Args;
 use m3::backend::Backend;
 use m3::batch::pack_in_order;
-use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::forward::{StepBatch, StepDropout};
 use m3::train::loss::LossConfig;
 use m3::train::model::TrainModel;
-use m3::train::trainer::{split_masters, zero_moments};
+use m3::train::optim::AdamW;
+use m3::train::optimizer::Optimizer;
+use m3::train::step::{train_step, StepInput};
 use m3::DType;
 use serde_json::json;
 
@@ -63,9 +65,10 @@ impl Job for MemoryBenchArgs {
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         let mut model = TrainModel::load(be, &self.model, DType::F32, 1)?;
         // Resident as in training: masters (bf16 compute) and both AdamW moments.
-        let _masters = split_masters(be, &mut model, dtype)?;
-        let _moments = zero_moments(be, &mut model)?;
-        let c = model.config.clone();
+        let adamw = AdamW::default();
+        let opt = std::cell::RefCell::new(Optimizer::new(be, &mut model, dtype, adamw, 1.0, None)?);
+        let model = std::cell::RefCell::new(model);
+        let c = model.borrow().config.clone();
         let off = c.position_offset();
         let cfg = LossConfig::new(self.group, vec![0, 1, 2, 3]);
         let step = |b: usize, len: usize, sub: usize| -> anyhow::Result<(u64, f64)> {
@@ -78,18 +81,18 @@ impl Job for MemoryBenchArgs {
             be.synchronize()?;
             be.reset_peak_memory()?;
             let t0 = Instant::now();
-            let no_dropout = StepDropout { p: 0.0, seed: 0 };
-            let (_, grads) = step_grads(
-                be,
-                &model,
-                &batch,
-                &cfg,
-                no_dropout,
-                (sub > 0).then_some(sub),
-            )?;
+            // The whole training step, as `m3 train` runs it (the update's memory included).
+            let input = StepInput {
+                batch: &batch,
+                loss: &cfg,
+                dropout: StepDropout { p: 0.0, seed: 0 },
+                sub_batch: (sub > 0).then_some(sub),
+                t: 1,
+                lr: adamw.lr,
+            };
+            train_step(be, &mut model.borrow_mut(), &mut opt.borrow_mut(), &input)?;
             be.synchronize()?;
             let peak = be.peak_memory()?.unwrap_or(0);
-            drop(grads);
             Ok((peak, t0.elapsed().as_secs_f64()))
         };
         // A step that runs out of device memory is an answer here, not a failure.

@@ -13,7 +13,8 @@ use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
 use m3::model::random::write_random_model;
 use m3::score::{colbert_matrix, dense_matrix, lexical_matrix, top_k, InvertedIndex, Weights};
 use m3::train::model::SIDE_FILES;
-use m3::train::trainer::{run_training, TrainOptions};
+use m3::train::options::TrainOptions;
+use m3::train::trainer::run_training;
 use m3::DType;
 use serde::Deserialize;
 
@@ -201,7 +202,14 @@ fn demo(a: &DemoArgs, work: &Path) -> anyhow::Result<ExitCode> {
     // budget (measured: dense CE stays at ln(B·G) for 300 steps with it, falls without).
     opts.dropout = Some(0.0);
     let t_train = std::time::Instant::now();
-    run_training(&Cpu, opts, DType::F32, false, None, false)?;
+    run_training(
+        &Cpu,
+        opts,
+        DType::F32,
+        false,
+        None,
+        &mut super::train::Bar::new(),
+    )?;
     let train_s = t_train.elapsed().as_secs_f64();
     let after = evaluate(&trained, &corpus, &queries)?;
     println!(

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use m3::backend::cpu::Cpu;
-use m3::gradcheck::{check, op_cases, CaseDims, Rng, Tolerance};
+use m3::gradcheck::{check, op_cases, CaseDims, Tolerance};
+use m3::rng::Rng;
 
 use super::DeviceArg;
 

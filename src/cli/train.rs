@@ -1,13 +1,15 @@
 //! `m3 train`: fine-tuning with FlagEmbedding's flag names in kebab case (SPEC §5–6).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use m3::backend::Backend;
 use m3::train::loss::KdLoss;
 use m3::train::optim::AdamW;
-use m3::train::trainer::{run_training, TrainOptions};
+use m3::train::options::TrainOptions;
+use m3::train::trainer::{run_training, Progress, StepReport};
 use m3::DType;
 
 use super::clobber::{files_in, named, refuse_dir_holding_input, refuse_same_file};
@@ -213,10 +215,80 @@ impl Job for TrainArgs {
             dtype,
             self.resume,
             self.metrics.as_deref(),
-            false,
+            &mut Bar::new(),
         )?;
         eprintln!("wrote the trained model to {}", self.output_dir.display());
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Training progress on stderr: a live bar on a terminal; in a log file (nohup, a batch
+/// job) a plain line every 5% of the steps and at each checkpoint.
+pub struct Bar {
+    bar: ProgressBar,
+    tty: bool,
+    every: u64,
+}
+
+impl Bar {
+    /// Progress for the current stderr.
+    pub fn new() -> Self {
+        Bar {
+            bar: ProgressBar::hidden(),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            every: 1,
+        }
+    }
+
+    fn say(&self, text: String) {
+        if self.tty {
+            self.bar.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&mut self, done: u64, total: u64) {
+        self.every = (total / 20).max(1);
+        if self.tty {
+            self.bar = ProgressBar::new(total);
+        }
+        self.bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+                .expect("valid template"),
+        );
+        self.bar.set_position(done);
+        self.bar.reset_eta();
+    }
+
+    fn warn(&mut self, message: &str) {
+        self.say(format!("warning: {message}"));
+    }
+
+    fn step(&mut self, r: &StepReport, total: u64) {
+        let status = format!(
+            "loss {:.4} · {:.0} tok/s",
+            r.loss.loss,
+            r.tokens as f64 / r.seconds.max(1e-9)
+        );
+        self.bar.set_position(r.step);
+        if !self.tty && (r.step.is_multiple_of(self.every) || r.step == total) {
+            self.say(format!(
+                "step {}/{total}: {status}, lr {:.3e}",
+                r.step, r.lr
+            ));
+        }
+        self.bar.set_message(status);
+    }
+
+    fn saved(&mut self, dir: &Path) {
+        self.say(format!("wrote {}", dir.display()));
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish();
     }
 }
 

@@ -204,7 +204,7 @@ impl Dropout {
 
     /// The mask seed of site `k` for rows of width `hidden`.
     fn site(&self, k: u64, hidden: usize) -> u64 {
-        let mut r = crate::gradcheck::Rng::new(self.seed ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut r = crate::rng::Rng::new(self.seed ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03));
         crate::backend::dropout_seed_at(r.next_u64(), self.token_offset * hidden as u64)
     }
 }

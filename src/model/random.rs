@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::checkpoint::write_safetensors;
 use super::config::Config;
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 
 /// Every encoder tensor's HF name and shape (PyTorch layout) for `c`.
 pub fn encoder_shapes(c: &Config) -> Vec<(String, Vec<usize>)> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 
 /// One training example.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

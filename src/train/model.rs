@@ -6,10 +6,10 @@ use std::path::Path;
 
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
-use crate::gradcheck::Rng;
 use crate::model::config::Config;
 use crate::model::encoder::{EncoderVars, LinearVars};
 use crate::model::weights::{load_head, weights_file, EncoderWeights, Linear, TensorFile};
+use crate::rng::Rng;
 use crate::tensor::{DType, HostData, Tensor};
 
 use super::forward::HeadVars;

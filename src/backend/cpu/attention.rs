@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn softmax_rows_match_f64_on_both_code_paths() {
         // Row widths around the 8-lane chunking (1, 7, 8, 9, 67) and a wide one.
-        let mut rng = crate::gradcheck::Rng::new(5);
+        let mut rng = crate::rng::Rng::new(5);
         for l in [1usize, 7, 8, 9, 67, 1000] {
             let rows = 3;
             let x = rng.vec(rows * l, -30.0, 5.0);

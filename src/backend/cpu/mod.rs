@@ -19,7 +19,7 @@ use super::{
     LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Result};
-use crate::tensor::{DType, HostData, Tensor};
+use crate::tensor::{DType, Device, HostData, Tensor};
 
 /// Host memory behind a CPU tensor.
 #[derive(Clone, Debug)]
@@ -116,9 +116,11 @@ pub fn gelu_grad_scalar(x: f32) -> f32 {
     cdf + x * pdf
 }
 
-impl Backend for Cpu {
+impl Device for Cpu {
     type Storage = CpuStorage;
+}
 
+impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }

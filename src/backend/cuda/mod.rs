@@ -21,7 +21,7 @@ use super::{
     maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
-use crate::tensor::{DType, HostData, Tensor};
+use crate::tensor::{DType, Device, HostData, Tensor};
 
 /// ptxas's report for one kernel and architecture, recorded by build.rs.
 #[derive(Debug, Clone, Copy)]
@@ -633,9 +633,11 @@ impl Cuda {
     }
 }
 
-impl Backend for Cuda {
+impl Device for Cuda {
     type Storage = CudaStorage;
+}
 
+impl Backend for Cuda {
     fn name(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
         format!("cuda:{} {name}", self.ctx.ordinal())
