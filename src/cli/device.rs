@@ -14,6 +14,20 @@ pub trait Job {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode>;
 }
 
+/// The CUDA kernel variants chosen by the environment: `M3_ATTENTION=naive|flash-ldm`,
+/// `M3_ATTENTION_BWD=flash`, `M3_MAXSIM=gemm`, `M3_GELU=epilogue` (README "With CUDA").
+#[cfg(feature = "cuda")]
+pub fn kernel_choices() -> m3::backend::cuda::KernelChoices {
+    let is = |var: &str, value: &str| std::env::var(var).as_deref() == Ok(value);
+    m3::backend::cuda::KernelChoices {
+        flash_backward: is("M3_ATTENTION_BWD", "flash"),
+        flash_ldmatrix: is("M3_ATTENTION", "flash-ldm"),
+        attention_naive: is("M3_ATTENTION", "naive"),
+        maxsim_gemm: is("M3_MAXSIM", "gemm"),
+        gelu_epilogue: is("M3_GELU", "epilogue"),
+    }
+}
+
 /// Runs `job` on the chosen device: CPU in f32; CUDA with bf16 weights and activations.
 pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
     #[cfg(feature = "cuda")]
@@ -25,7 +39,7 @@ pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
             DeviceArg::Cpu => false,
         };
         if cuda {
-            let be = Cuda::new(0)?;
+            let be = Cuda::with_kernels(0, kernel_choices())?;
             return job.run(&be, DType::BF16);
         }
     }

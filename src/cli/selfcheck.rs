@@ -60,7 +60,7 @@ fn device_checks(device: DeviceArg, seed: u64) -> anyhow::Result<usize> {
         eprintln!("no CUDA GPU found: checked the CPU reference only");
         return Ok(0);
     }
-    let dev = Cuda::new(0)?;
+    let dev = Cuda::with_kernels(0, super::device::kernel_choices())?;
     dev.set_poison(true);
     println!(
         "\n{} vs the CPU reference (relative error, forward and backward)",

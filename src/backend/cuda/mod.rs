@@ -68,6 +68,24 @@ pub enum CudaStorage {
     U32(CudaSlice<u32>),
 }
 
+/// Which kernel runs where there is a choice: the validated default, the naive baseline,
+/// or a variant that is compiled but not yet run on a GPU. Given to [`Cuda::with_kernels`];
+/// the CLI fills it from `M3_ATTENTION`, `M3_ATTENTION_BWD`, `M3_MAXSIM` and `M3_GELU`
+/// (the library reads no environment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelChoices {
+    /// bf16 attention backward through `flash_bwd.cu` instead of the naive kernels.
+    pub flash_backward: bool,
+    /// bf16 attention forward through the ldmatrix variant of `flash.cu`.
+    pub flash_ldmatrix: bool,
+    /// Attention through the naive one-warp-per-row kernels even where flash applies.
+    pub attention_naive: bool,
+    /// Max-sim through cuBLASLt GEMMs and a segmented arg-max.
+    pub maxsim_gemm: bool,
+    /// The FFN GELU in cuBLASLt's GEMM epilogue (bf16 inference).
+    pub gelu_epilogue: bool,
+}
+
 /// The CUDA backend on one device, one stream.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
@@ -240,8 +258,14 @@ impl Cuda {
         libs && CudaContext::device_count().is_ok_and(|n| n > 0)
     }
 
-    /// Opens device `ordinal`, loads every embedded module and creates the cuBLASLt handle.
+    /// Opens device `ordinal` with the default kernels (see [`Cuda::with_kernels`]).
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_kernels(ordinal, KernelChoices::default())
+    }
+
+    /// Opens device `ordinal`, loads every embedded module and creates the cuBLASLt handle;
+    /// `k` picks the kernel variants.
+    pub fn with_kernels(ordinal: usize, k: KernelChoices) -> Result<Self> {
         // SAFETY: dlopen probes only.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::Cuda(
@@ -279,16 +303,11 @@ impl Cuda {
             blas: Mutex::new(blas),
             poison: AtomicBool::new(false),
             staging: Mutex::new(Staging::default()),
-            flash_backward: AtomicBool::new(
-                std::env::var("M3_ATTENTION_BWD").as_deref() == Ok("flash"),
-            ),
-            flash_ldmatrix: AtomicBool::new(
-                std::env::var("M3_ATTENTION").as_deref() == Ok("flash-ldm"),
-            ),
-            // Every kernel switch is read once here, not per call.
-            attention_naive: std::env::var("M3_ATTENTION").as_deref() == Ok("naive"),
-            maxsim_gemm: AtomicBool::new(std::env::var("M3_MAXSIM").as_deref() == Ok("gemm")),
-            gelu_epilogue: AtomicBool::new(std::env::var("M3_GELU").as_deref() == Ok("epilogue")),
+            flash_backward: AtomicBool::new(k.flash_backward),
+            flash_ldmatrix: AtomicBool::new(k.flash_ldmatrix),
+            attention_naive: k.attention_naive,
+            maxsim_gemm: AtomicBool::new(k.maxsim_gemm),
+            gelu_epilogue: AtomicBool::new(k.gelu_epilogue),
         })
     }
 
@@ -300,21 +319,21 @@ impl Cuda {
 
     /// Routes bf16 attention backward (head dims 32, 64, 128) to the tensor-core kernels
     /// of `flash_bwd.cu` instead of the naive two-pass kernels. Off by default until those
-    /// kernels have passed on a GPU; `M3_ATTENTION_BWD=flash` turns it on at start.
+    /// kernels have passed on a GPU ([`KernelChoices::flash_backward`] at start).
     pub fn set_flash_backward(&self, on: bool) {
         self.flash_backward.store(on, Ordering::Relaxed);
     }
 
     /// Routes the bf16 attention forward to the ldmatrix variant of `flash.cu` (K and V
-    /// fragments through ldmatrix, exp2). Off by default until it has passed on a GPU;
-    /// `M3_ATTENTION=flash-ldm` turns it on at start.
+    /// fragments through ldmatrix, exp2). Off by default until it has passed on a GPU
+    /// ([`KernelChoices::flash_ldmatrix`] at start).
     pub fn set_flash_ldmatrix(&self, on: bool) {
         self.flash_ldmatrix.store(on, Ordering::Relaxed);
     }
 
     /// Computes max-sim through cuBLASLt (S = Q P^T per chunk of passages, then a segmented
     /// arg-max kernel) instead of the one-warp-per-pair kernel. Off by default until it has
-    /// passed on a GPU; `M3_MAXSIM=gemm` turns it on at start.
+    /// passed on a GPU ([`KernelChoices::maxsim_gemm`] at start).
     pub fn set_maxsim_gemm(&self, on: bool) {
         self.maxsim_gemm.store(on, Ordering::Relaxed);
     }
@@ -394,7 +413,7 @@ impl Cuda {
     /// Fuses inference's FFN GELU into the up-projection GEMM (cuBLASLt's GELU_BIAS epilogue,
     /// bf16 only). That epilogue is the tanh approximation of GELU, which differs from erf
     /// GELU by at most ~1e-3, below bf16's resolution for most outputs; off by default until
-    /// the whole-encoder GPU test has passed with it. `M3_GELU=epilogue` turns it on.
+    /// the whole-encoder GPU test has passed with it. [`KernelChoices::gelu_epilogue`] at start.
     pub fn set_gelu_epilogue(&self, on: bool) {
         self.gelu_epilogue.store(on, Ordering::Relaxed);
     }
