@@ -13,11 +13,11 @@ use m3::model::config::Config;
 use m3::model::encoder;
 use m3::model::random::write_random_model;
 use m3::model::weights::{EncoderWeights, TensorFile};
-use m3::rng::Rng;
 use m3::text::Encoded;
 use m3::DType;
 use serde_json::json;
 
+use super::bench_inputs::{inputs, train_inputs};
 use super::device::{on_device, Job};
 use super::{ComputeArg, DeviceArg};
 
@@ -163,46 +163,6 @@ fn make_model(a: &MakeModelArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Random sequences (CLS + ids + EOS) totalling at least `tokens`.
-fn inputs(
-    spec: &str,
-    tokens: usize,
-    vocab: usize,
-    max_tokens: usize,
-    seed: u64,
-) -> anyhow::Result<Vec<Encoded>> {
-    let mut rng = Rng::new(seed);
-    let (lo, hi) = match spec.split_once(':') {
-        Some(("uniform", n)) => {
-            let n: usize = n.parse()?;
-            (n, n)
-        }
-        Some(("mixed", r)) => {
-            let (a, b) = r.split_once('-').context("mixed:MIN-MAX")?;
-            (a.parse()?, b.parse()?)
-        }
-        _ => anyhow::bail!("--lengths must be uniform:N or mixed:MIN-MAX, got {spec:?}"),
-    };
-    if lo < 2 || hi < lo || hi > max_tokens {
-        anyhow::bail!("lengths {lo}..{hi} must lie within 2..{max_tokens}");
-    }
-    let mut out = Vec::new();
-    let mut total = 0;
-    while total < tokens {
-        let len = lo + rng.below((hi - lo + 1) as u32) as usize;
-        let mut ids = vec![0u32];
-        ids.extend((0..len - 2).map(|_| 3 + rng.below(vocab as u32 - 4)));
-        ids.push(2);
-        total += len;
-        out.push(Encoded {
-            ids,
-            cls_positions: vec![0],
-            truncated: false,
-        });
-    }
-    Ok(out)
-}
-
 impl Job for EncodeBenchArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let config = Config::from_file(&self.model.join("config.json"))?;
@@ -340,28 +300,6 @@ impl Job for TrainBenchArgs {
 }
 
 /// Runs `m3 bench ...`.
-/// Random query and passage token ids for a training batch: `b` queries of `q_len` tokens
-/// and `b * g` passages of `p_len` (each query's group contiguous).
-pub(super) fn train_inputs(
-    c: &Config,
-    b: usize,
-    g: usize,
-    q_len: usize,
-    p_len: usize,
-    seed: u64,
-) -> anyhow::Result<(Vec<Encoded>, Vec<Encoded>)> {
-    let seqs = |n: usize, len: usize, seed: u64| {
-        inputs(
-            &format!("uniform:{len}"),
-            n * len,
-            c.vocab_size,
-            c.max_tokens(),
-            seed,
-        )
-    };
-    Ok((seqs(b, q_len, seed)?, seqs(b * g, p_len, seed + 1)?))
-}
-
 pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
         BenchCommand::MakeModel(a) => make_model(&a),

@@ -24,7 +24,7 @@ use m3::train::step::{train_step, StepInput};
 use m3::DType;
 use serde_json::json;
 
-use super::bench::train_inputs;
+use super::bench_inputs::train_inputs;
 use super::device::Job;
 use super::{ComputeArg, DeviceArg};
 

@@ -7,21 +7,13 @@ use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
 use crate::model::config::Config;
-use crate::model::encoder::{forward_taped, Dropout, EncoderVars, LinearVars};
+use crate::model::encoder::{forward_taped, Dropout, EncoderVars};
 use crate::model::heads::NORM_EPS;
 use crate::tensor::{DType, HostData, Tensor};
 
 use super::loss::{m3_loss, LossConfig, LossParts, LossValues, Side};
+pub use super::model::HeadVars;
 use super::model::TrainModel;
-
-/// The heads' weights on the tape.
-#[derive(Debug, Clone, Copy)]
-pub struct HeadVars {
-    /// `sparse_linear` (`[hidden, 1]` transposed weight).
-    pub sparse: LinearVars,
-    /// `colbert_linear` (`[hidden, d]` transposed weight).
-    pub colbert: LinearVars,
-}
 
 /// Encodes one packed batch and records its three heads: normalised CLS vectors, token
 /// weights `relu(sparse_linear(h))` `[T]`, and normalised colbert vectors of every token

@@ -12,8 +12,6 @@ use crate::model::weights::{load_head, weights_file, EncoderWeights, Linear, Ten
 use crate::rng::Rng;
 use crate::tensor::{DType, HostData, Tensor};
 
-use super::forward::HeadVars;
-
 /// Files of a model directory copied unchanged into every checkpoint.
 pub const SIDE_FILES: [&str; 5] = [
     "config.json",
@@ -190,4 +188,13 @@ impl TrainVars {
         v.extend([h.sparse.wt, h.sparse.b, h.colbert.wt, h.colbert.b]);
         v
     }
+}
+
+/// The heads' weights on the tape.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadVars {
+    /// `sparse_linear` (`[hidden, 1]` transposed weight).
+    pub sparse: LinearVars,
+    /// `colbert_linear` (`[hidden, d]` transposed weight).
+    pub colbert: LinearVars,
 }
