@@ -58,7 +58,21 @@ impl Specials {
     }
 }
 
+/// One content token of a text with its byte span in the text (for a `/tokenize` route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Token id.
+    pub id: u32,
+    /// The token's vocabulary string.
+    pub text: String,
+    /// Byte offset where it starts in the text.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub stop: usize,
+}
+
 /// The model's tokenizer.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: std::path::PathBuf,
@@ -150,6 +164,33 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("tokenizer failed: {e}"))
             .context("tokenizing")?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The content tokens of `text` with their spans (cut like [`TextTokenizer::encode`]
+    /// to [`CHARS_PER_TOKEN`] characters per token of `max_length`).
+    pub fn pieces(&self, text: &str, max_length: usize) -> anyhow::Result<Vec<Piece>> {
+        let (text, _) = cut_chars(text, max_length.saturating_mul(CHARS_PER_TOKEN));
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .zip(enc.get_offsets())
+            .map(|((&id, t), &(start, stop))| Piece {
+                id,
+                text: t.clone(),
+                start,
+                stop,
+            })
+            .collect())
+    }
+
+    /// The vocabulary string of token `id`.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// `CLS content EOS`, content truncated to fit `max_length` tokens in all (at least 2).

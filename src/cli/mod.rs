@@ -13,6 +13,7 @@ mod npy;
 mod score;
 mod search;
 mod selfcheck;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -76,6 +77,10 @@ enum Command {
     /// Build a search index over a corpus, or query it with hybrid retrieval.
     #[command(subcommand)]
     Search(search::SearchCommand),
+    /// Serve embeddings over HTTP: TEI's routes (/embed, /embed_sparse, /rerank,
+    /// /tokenize, /info, /health, /metrics), OpenAI's /v1/embeddings, and m3's /encode,
+    /// /score and /search, batching requests together.
+    Serve(serve::ServeArgs),
     /// Fine-tune: unified dense + sparse + colbert loss with self-knowledge distillation,
     /// length-bucketed batches, optional sub-batching, checkpoints and resume.
     Train(train::TrainArgs),
@@ -105,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Encode(a) => encode::run(a),
         Command::Score(a) => score::run(a),
         Command::Search(c) => search::run(c),
+        Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Selfcheck { device, seed } => selfcheck::run(device, seed),

@@ -160,6 +160,20 @@ impl<B: Backend> Embedder<B> {
         opts: &EncodeOptions,
         progress: &mut dyn FnMut(usize),
     ) -> anyhow::Result<EncodeResult> {
+        self.check_heads(opts)?;
+        let encoded: Vec<Encoded> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.tokenize(t, opts)
+                    .with_context(|| format!("text {}", i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        self.encode_tokenized(be, &encoded, opts, progress)
+    }
+
+    /// Refuses outputs whose head the directory lacks, naming the file.
+    pub fn check_heads(&self, opts: &EncodeOptions) -> anyhow::Result<()> {
         if opts.sparse && self.sparse_head.is_none() {
             bail!(
                 "sparse output needs sparse_linear.pt (or .safetensors) in {}, which has none",
@@ -172,20 +186,25 @@ impl<B: Backend> Embedder<B> {
                 self.dir.display()
             );
         }
-        let encoded: Vec<Encoded> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                self.tokenize(t, opts)
-                    .with_context(|| format!("text {}", i + 1))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        Ok(())
+    }
+
+    /// Encodes texts already tokenized by [`Embedder::tokenize`] (a server tokenizes beside
+    /// the model and packs many requests' texts into one call).
+    pub fn encode_tokenized(
+        &self,
+        be: &B,
+        encoded: &[Encoded],
+        opts: &EncodeOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> anyhow::Result<EncodeResult> {
+        self.check_heads(opts)?;
         let truncated = encoded.iter().filter(|e| e.truncated).count();
-        let mut out = vec![Embedding::default(); texts.len()];
+        let mut out = vec![Embedding::default(); encoded.len()];
         let unused = self.tokenizer.specials;
         let unused = unused.unused();
         for batch in pack(
-            &encoded,
+            encoded,
             opts.batch_tokens.max(1),
             self.config.position_offset(),
         ) {
