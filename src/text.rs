@@ -193,6 +193,13 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Token ids decoded to text (the tokenizer's decoder: `▁Paris` reads `Paris`).
+    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
+    }
+
     /// `CLS content EOS`, content truncated to fit `max_length` tokens in all (at least 2).
     /// With `mcls`, a CLS goes before every [`MCLS_CHUNK`] content tokens and the inserted
     /// CLS tokens count toward `max_length`.
