@@ -85,8 +85,10 @@ class BGEM3FlagModel:
     """FlagEmbedding's ``BGEM3FlagModel`` on m3.
 
     ``use_fp16`` is accepted for compatibility: m3 computes in f32 on the CPU (bf16 on a
-    GPU build) whatever it says. ``devices`` may be None or ``"cpu"``. Other FlagEmbedding
-    arguments m3 does not implement raise ``ValueError`` naming them.
+    GPU build) whatever it says. ``batch_size`` (here and in ``encode``) is accepted and
+    changes nothing: m3 packs texts into batches by a token budget, without padding.
+    ``devices`` may be None or ``"cpu"``. Other FlagEmbedding arguments m3 does not
+    implement raise ``ValueError`` naming them.
     """
 
     _ACCEPTED = {"normalize_embeddings", "pooling_method", "trust_remote_code", "cache_dir",
