@@ -358,6 +358,31 @@ fn bad_requests_get_4xx_json_naming_the_field() {
     assert_eq!(s.post("/embed", json!({"inputs": "ok"})).0, 200);
 }
 
+/// `a` and `b` have the same structure and their numbers differ by at most `tol` (relative
+/// to the larger magnitude, at least 1).
+fn close(a: &Value, b: &Value, tol: f64) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= tol * x.abs().max(y.abs()).max(1.0),
+                "{x} vs {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).for_each(|(x, y)| close(x, y, tol));
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            x.iter()
+                .zip(y)
+                .for_each(|((_, x), (_, y))| close(x, y, tol));
+        }
+        _ => assert_eq!(a, b),
+    }
+}
+
 #[test]
 fn concurrent_requests_are_batched_and_each_gets_its_own_answer() {
     let s = Server::start(&[]);
@@ -376,9 +401,11 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_answer() {
                         .unwrap()
                         .into_json()
                         .unwrap();
-                    assert_eq!(r["dense_vecs"][0], want[i]["dense_vecs"]);
-                    assert_eq!(r["dense_vecs"][1], want[j]["dense_vecs"]);
-                    assert_eq!(r["lexical_weights"][1], want[j]["lexical_weights"]);
+                    // Rounds mix other requests' texts, and the CPU GEMM's blocking follows
+                    // the row count, so values agree to rounding, not to the bit.
+                    close(&r["dense_vecs"][0], &want[i]["dense_vecs"], 1e-6);
+                    close(&r["dense_vecs"][1], &want[j]["dense_vecs"], 1e-6);
+                    close(&r["lexical_weights"][1], &want[j]["lexical_weights"], 1e-5);
                     assert!(r.get("colbert_vecs").is_none());
                 }
             })
