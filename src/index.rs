@@ -100,6 +100,18 @@ impl ModelFingerprint {
         })
     }
 
+    /// The fingerprint of a loaded model: its sizes and its directory's files.
+    pub fn of_model<B: crate::backend::Backend>(
+        model: &crate::model::embedder::Embedder<B>,
+    ) -> anyhow::Result<Self> {
+        Self::of_dir(
+            model.dir(),
+            model.config.hidden_size,
+            model.colbert_dim().unwrap_or(0),
+            model.config.vocab_size,
+        )
+    }
+
     /// What differs from `other`, one phrase each; empty when they match.
     pub fn differences(&self, other: &ModelFingerprint) -> Vec<String> {
         let mut d = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, m3, tmp};
+use common::{fixture, search_index, tmp};
 use proptest::prelude::*;
 
 /// One edit of a byte string.
@@ -138,19 +138,7 @@ fn index_dir() -> &'static Path {
         )
         .unwrap();
         let idx = d.join("idx");
-        let out = m3(
-            &[
-                "search",
-                "index",
-                "--model",
-                fixture("tiny-m3").to_str().unwrap(),
-                "--corpus",
-                corpus.to_str().unwrap(),
-                "--index",
-                idx.to_str().unwrap(),
-            ],
-            b"",
-        );
+        let out = search_index(&fixture("tiny-m3"), &corpus, &idx);
         assert!(
             out.status.success(),
             "{}",

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::pickles::{memo_doubling, nested_lists, nested_tuples, state_dict, torch_zip};
-use common::{fixture, m3, stderr, tmp};
+use common::{fixture, m3, search_index as index, stderr, tmp};
 use m3::model::checkpoint::read_checkpoint;
 use m3::model::torch_pickle::read_state_dict;
 use serde_json::Value;
@@ -66,22 +66,6 @@ fn corpus(dir: &Path, n: usize) -> PathBuf {
     let p = dir.join("corpus.jsonl");
     std::fs::write(&p, c).unwrap();
     p
-}
-
-fn index(model: &Path, corpus: &Path, index: &Path) -> Output {
-    m3(
-        &[
-            "search",
-            "index",
-            MODEL,
-            s(model),
-            "--corpus",
-            s(corpus),
-            "--index",
-            s(index),
-        ],
-        b"",
-    )
 }
 
 fn query(model: &Path, index: &Path) -> Output {

@@ -511,19 +511,7 @@ fn search_over_an_index_matches_m3_search_query() {
     std::fs::write(&corpus, lines).unwrap();
     let idx = d.join("idx");
     let model = fixture("tiny-m3");
-    let out = m3(
-        &[
-            "search",
-            "index",
-            "--model",
-            model.to_str().unwrap(),
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--index",
-            idx.to_str().unwrap(),
-        ],
-        b"",
-    );
+    let out = common::search_index(&model, &corpus, &idx);
     assert!(
         out.status.success(),
         "{}",

@@ -3,7 +3,7 @@
 //! and re-rank by the weighted hybrid including colbert (SPEC §4 "Hybrid retrieval"); the
 //! index itself is [`m3::index`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -89,16 +89,6 @@ impl IndexArgs {
     }
 }
 
-/// The fingerprint of a loaded model directory as an index records it.
-fn fingerprint<B: Backend>(model: &Embedder<B>, dir: &Path) -> anyhow::Result<ModelFingerprint> {
-    ModelFingerprint::of_dir(
-        dir,
-        model.config.hidden_size,
-        model.colbert_dim().unwrap_or(0),
-        model.config.vocab_size,
-    )
-}
-
 impl Job for IndexArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         self.check_paths()?;
@@ -106,7 +96,7 @@ impl Job for IndexArgs {
         let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.corpus)?;
         let pb = progress("passages");
-        let mut writer = IndexWriter::new(fingerprint(&model, &self.model.model)?);
+        let mut writer = IndexWriter::new(ModelFingerprint::of_model(&model)?);
         let mut truncated = 0;
         loop {
             let (records, err) = read_chunk(&mut lines, CHUNK, &text_record);
@@ -168,7 +158,7 @@ impl Job for QueryArgs {
         refuse_same_file(&[named("--output", &self.output)], &inputs)?;
         let index = Index::load(&self.index)?;
         let model = Embedder::load(be, &self.model.model, dtype)?;
-        index.check_model(&self.model.model, &fingerprint(&model, &self.model.model)?)?;
+        index.check_model(&self.model.model, &ModelFingerprint::of_model(&model)?)?;
         let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.input)?;
         let mut sink = Sink::create(&self.output)?;

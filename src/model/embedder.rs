@@ -117,6 +117,11 @@ impl<B: Backend> Embedder<B> {
         })
     }
 
+    /// The model directory it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Whether the directory has a sparse head.
     pub fn has_sparse(&self) -> bool {
         self.sparse_head.is_some()

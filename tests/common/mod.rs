@@ -1,4 +1,5 @@
 //! Helpers shared by the tests that run the `m3` binary.
+// Each test binary uses some of these helpers, not all.
 #![allow(dead_code)]
 
 pub mod pickles;
@@ -42,4 +43,21 @@ pub fn tmp(name: &str) -> PathBuf {
 /// Standard error of a run, as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `m3 search index` of `corpus` with `model` into `index`.
+pub fn search_index(model: &Path, corpus: &Path, index: &Path) -> Output {
+    m3(
+        &[
+            "search",
+            "index",
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+        ],
+        b"",
+    )
 }

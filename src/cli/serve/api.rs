@@ -513,9 +513,7 @@ pub struct OpenAiRequest {
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<usize>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    user: Option<String>,
+    // OpenAI's `user` (an end-user id for abuse monitoring) is accepted and not used.
 }
 
 /// OpenAI's `input` forms.

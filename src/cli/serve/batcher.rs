@@ -80,7 +80,12 @@ pub fn run<B: Backend>(
         if round.is_empty() {
             continue;
         }
-        let texts: Vec<Encoded> = round.iter().flat_map(|w| w.texts.clone()).collect();
+        // The texts move into one list (no copy); each request keeps its count.
+        let counts: Vec<usize> = round.iter().map(|w| w.texts.len()).collect();
+        let texts: Vec<Encoded> = round
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.texts))
+            .collect();
         let opts = EncodeOptions {
             batch_tokens: max_batch_tokens,
             dense: round.iter().any(|w| w.outputs.dense),
@@ -97,24 +102,28 @@ pub fn run<B: Backend>(
             Ok(Err(e)) => Err(format!("{e:#}")),
             Err(_) => Err("the model panicked on this batch".to_string()),
         };
-        let mut at = 0;
-        for w in round {
-            let n = w.texts.len();
-            let answer = match &result {
-                Ok(all) => Ok(all[at..at + n].iter().map(|e| keep(e, w.outputs)).collect()),
-                Err(e) => Err(e.clone()),
-            };
-            at += n;
-            let _ = w.reply.send(answer); // a client may have gone meanwhile
+        match result {
+            Ok(all) => {
+                let mut rows = all.into_iter();
+                for (w, n) in round.into_iter().zip(counts) {
+                    let mine = rows.by_ref().take(n).map(|e| keep(e, w.outputs)).collect();
+                    let _ = w.reply.send(Ok(mine)); // a client may have gone meanwhile
+                }
+            }
+            Err(e) => {
+                for w in round {
+                    let _ = w.reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
 
 /// Only the outputs a request asked for (a round computes the union).
-fn keep(e: &Embedding, o: Outputs) -> Embedding {
+fn keep(e: Embedding, o: Outputs) -> Embedding {
     Embedding {
-        dense: e.dense.clone().filter(|_| o.dense),
-        lexical: e.lexical.clone().filter(|_| o.sparse),
-        colbert: e.colbert.clone().filter(|_| o.colbert),
+        dense: e.dense.filter(|_| o.dense),
+        lexical: e.lexical.filter(|_| o.sparse),
+        colbert: e.colbert.filter(|_| o.colbert),
     }
 }

@@ -135,13 +135,7 @@ impl Job for ServeArgs {
         let index = match &self.index {
             Some(dir) => {
                 let index = Index::load(dir)?;
-                let fp = ModelFingerprint::of_dir(
-                    &self.model,
-                    model.config.hidden_size,
-                    model.colbert_dim().unwrap_or(0),
-                    model.config.vocab_size,
-                )?;
-                index.check_model(&self.model, &fp)?;
+                index.check_model(&self.model, &ModelFingerprint::of_model(&model)?)?;
                 Some(index)
             }
             None => None,
