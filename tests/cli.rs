@@ -381,19 +381,7 @@ fn search_finds_a_passage_by_its_own_text() {
     std::fs::write(&corpus, c).unwrap();
     let index = dir.join("index");
     let model = fixture("tiny-m3");
-    let out = m3(
-        &[
-            "search",
-            "index",
-            MODEL,
-            model.to_str().unwrap(),
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--index",
-            index.to_str().unwrap(),
-        ],
-        b"",
-    );
+    let out = common::search_index(&model, &corpus, &index);
     assert!(
         out.status.success(),
         "{}",
