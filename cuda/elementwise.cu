@@ -86,6 +86,15 @@ __device__ void adamw(float* __restrict__ p, const T* __restrict__ g, float* __r
   }
 }
 
+// accumulate: dst[i] += src[i], dst f32, src f32 or bf16 [n] (a parameter's gradient into
+// its slot of the gradient arena; dst is an offset into the arena, so no alignment beyond
+// the element's is assumed and no pointer is declared __restrict__ against another).
+// Launch: 1-D grid-stride over n, 256 threads per block.
+template <typename T>
+__device__ void accumulate(float* dst, const T* src, int64_t n) {
+  GRID_STRIDE(i, n) dst[i] += to_f(src[i]);
+}
+
 // Tree sum of one f64 value per thread over a 256-thread block; every thread gets the
 // total. Once per kernel: there is no barrier before the first write to the shared array.
 __device__ double block_sum_256(double s) {
@@ -131,6 +140,9 @@ __device__ void sum_all(const T* __restrict__ x, float* __restrict__ out, int64_
                                          float eps, float step_size, float bc2_sqrt,          \
                                          float decay) {                                       \
     adamw<T>(p, g, m, v, n, grad_scale, beta1, beta2, eps, step_size, bc2_sqrt, decay);       \
+  }                                                                                           \
+  extern "C" __global__ void accumulate_##SUF(float* dst, const T* src, int64_t n) {        \
+    accumulate<T>(dst, src, n);                                                               \
   }                                                                                           \
   extern "C" __global__ void sum_squares_##SUF(const T* x, double* partial, int64_t n) {     \
     sum_squares_partial<T>(x, partial, n);                                                    \

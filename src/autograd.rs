@@ -132,6 +132,10 @@ struct Node<'a, B: Backend> {
     value: Value<'a, B>,
     op: Op<B>,
     needs_grad: bool,
+    /// For a leaf: the earliest node that reads it. Walking backward, its gradient is
+    /// complete once that node is processed, and can be handed off (into the gradient
+    /// arena) without waiting for the end of the walk.
+    first_use: usize,
 }
 
 /// Gradients produced by [`Tape::backward`], indexed by [`Var`].
@@ -208,11 +212,21 @@ impl<'a, B: Backend> Tape<'a, B> {
             value,
             op,
             needs_grad,
+            first_use: usize::MAX,
         });
         Var(self.nodes.len() - 1)
     }
 
-    fn needs(&self, vars: &[Var]) -> bool {
+    /// Whether a node reading `vars` needs a gradient; also notes the node (the next one
+    /// pushed) as a reader of each leaf among them.
+    fn needs(&mut self, vars: &[Var]) -> bool {
+        let next = self.nodes.len();
+        for v in vars {
+            let n = &mut self.nodes[v.0];
+            if matches!(n.op, Op::Leaf) {
+                n.first_use = n.first_use.min(next);
+            }
+        }
         vars.iter().any(|v| self.nodes[v.0].needs_grad)
     }
 
@@ -511,6 +525,37 @@ impl<'a, B: Backend> Tape<'a, B> {
     /// (the second pass of sub-batching seeds each head output with its loss gradient).
     pub fn backward_seeds(&self, seeds: Vec<(Var, Tensor<B>)>) -> Result<Grads<B>> {
         let be = self.backend;
+        let mut leaves: Vec<Option<Tensor<B>>> = (0..self.nodes.len()).map(|_| None).collect();
+        self.backward_seeds_into(seeds, &mut |v, g| {
+            leaves[v.0] = Some(match leaves[v.0].take() {
+                None => g,
+                Some(mut prev) => {
+                    be.add_assign(&mut prev, &g)?;
+                    prev
+                }
+            });
+            Ok(())
+        })?;
+        Ok(Grads { grads: leaves })
+    }
+
+    /// As [`Tape::backward_seeds`], but each leaf's gradient goes to `sink` as soon as it
+    /// is complete (after the earliest node that reads the leaf is processed), so the
+    /// caller can add it into a gradient arena and free it while the walk goes on. A leaf
+    /// is handed over once per backward (twice only if an op read it without noting it,
+    /// which a summing sink also gets right).
+    pub fn backward_seeds_into(
+        &self,
+        seeds: Vec<(Var, Tensor<B>)>,
+        sink: &mut dyn FnMut(Var, Tensor<B>) -> Result<()>,
+    ) -> Result<()> {
+        let be = self.backend;
+        let mut release: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if matches!(n.op, Op::Leaf) && n.needs_grad && n.first_use < self.nodes.len() {
+                release[n.first_use].push(i);
+            }
+        }
         let mut grads: Vec<Option<Tensor<B>>> = (0..self.nodes.len()).map(|_| None).collect();
         let mut last = 0;
         for (root, seed) in seeds {
@@ -535,6 +580,14 @@ impl<'a, B: Backend> Tape<'a, B> {
             last = last.max(root.0);
         }
         for i in (0..=last).rev() {
+            // Node i + 1 was the last reader of these leaves still to be processed.
+            if let Some(ls) = release.get(i + 1) {
+                for &l in ls {
+                    if let Some(g) = grads[l].take() {
+                        sink(Var(l), g)?;
+                    }
+                }
+            }
             let node = &self.nodes[i];
             if !node.needs_grad {
                 continue;
@@ -738,7 +791,13 @@ impl<'a, B: Backend> Tape<'a, B> {
                 });
             }
         }
-        Ok(Grads { grads })
+        // Leaves read at index 0 (none: a leaf precedes its readers) or seeded directly.
+        for (i, g) in grads.into_iter().enumerate() {
+            if let Some(g) = g.filter(|_| matches!(self.nodes[i].op, Op::Leaf)) {
+                sink(Var(i), g)?;
+            }
+        }
+        Ok(())
     }
 
     /// Gradients of leaves (parameters) are f32 so they can feed f32 master weights;

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use m3::backend::cpu::Cpu;
-use m3::backend::Backend;
 use m3::batch::pack_in_order;
 use m3::model::embedder::{Embedder, EncodeOptions};
+use m3::train::arena::{GradArena, ParamLayout};
 use m3::train::forward::{step_grads, StepBatch, StepDropout};
 use m3::train::loss::{KdLoss, LossConfig};
 use m3::train::model::TrainModel;
@@ -299,7 +299,8 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn sub_batches_give_the_unsplit_gradient() {
-    let model = TrainModel::load(&Cpu, &fixture(), DType::F32, 0).unwrap();
+    let mut model = TrainModel::load(&Cpu, &fixture(), DType::F32, 0).unwrap();
+    let layout = ParamLayout::of(&mut model);
     let m = Embedder::load(&Cpu, &fixture(), DType::F32).unwrap();
     let enc = |t: &str| m.tokenize(t, &EncodeOptions::default()).unwrap();
     let off = model.config.position_offset();
@@ -331,9 +332,18 @@ fn sub_batches_give_the_unsplit_gradient() {
     cfg.teacher = Some((vec![1.0, 0.2, 0.5, 0.4, 2.0, -1.0], KdLoss::KlDiv));
     // Dropout on: the masks must follow tokens, not sub-batches.
     let drop = StepDropout { p: 0.2, seed: 3 };
-    let (lw, whole) = step_grads(&Cpu, &model, &batch, &cfg, drop, None).unwrap();
+    // The loss and each weight's gradient (model order) on the host.
+    let grads = |sub: Option<usize>| {
+        let mut g = GradArena::zeros(&Cpu, &layout).unwrap();
+        let l = step_grads(&Cpu, &model, &layout, &batch, &cfg, drop, sub, &mut g).unwrap();
+        let per: Vec<Option<Vec<f32>>> = (0..layout.slots().len())
+            .map(|k| g.get(&Cpu, &layout, k).unwrap())
+            .collect();
+        (l, per)
+    };
+    let (lw, whole) = grads(None);
     for n in [1, 2, 4] {
-        let (ls, split) = step_grads(&Cpu, &model, &batch, &cfg, drop, Some(n)).unwrap();
+        let (ls, split) = grads(Some(n));
         assert!(
             (lw.loss - ls.loss).abs() <= 1e-5 * lw.loss.abs(),
             "sub-batch {n}: loss {} vs {}",
@@ -341,10 +351,8 @@ fn sub_batches_give_the_unsplit_gradient() {
             ls.loss
         );
         assert_eq!(whole.len(), split.len());
-        let host = |g: &[Option<m3::Tensor<Cpu>>]| -> Vec<Vec<f32>> {
-            g.iter()
-                .map(|t| Cpu.to_vec_f32(t.as_ref().unwrap()).unwrap())
-                .collect()
+        let host = |g: &[Option<Vec<f32>>]| -> Vec<Vec<f32>> {
+            g.iter().map(|t| t.clone().unwrap()).collect()
         };
         let (whole_h, split_h) = (host(&whole), host(&split));
         let global = whole_h.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));

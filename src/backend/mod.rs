@@ -171,27 +171,61 @@ pub trait Backend: Device + Sized + Send + Sync {
         Ok(self.layernorm(&x, gamma, beta, eps)?.y)
     }
 
-    /// One AdamW step in place on f32 tensors of one shape: parameter `p`, gradient `g`
-    /// (times `s.grad_scale`), moments `m` and `v`. The default runs [`adamw_host`] through
-    /// host copies; the CPU runs it in place and CUDA in a kernel of the same arithmetic.
+    /// One AdamW step in place on the elements `range` of f32 tensors of one shape:
+    /// parameter `p`, gradient `g` (times `s.grad_scale`), moments `m` and `v` (flat
+    /// arenas: one call per run of tensors that share a weight decay). The default runs
+    /// [`adamw_host`] through host copies; the CPU runs it in place and CUDA in a kernel of
+    /// the same arithmetic.
     fn adamw(
         &self,
         p: &mut Tensor<Self>,
         g: &Tensor<Self>,
         m: &mut Tensor<Self>,
         v: &mut Tensor<Self>,
+        range: std::ops::Range<usize>,
         s: &AdamWStep,
     ) -> Result<()> {
+        check_same("adamw", ("p", p), ("g", g))?;
+        check_same("adamw", ("m", m), ("g", g))?;
+        check_same("adamw", ("v", v), ("g", g))?;
+        check_range("adamw", g, &range)?;
         let (mut pv, gv, mut mv, mut vv) = (
             self.to_vec_f32(p)?,
             self.to_vec_f32(g)?,
             self.to_vec_f32(m)?,
             self.to_vec_f32(v)?,
         );
-        adamw_host(&mut pv, &gv, &mut mv, &mut vv, s);
+        let r = range;
+        adamw_host(
+            &mut pv[r.clone()],
+            &gv[r.clone()],
+            &mut mv[r.clone()],
+            &mut vv[r],
+            s,
+        );
         self.write_f32(p, &pv)?;
         self.write_f32(m, &mv)?;
         self.write_f32(v, &vv)
+    }
+
+    /// `dst[offset..offset + src.numel()] += src` on a flat f32 `dst` (a parameter's
+    /// gradient into the gradient arena). The default goes through host copies.
+    fn add_at(&self, dst: &mut Tensor<Self>, offset: usize, src: &Tensor<Self>) -> Result<()> {
+        check_at("add_at", dst, offset, src)?;
+        let mut d = self.to_vec_f32(dst)?;
+        for (a, b) in d[offset..].iter_mut().zip(self.to_vec_f32(src)?) {
+            *a += b;
+        }
+        self.write_f32(dst, &d)
+    }
+
+    /// `dst = src[offset..offset + dst.numel()]` in `dst`'s dtype, from a flat f32 `src`
+    /// (a compute copy refreshed from the master arena). The default goes through host
+    /// copies.
+    fn read_at(&self, src: &Tensor<Self>, offset: usize, dst: &mut Tensor<Self>) -> Result<()> {
+        check_at("read_at", src, offset, dst)?;
+        let s = self.to_vec_f32(src)?;
+        self.write_f32(dst, &s[offset..offset + dst.numel()])
     }
 
     /// `Σ x²` of a float tensor in f64 (gradient-norm clipping), summed in a fixed order.
@@ -382,6 +416,33 @@ pub struct LexicalSide<'a, B: Backend> {
 }
 
 /// Requires a float tensor (f32 or bf16).
+/// `range` lies within the elements of `t`.
+pub(crate) fn check_range<B: Backend>(
+    op: &'static str,
+    t: &Tensor<B>,
+    range: &std::ops::Range<usize>,
+) -> Result<()> {
+    if range.start > range.end || range.end > t.numel() {
+        return shape_err(
+            op,
+            format!("range {range:?} outside a tensor of {} elements", t.numel()),
+        );
+    }
+    Ok(())
+}
+
+/// `flat` is f32 and its elements `offset..offset + part.numel()` exist; `part` is float.
+pub(crate) fn check_at<B: Backend>(
+    op: &'static str,
+    flat: &Tensor<B>,
+    offset: usize,
+    part: &Tensor<B>,
+) -> Result<()> {
+    check_dtype(op, "arena", flat, DType::F32)?;
+    check_float(op, "part", part)?;
+    check_range(op, flat, &(offset..offset + part.numel()))
+}
+
 pub(crate) fn check_float<B: Backend>(op: &'static str, name: &str, t: &Tensor<B>) -> Result<()> {
     if t.dtype().is_float() {
         Ok(())

@@ -11,6 +11,7 @@ use crate::model::encoder::{forward_taped, Dropout, EncoderVars};
 use crate::model::heads::NORM_EPS;
 use crate::tensor::{DType, HostData, Tensor};
 
+use super::arena::{GradArena, ParamLayout};
 use super::loss::{m3_loss, LossConfig, LossParts, LossValues, Side};
 pub use super::model::HeadVars;
 use super::model::TrainModel;
@@ -115,23 +116,43 @@ impl StepDropout {
     }
 }
 
-/// The loss of one batch and the gradient of every weight (in [`TrainModel::named_mut`]
-/// order; `None` for a weight the loss does not reach). With `sub_batch = Some(n)` the
-/// encoder sees at most `n` sequences at a time: pass one encodes every sub-batch and keeps
-/// only the heads' outputs, the loss is taken on those, and pass two re-encodes each
-/// sub-batch on a fresh tape seeded with the loss gradient of its outputs. Dropout masks
-/// are keyed by token position in the whole batch, so both passes and the unsplit batch
-/// draw the same mask.
+/// The loss of one batch, with the gradient of every weight added into `grads` (slots of
+/// `layout`, the model's order; a weight the loss does not reach stays absent). With
+/// `sub_batch = Some(n)` the encoder sees at most `n` sequences at a time: pass one encodes
+/// every sub-batch and keeps only the heads' outputs, the loss is taken on those, and pass
+/// two re-encodes each sub-batch on a fresh tape seeded with the loss gradient of its
+/// outputs. Dropout masks are keyed by token position in the whole batch, so both passes
+/// and the unsplit batch draw the same mask. Each weight's gradient goes into the arena as
+/// soon as the backward walk completes it, so no second copy of the gradients is held.
+#[allow(clippy::too_many_arguments)]
 pub fn step_grads<B: Backend>(
     be: &B,
     model: &TrainModel<B>,
+    layout: &ParamLayout,
     batch: &StepBatch,
     cfg: &LossConfig,
     dropout: StepDropout,
     sub_batch: Option<usize>,
-) -> Result<(LossValues, Vec<Option<Tensor<B>>>)> {
+    grads: &mut GradArena<B>,
+) -> Result<LossValues> {
     let c = &model.config;
     let sides = [&batch.q, &batch.p];
+    // Backpropagates `roots` of a tape holding `vars`, adding each weight's gradient into
+    // its slot of the arena.
+    let sink_into = |t: &Tape<'_, B>,
+                     vars: &super::model::TrainVars,
+                     roots: Vec<(Var, Tensor<B>)>,
+                     grads: &mut GradArena<B>|
+     -> Result<()> {
+        let mut slot = vec![usize::MAX; t.len()];
+        for (k, v) in vars.all().into_iter().enumerate() {
+            slot[v.index()] = k;
+        }
+        t.backward_seeds_into(roots, &mut |v, g| match slot.get(v.index()) {
+            Some(&k) if k != usize::MAX => grads.add(be, layout, k, &g),
+            _ => Ok(()),
+        })
+    };
     let n = match sub_batch {
         Some(n) if sides.iter().any(|b| b.len() > n) => n.max(1),
         _ => {
@@ -148,9 +169,9 @@ pub fn step_grads<B: Backend>(
                 cfg,
                 [&dq, &dp],
             )?;
-            let mut g = t.backward(loss)?;
-            let grads = vars.all().into_iter().map(|v| g.take(v)).collect();
-            return Ok((parts.values(&t)?, grads));
+            let seed = be.fill(t.value(loss).shape(), 1.0, t.value(loss).dtype())?;
+            sink_into(&t, &vars, vec![(loss, seed)], grads)?;
+            return parts.values(&t);
         }
     };
     let chunks = |b: &PackedBatch| -> Vec<std::ops::Range<usize>> {
@@ -188,7 +209,6 @@ pub fn step_grads<B: Backend>(
     };
     drop(outs);
     // Pass two: re-encode each sub-batch and backpropagate its outputs' gradients.
-    let mut grads: Vec<Option<Tensor<B>>> = Vec::new();
     for (k, b) in sides.iter().enumerate() {
         for (j, r) in chunks(b).into_iter().enumerate() {
             let sb = b.slice(r.clone());
@@ -201,24 +221,10 @@ pub fn step_grads<B: Backend>(
                 .into_iter()
                 .filter_map(|(v, g)| g.map(|g| (v, g)))
                 .collect();
-            let mut g = t.backward_seeds(roots)?;
-            let fresh: Vec<Option<Tensor<B>>> = vars.all().into_iter().map(|v| g.take(v)).collect();
-            if grads.is_empty() {
-                grads = fresh;
-            } else {
-                for (acc, f) in grads.iter_mut().zip(fresh) {
-                    *acc = match (acc.take(), f) {
-                        (Some(mut a), Some(f)) => {
-                            be.add_assign(&mut a, &f)?;
-                            Some(a)
-                        }
-                        (a, f) => a.or(f),
-                    };
-                }
-            }
+            sink_into(&t, &vars, roots, grads)?;
         }
     }
-    Ok((values, grads))
+    Ok(values)
 }
 
 /// One side's head outputs gathered over its sub-batches (host copies: pass one keeps

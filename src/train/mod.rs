@@ -6,6 +6,7 @@
 //! training step (`step`), checkpoints (`checkpoint`), the metrics file (`metrics`), and
 //! the loop (`trainer`).
 
+pub mod arena;
 pub mod checkpoint;
 pub mod data;
 pub mod feed;

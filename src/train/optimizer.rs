@@ -1,22 +1,26 @@
-//! The optimiser's state on a backend: the f32 master weights (the model's own tensors with
-//! f32 compute; separate f32 copies with bf16 compute), AdamW's moments, the global
-//! gradient norm, clipping, and the update that refreshes the compute copies. The maths of
-//! one AdamW step and the schedules are [`super::optim`].
+//! The optimiser's state on a backend: the f32 master weights, AdamW's moments and the
+//! step's gradients, each one flat arena ([`super::arena`]); the global gradient norm,
+//! clipping, and the update that refreshes the model's compute copies from the masters.
+//! The maths of one AdamW step and the schedules are [`super::optim`].
 
 use anyhow::Context;
 
+use super::arena::{GradArena, ParamLayout};
 use super::model::{Master, TrainModel};
-use super::optim::{clip_factor, decays, step_scalars, AdamW, Moments};
+use super::optim::{clip_factor, step_scalars, AdamW, Moments};
 use crate::backend::Backend;
 use crate::tensor::{DType, HostData, Tensor};
 
 /// Masters and moments of one training run.
 pub struct Optimizer<B: Backend> {
-    /// f32 masters when compute runs in another dtype; `None` when the model's own f32
-    /// tensors are the masters (no copy).
-    masters: Option<Vec<Tensor<B>>>,
-    /// `[m, v]` per trainable tensor, f32, in [`TrainModel::named_mut`] order.
-    moments: Vec<[Tensor<B>; 2]>,
+    /// Where each trainable tensor lives in the arenas.
+    layout: ParamLayout,
+    /// f32 master weights `[layout.len()]`.
+    master: Tensor<B>,
+    /// AdamW's first moments, same layout.
+    m: Tensor<B>,
+    /// AdamW's second moments, same layout.
+    v: Tensor<B>,
     /// AdamW's hyper-parameters.
     pub hparams: AdamW,
     /// Clip the global gradient norm to this (0 = no clipping).
@@ -24,9 +28,9 @@ pub struct Optimizer<B: Backend> {
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// The optimiser for `model` (loaded in f32) computing in `dtype`: moments from `saved`
-    /// (a checkpoint's, in the model's order) or zero, and with a compute dtype other than
-    /// f32 the model cast to it after its f32 masters are copied off.
+    /// The optimiser for `model` (loaded in f32) computing in `dtype`: masters copied from
+    /// the model, moments from `saved` (a checkpoint's, in the model's order) or zero, and
+    /// with a compute dtype other than f32 the model then cast to it.
     pub fn new(
         be: &B,
         model: &mut TrainModel<B>,
@@ -35,52 +39,54 @@ impl<B: Backend> Optimizer<B> {
         max_grad_norm: f64,
         saved: Option<&[Moments]>,
     ) -> anyhow::Result<Self> {
-        let mut moments = Vec::new();
-        for (k, (name, t)) in model.named_mut().into_iter().enumerate() {
-            let pair = match saved {
-                Some(s) => {
-                    let mo = s
-                        .get(k)
-                        .with_context(|| format!("no saved moments for {name}"))?;
-                    [
-                        be.upload(HostData::F32(&mo.m), t.shape())?,
-                        be.upload(HostData::F32(&mo.v), t.shape())?,
-                    ]
-                }
-                None => [
-                    be.zeros(t.shape(), DType::F32)?,
-                    be.zeros(t.shape(), DType::F32)?,
-                ],
-            };
-            moments.push(pair);
+        let layout = ParamLayout::of(model);
+        let mut master = be.zeros(&[layout.len()], DType::F32)?;
+        for (s, (_, t)) in layout.slots().iter().zip(model.named_mut()) {
+            be.add_at(&mut master, s.offset, t)?;
         }
-        let masters = if dtype == DType::F32 {
-            None
-        } else {
-            let copies = model
-                .named_mut()
-                .into_iter()
-                .map(|(_, t)| be.cast(t, DType::F32))
-                .collect::<crate::error::Result<Vec<_>>>()?;
-            model.cast(be, dtype)?;
-            Some(copies)
+        let (m, v) = match saved {
+            Some(saved) => {
+                let mut parts: [Vec<&[f32]>; 2] = [Vec::new(), Vec::new()];
+                for (k, s) in layout.slots().iter().enumerate() {
+                    let mo = saved
+                        .get(k)
+                        .filter(|mo| mo.m.len() == s.len() && mo.v.len() == s.len())
+                        .with_context(|| {
+                            format!("no saved moments of {:?} for {}", s.shape, s.name)
+                        })?;
+                    parts[0].push(&mo.m);
+                    parts[1].push(&mo.v);
+                }
+                let up =
+                    |p: &[&[f32]]| be.upload(HostData::F32(&layout.flatten(p)), &[layout.len()]);
+                (up(&parts[0])?, up(&parts[1])?)
+            }
+            None => (
+                be.zeros(&[layout.len()], DType::F32)?,
+                be.zeros(&[layout.len()], DType::F32)?,
+            ),
         };
+        if dtype != DType::F32 {
+            model.cast(be, dtype)?;
+        }
         Ok(Optimizer {
-            masters,
-            moments,
+            layout,
+            master,
+            m,
+            v,
             hparams,
             max_grad_norm,
         })
     }
 
-    /// The global L2 norm of all gradients: each tensor's `Σ g²` in f64 on its backend,
-    /// added in tensor order (the same bits on any thread count).
-    pub fn grad_norm(be: &B, grads: &[Option<Tensor<B>>]) -> anyhow::Result<f64> {
-        let mut total = 0f64;
-        for g in grads.iter().flatten() {
-            total += be.sum_squares(g)?;
-        }
-        Ok(total.sqrt())
+    /// Where each trainable tensor lives in the arenas.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// A zero gradient arena for one step.
+    pub fn zero_grads(&self, be: &B) -> crate::error::Result<GradArena<B>> {
+        GradArena::zeros(be, &self.layout)
     }
 
     /// The factor gradients of global norm `norm` are scaled by.
@@ -92,70 +98,58 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// AdamW step `t` (1-based) at rate `lr`, gradients scaled by `clip`, on every tensor
-    /// that has a gradient (PyTorch skips parameters whose `grad` is `None`); then the
-    /// compute copies are refreshed from the masters on the device.
+    /// AdamW step `t` (1-based) at rate `lr`, gradients scaled by `scale` (clipping, and the
+    /// average over ranks), on every tensor that has a gradient (PyTorch skips parameters
+    /// whose `grad` is `None`): one call per run of the arena; then the model's compute
+    /// copies are refreshed from the masters on the device.
     pub fn update(
         &mut self,
         be: &B,
         model: &mut TrainModel<B>,
-        grads: &[Option<Tensor<B>>],
+        grads: &GradArena<B>,
         t: u64,
         lr: f32,
-        clip: f32,
+        scale: f32,
     ) -> anyhow::Result<()> {
-        let mut named = model.named_mut();
-        let params: Vec<(&str, &mut Tensor<B>)> = match &mut self.masters {
-            None => named
-                .iter_mut()
-                .map(|(n, t)| (n.as_str(), &mut **t))
-                .collect(),
-            Some(masters) => named
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .zip(masters.iter_mut())
-                .collect(),
-        };
-        for (((name, p), [m, v]), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
-            if let Some(g) = g {
-                let s = step_scalars(t, lr, decays(name), clip, &self.hparams);
-                be.adamw(p, g, m, v, &s)
-                    .with_context(|| format!("AdamW on {name}"))?;
-            }
+        for (range, decay) in self.layout.runs(&grads.present) {
+            let s = step_scalars(t, lr, decay, scale, &self.hparams);
+            be.adamw(
+                &mut self.master,
+                &grads.flat,
+                &mut self.m,
+                &mut self.v,
+                range.clone(),
+                &s,
+            )
+            .with_context(|| format!("AdamW on arena elements {range:?}"))?;
         }
-        if let Some(masters) = &self.masters {
-            for ((_, t), m) in named.iter_mut().zip(masters.iter()) {
-                **t = be.cast(m, t.dtype())?;
-            }
+        for (s, (_, t)) in self.layout.slots().iter().zip(model.named_mut()) {
+            be.read_at(&self.master, s.offset, t)
+                .with_context(|| format!("refreshing {}", s.name))?;
         }
         Ok(())
     }
 
     /// The f32 master weights with their names, copied to the host.
-    pub fn masters_host(&self, be: &B, model: &mut TrainModel<B>) -> anyhow::Result<Vec<Master>> {
-        let named = model.named_mut();
-        let tensors: Vec<&Tensor<B>> = match &self.masters {
-            Some(m) => m.iter().collect(),
-            None => named.iter().map(|(_, t)| &**t).collect(),
-        };
-        named
+    pub fn masters_host(&self, be: &B) -> anyhow::Result<Vec<Master>> {
+        let flat = be.to_vec_f32(&self.master)?;
+        Ok(self
+            .layout
+            .slots()
             .iter()
-            .zip(tensors)
-            .map(|((name, _), t)| {
-                Ok(Master {
-                    shape: t.shape().to_vec(),
-                    data: be.to_vec_f32(t)?,
-                    name: name.clone(),
-                })
+            .zip(self.layout.split(&flat))
+            .map(|(s, data)| Master {
+                name: s.name.clone(),
+                shape: s.shape.clone(),
+                data,
             })
-            .collect()
+            .collect())
     }
 
-    /// The moments `[m, v]` per tensor, copied to the host.
+    /// The moments `[m, v]` per tensor (model order), copied to the host.
     pub fn moments_host(&self, be: &B) -> anyhow::Result<Vec<[Vec<f32>; 2]>> {
-        self.moments
-            .iter()
-            .map(|[m, v]| Ok([be.to_vec_f32(m)?, be.to_vec_f32(v)?]))
-            .collect()
+        let m = self.layout.split(&be.to_vec_f32(&self.m)?);
+        let v = self.layout.split(&be.to_vec_f32(&self.v)?);
+        Ok(m.into_iter().zip(v).map(|(m, v)| [m, v]).collect())
     }
 }

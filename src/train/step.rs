@@ -53,8 +53,18 @@ pub fn train_step<B: Backend>(
     opt: &mut Optimizer<B>,
     s: &StepInput,
 ) -> anyhow::Result<StepOutcome> {
-    let (loss, grads) = step_grads(be, model, s.batch, s.loss, s.dropout, s.sub_batch)?;
-    let grad_norm = Optimizer::grad_norm(be, &grads)?;
+    let mut grads = opt.zero_grads(be)?;
+    let loss = step_grads(
+        be,
+        model,
+        opt.layout(),
+        s.batch,
+        s.loss,
+        s.dropout,
+        s.sub_batch,
+        &mut grads,
+    )?;
+    let grad_norm = grads.norm(be)?;
     if !loss.loss.is_finite() || !grad_norm.is_finite() {
         return Err(NonFinite {
             loss: loss.loss,

@@ -13,10 +13,10 @@ use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    adamw_host, attention_dims, check_dtype, check_float, check_ids, check_lexical_side,
-    check_same, check_vec, cross_entropy_dims, embedding_dims, layernorm_backward_dims,
-    layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut,
-    LexicalSide,
+    adamw_host, attention_dims, check_at, check_dtype, check_float, check_ids, check_lexical_side,
+    check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
+    LayerNormGrads, LayerNormOut, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -254,13 +254,21 @@ impl Backend for Cpu {
         ))
     }
 
-    fn adamw(&self, p: &mut T, g: &T, m: &mut T, v: &mut T, s: &AdamWStep) -> Result<()> {
+    fn adamw(
+        &self,
+        p: &mut T,
+        g: &T,
+        m: &mut T,
+        v: &mut T,
+        range: std::ops::Range<usize>,
+        s: &AdamWStep,
+    ) -> Result<()> {
         const OP: &str = "adamw";
         check_same(OP, ("p", p), ("g", g))?;
         check_same(OP, ("m", m), ("g", g))?;
         check_same(OP, ("v", v), ("g", g))?;
-        let gv = f32s(OP, "g", g)?;
-        let n = gv.len().min(p.numel());
+        check_range(OP, g, &range)?;
+        let gv = &f32s(OP, "g", g)?[range.clone()];
         let (CpuStorage::F32(pv), CpuStorage::F32(mv), CpuStorage::F32(vv)) =
             (p.storage_mut(), m.storage_mut(), v.storage_mut())
         else {
@@ -268,12 +276,39 @@ impl Backend for Cpu {
         };
         // Elementwise: chunks across threads give the same bits as one pass.
         const CHUNK: usize = 1 << 16;
-        pv[..n]
+        pv[range.clone()]
             .par_chunks_mut(CHUNK)
-            .zip(mv[..n].par_chunks_mut(CHUNK))
-            .zip(vv[..n].par_chunks_mut(CHUNK))
-            .zip(gv[..n].par_chunks(CHUNK))
+            .zip(mv[range.clone()].par_chunks_mut(CHUNK))
+            .zip(vv[range].par_chunks_mut(CHUNK))
+            .zip(gv.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| adamw_host(p, g, m, v, s));
+        Ok(())
+    }
+
+    fn add_at(&self, dst: &mut T, offset: usize, src: &T) -> Result<()> {
+        const OP: &str = "add_at";
+        check_at(OP, dst, offset, src)?;
+        let sv = &f32s(OP, "src", src)?[..src.numel()];
+        let CpuStorage::F32(dv) = dst.storage_mut() else {
+            return dtype_err(OP, "the arena must be f32");
+        };
+        const CHUNK: usize = 1 << 16;
+        dv[offset..offset + sv.len()]
+            .par_chunks_mut(CHUNK)
+            .zip(sv.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        Ok(())
+    }
+
+    fn read_at(&self, src: &T, offset: usize, dst: &mut T) -> Result<()> {
+        const OP: &str = "read_at";
+        check_at(OP, src, offset, dst)?;
+        let n = dst.numel();
+        let sv = &f32s(OP, "src", src)?[offset..offset + n];
+        let CpuStorage::F32(dv) = dst.storage_mut() else {
+            return dtype_err(OP, "the CPU backend computes in f32");
+        };
+        dv[..n].copy_from_slice(sv);
         Ok(())
     }
 

@@ -16,9 +16,10 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{
-    attention_dims, check_dtype, check_float, check_ids, check_lexical_side, check_same, check_vec,
-    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
-    maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
+    attention_dims, check_at, check_dtype, check_float, check_ids, check_lexical_side, check_range,
+    check_same, check_vec, cross_entropy_dims, embedding_dims, layernorm_backward_dims,
+    layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut,
+    LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -883,7 +884,15 @@ impl Backend for Cuda {
         Ok(LayerNormOut { y, mean, rstd })
     }
 
-    fn adamw(&self, p: &mut T, g: &T, m: &mut T, v: &mut T, s: &AdamWStep) -> Result<()> {
+    fn adamw(
+        &self,
+        p: &mut T,
+        g: &T,
+        m: &mut T,
+        v: &mut T,
+        range: std::ops::Range<usize>,
+        s: &AdamWStep,
+    ) -> Result<()> {
         const OP: &str = "adamw";
         for (name, t) in [("p", &*p), ("m", &*m), ("v", &*v)] {
             check_dtype(OP, name, t, DType::F32)?;
@@ -895,18 +904,22 @@ impl Backend for Cuda {
             }
         }
         check_float(OP, "g", g)?;
-        let n = g.numel() as i64;
+        check_range(OP, g, &range)?;
+        let n = range.len() as i64;
         if n > 0 {
             let f = self.func("elementwise", &format!("adamw_{}", sfx(g.dtype())))?;
+            // The range's first element of each buffer (the kernel indexes from 0).
+            let at = |t: &T| self.device_ptr(t) + (range.start * t.dtype().size()) as u64;
+            let (pp, gp, mp, vp) = (at(p), at(g), at(m), at(v));
             launch!(
                 self,
                 f,
                 grid_1d(n as usize),
                 [
-                    p,
-                    g,
-                    m,
-                    v,
+                    &pp,
+                    &gp,
+                    &mp,
+                    &vp,
                     &n,
                     &s.grad_scale,
                     &s.beta1,
@@ -919,6 +932,41 @@ impl Backend for Cuda {
             )?;
         }
         Ok(())
+    }
+
+    fn add_at(&self, dst: &mut T, offset: usize, src: &T) -> Result<()> {
+        const OP: &str = "add_at";
+        check_at(OP, dst, offset, src)?;
+        let n = src.numel() as i64;
+        if n > 0 {
+            let f = self.func("elementwise", &format!("accumulate_{}", sfx(src.dtype())))?;
+            let d = self.device_ptr(dst) + (offset * 4) as u64;
+            launch!(self, f, grid_1d(n as usize), [&d, src, &n])?;
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, src: &T, offset: usize, dst: &mut T) -> Result<()> {
+        const OP: &str = "read_at";
+        check_at(OP, src, offset, dst)?;
+        let n = dst.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.device_ptr(src) + (offset * 4) as u64;
+        if dst.dtype() == DType::F32 {
+            let d = self.device_ptr(dst);
+            // SAFETY: both ranges were checked against their tensors' sizes above and lie
+            // in different allocations (src is the arena, dst a compute tensor).
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(d, s, n * 4, self.stream.cu_stream())
+            }
+            .map_err(|e| cuda_err(OP, e))
+        } else {
+            let f = self.func("elementwise", "cast_f32_bf16")?;
+            let n = n as i64;
+            launch!(self, f, grid_1d(n as usize), [&s, dst, &n])
+        }
     }
 
     fn sum_squares(&self, x: &T) -> Result<f64> {

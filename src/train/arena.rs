@@ -1,0 +1,252 @@
+//! Flat arenas of the trainable parameters (llm.c's `ParameterTensors` idea): one f32
+//! buffer each for the master weights, the gradients and AdamW's two moments, with every
+//! tensor at a fixed offset. The global gradient norm is one reduction, AdamW one launch per
+//! run of tensors that share a weight decay, and a data-parallel all-reduce one call.
+
+use std::ops::Range;
+
+use super::model::TrainModel;
+use super::optim::decays;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::tensor::{DType, Tensor};
+
+/// Offsets are multiples of this many elements (256 bytes), so every slot starts where a
+/// vectorised kernel or a collective may assume alignment.
+const ALIGN: usize = 64;
+
+/// One trainable tensor's place in the arenas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    /// HF name.
+    pub name: String,
+    /// Shape as m3 holds it (linear weights transposed).
+    pub shape: Vec<usize>,
+    /// First element in the arenas.
+    pub offset: usize,
+    /// Whether AdamW applies weight decay to it.
+    pub decays: bool,
+}
+
+impl Slot {
+    /// Element count.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The slot's elements in the arenas.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Where each trainable tensor lives, in [`TrainModel::named_mut`] order. In the arenas the
+/// decayed tensors come first, then the others, so AdamW covers each group in one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    slots: Vec<Slot>,
+    len: usize,
+}
+
+impl ParamLayout {
+    /// The layout of tensors with these names and shapes (in the model's order).
+    pub fn new(tensors: &[(String, Vec<usize>)]) -> Self {
+        let mut slots: Vec<Slot> = tensors
+            .iter()
+            .map(|(name, shape)| Slot {
+                name: name.clone(),
+                shape: shape.clone(),
+                offset: 0,
+                decays: decays(name),
+            })
+            .collect();
+        let mut at = 0;
+        for group in [true, false] {
+            for s in slots.iter_mut().filter(|s| s.decays == group) {
+                s.offset = at;
+                at = (at + s.len()).next_multiple_of(ALIGN);
+            }
+        }
+        ParamLayout { slots, len: at }
+    }
+
+    /// The layout of `model`'s trainable tensors.
+    pub fn of<B: Backend>(model: &mut TrainModel<B>) -> Self {
+        let named: Vec<(String, Vec<usize>)> = model
+            .named_mut()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().to_vec()))
+            .collect();
+        Self::new(&named)
+    }
+
+    /// The slots, in the model's order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Elements of each arena (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is nothing to train.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The arena ranges AdamW runs over: maximal runs of slots that have a gradient
+    /// (`present`, in the model's order) and share a weight decay, with the decay flag.
+    /// Padding between slots of a run is zero in every arena, so AdamW leaves it zero.
+    pub fn runs(&self, present: &[bool]) -> Vec<(Range<usize>, bool)> {
+        let mut order: Vec<usize> = (0..self.slots.len()).collect();
+        order.sort_by_key(|&k| self.slots[k].offset);
+        let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+        let mut open = false;
+        for k in order {
+            let s = &self.slots[k];
+            if !present.get(k).copied().unwrap_or(false) || s.is_empty() {
+                open = false;
+                continue;
+            }
+            match runs.last_mut() {
+                Some((r, d)) if open && *d == s.decays => r.end = s.range().end,
+                _ => runs.push((s.range(), s.decays)),
+            }
+            open = true;
+        }
+        runs
+    }
+
+    /// Host values in arena layout from one vector per slot (model order).
+    pub fn flatten(&self, parts: &[&[f32]]) -> Vec<f32> {
+        let mut flat = vec![0f32; self.len];
+        for (s, p) in self.slots.iter().zip(parts) {
+            flat[s.range()].copy_from_slice(p);
+        }
+        flat
+    }
+
+    /// One vector per slot (model order) from host values in arena layout.
+    pub fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        self.slots
+            .iter()
+            .map(|s| flat[s.range()].to_vec())
+            .collect()
+    }
+}
+
+/// The gradient arena of one step: every parameter's gradient at its slot, and which
+/// parameters received one (PyTorch's `grad is None` for the others: AdamW skips them).
+pub struct GradArena<B: Backend> {
+    /// Flat f32 gradients `[layout.len()]`.
+    pub flat: Tensor<B>,
+    /// Per slot (model order): whether any gradient reached it.
+    pub present: Vec<bool>,
+}
+
+impl<B: Backend> GradArena<B> {
+    /// A zero arena for `layout`.
+    pub fn zeros(be: &B, layout: &ParamLayout) -> Result<Self> {
+        Ok(GradArena {
+            flat: be.zeros(&[layout.len()], DType::F32)?,
+            present: vec![false; layout.slots().len()],
+        })
+    }
+
+    /// Adds gradient `g` of slot `k` (model order) into the arena.
+    pub fn add(&mut self, be: &B, layout: &ParamLayout, k: usize, g: &Tensor<B>) -> Result<()> {
+        let s = &layout.slots()[k];
+        if g.numel() != s.len() {
+            return crate::error::shape_err(
+                "gradient arena",
+                format!(
+                    "gradient of {} has shape {:?}, the slot {:?}",
+                    s.name,
+                    g.shape(),
+                    s.shape
+                ),
+            );
+        }
+        be.add_at(&mut self.flat, s.offset, g)?;
+        self.present[k] = true;
+        Ok(())
+    }
+
+    /// The global L2 norm: one reduction over the arena (padding is zero).
+    pub fn norm(&self, be: &B) -> Result<f64> {
+        Ok(be.sum_squares(&self.flat)?.sqrt())
+    }
+
+    /// Slot `k`'s gradient copied out (tests and diagnostics), `None` if none reached it.
+    pub fn get(&self, be: &B, layout: &ParamLayout, k: usize) -> Result<Option<Vec<f32>>> {
+        if !self.present[k] {
+            return Ok(None);
+        }
+        Ok(Some(
+            be.to_vec_f32(&self.flat)?[layout.slots()[k].range()].to_vec(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> ParamLayout {
+        ParamLayout::new(&[
+            ("a.weight".into(), vec![3, 2]),
+            ("a.bias".into(), vec![2]),
+            ("b.weight".into(), vec![70]),
+            ("b.LayerNorm.weight".into(), vec![5]),
+        ])
+    }
+
+    #[test]
+    fn decayed_slots_come_first_and_offsets_are_aligned() {
+        let l = layout();
+        let off: Vec<(usize, bool)> = l.slots().iter().map(|s| (s.offset, s.decays)).collect();
+        assert_eq!(off, vec![(0, true), (192, false), (64, true), (256, false)]);
+        assert_eq!(l.len(), 320);
+        for s in l.slots() {
+            assert_eq!(s.offset % ALIGN, 0);
+        }
+    }
+
+    #[test]
+    fn runs_merge_present_neighbours_of_one_decay_and_skip_absent_slots() {
+        let l = layout();
+        assert_eq!(
+            l.runs(&[true, true, true, true]),
+            vec![(0..134, true), (192..261, false)]
+        );
+        assert_eq!(
+            l.runs(&[false, true, true, false]),
+            vec![(64..134, true), (192..194, false)]
+        );
+        assert_eq!(
+            l.runs(&[true, false, false, true]),
+            vec![(0..6, true), (256..261, false)]
+        );
+    }
+
+    #[test]
+    fn flatten_and_split_are_inverse() {
+        let l = layout();
+        let parts: Vec<Vec<f32>> = l
+            .slots()
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (0..s.len()).map(|i| (k * 100 + i) as f32).collect())
+            .collect();
+        let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        let flat = l.flatten(&refs);
+        assert_eq!(l.split(&flat), parts);
+        assert_eq!(flat[6..64].iter().filter(|&&x| x != 0.0).count(), 0);
+    }
+}
