@@ -154,6 +154,13 @@ impl<B: Backend> Grads<B> {
     pub fn take(&mut self, v: Var) -> Option<Tensor<B>> {
         self.grads.get_mut(v.0).and_then(Option::take)
     }
+
+    /// Sets the gradient of `v` (a collective's backward, done outside the tape).
+    pub fn put(&mut self, v: Var, g: Tensor<B>) {
+        if let Some(slot) = self.grads.get_mut(v.0) {
+            *slot = Some(g);
+        }
+    }
 }
 
 /// A tape recording ops on backend `B`; parameters may be borrowed for `'a`.

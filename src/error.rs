@@ -33,6 +33,9 @@ pub enum Error {
     /// Misuse of the autograd tape (unknown value, backward from a non-float value, ...).
     #[error("autograd: {0}")]
     Autograd(String),
+    /// A collective across training ranks failed: a rank stopped, failed or timed out.
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 /// Result with the crate's [`Error`].

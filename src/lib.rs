@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod autograd;
 pub mod backend;
 pub mod batch;
+pub mod collective;
 pub mod error;
 pub mod gradcheck;
 pub mod index;

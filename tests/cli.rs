@@ -599,3 +599,96 @@ fn the_demo_improves_every_retrieval_mode() {
         assert!(v[1] > v[0] && v[3] > v[2], "{mode} did not improve: {line}");
     }
 }
+
+#[test]
+fn train_with_two_ranks_writes_one_model_and_refuses_resuming_with_another_world() {
+    let d = tmp("train-ranks");
+    let data = d.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"query\": \"capital of France\", \"pos\": [\"Paris is the capital of France.\"], \"neg\": [\"The fox jumps.\"]}\n\
+         {\"query\": \"schneller Fuchs\", \"pos\": [\"Der schnelle braune Fuchs\"], \"neg\": [\"Paris\"]}\n\
+         {\"query\": \"Everest\", \"pos\": [\"Mount Everest is 8849 metres high.\"], \"neg\": [\"Hamlet\"]}\n",
+    )
+    .unwrap();
+    let out_dir = d.join("out");
+    let metrics = d.join("metrics.jsonl");
+    let model = fixture("tiny-m3");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            MODEL,
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out_dir.to_str().unwrap(),
+            "--per-device-train-batch-size",
+            "1",
+            "--train-group-size",
+            "2",
+            "--save-steps",
+            "1",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        m3(&args, b"")
+    };
+    let out = run(&[
+        "--nproc-per-node",
+        "2",
+        "--negatives-cross-device",
+        "--max-steps",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    // One metrics line per step (rank 0 writes), checkpoints and the final model.
+    let m: Vec<Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(m.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    for f in ["checkpoint-2/trainer_state.json", "model.safetensors"] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    let out = run(&["--resume", "--max-steps", "2"]);
+    let err = common::stderr(&out);
+    assert!(!out.status.success() && err.contains("world_size"), "{err}");
+    let out = run(&[
+        "--resume",
+        "--nproc-per-node",
+        "2",
+        "--negatives-cross-device",
+        "--max-steps",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn train_under_a_multi_process_launcher_says_what_works_instead() {
+    let d = tmp("train-world");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
+        .args([
+            "train",
+            MODEL,
+            fixture("tiny-m3").to_str().unwrap(),
+            "--data",
+            "x.jsonl",
+        ])
+        .args(["--output-dir", d.join("out").to_str().unwrap()])
+        .env("WORLD_SIZE", "4")
+        .env("RANK", "1")
+        .output()
+        .unwrap();
+    let err = common::stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("WORLD_SIZE=4") && err.contains("--nproc-per-node 4"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

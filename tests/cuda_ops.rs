@@ -6,6 +6,7 @@
 
 use m3::backend::cuda::Cuda;
 use m3::backend::Backend;
+use m3::collective::Solo;
 use m3::gradcheck::{cross_check, cross_check_ops, cross_tolerance, CaseDims};
 use m3::{DType, HostData};
 use proptest::prelude::*;
@@ -552,8 +553,8 @@ fn training_curves(dtype: DType) -> Option<(Vec<f32>, Vec<f32>)> {
         }
         v
     }
-    let cpu = curve(Trainer::new(&Cpu, opts("cpu"), DType::F32, false).unwrap());
-    let gpu = curve(Trainer::new(&dev, opts("gpu"), dtype, false).unwrap());
+    let cpu = curve(Trainer::new(&Cpu, opts("cpu"), DType::F32, false, &Solo).unwrap());
+    let gpu = curve(Trainer::new(&dev, opts("gpu"), dtype, false, &Solo).unwrap());
     println!("cpu {cpu:?}\ngpu ({dtype}) {gpu:?}");
     assert!(cpu.len() == 20 && gpu.len() == cpu.len());
     std::fs::remove_dir_all(&dir).unwrap();

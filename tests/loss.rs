@@ -168,7 +168,7 @@ fn loss_variants_gradients_match_finite_differences() {
             let (q, p) = (q.clone(), p.clone());
             let f = move |t: &mut Tape<'_, Cpu>, v: &[Var]| {
                 let (qs, ps) = sides(v, &q, &p);
-                Ok(m3_loss(t, &qs, &ps, &cfg)?.loss)
+                Ok(m3_loss(t, &qs, &ps, &cfg, None)?.loss)
             };
             for r in check(&Cpu, &ins, &f, Tolerance::default(), seed).unwrap() {
                 assert!(
@@ -201,7 +201,7 @@ fn a_masked_stand_in_passage_does_not_enter_the_loss() {
             })
             .collect();
         let (qs, ps) = sides(&vars, &q, &p);
-        let loss = m3_loss(&mut t, &qs, &ps, &cfg).unwrap().loss;
+        let loss = m3_loss(&mut t, &qs, &ps, &cfg, None).unwrap().loss;
         let g = t.backward(loss).unwrap();
         let grad = |k: usize| Cpu.to_vec_f32(g.get(vars[k]).unwrap()).unwrap();
         (
@@ -237,7 +237,7 @@ fn unified_loss_gradients_match_finite_differences() {
             let (q, p) = (q.clone(), p.clone());
             let f = move |t: &mut Tape<'_, Cpu>, v: &[Var]| {
                 let (qs, ps) = sides(v, &q, &p);
-                Ok(m3_loss(t, &qs, &ps, &config(false, dense_only))?.loss)
+                Ok(m3_loss(t, &qs, &ps, &config(false, dense_only), None)?.loss)
             };
             let reports = check(&Cpu, &ins, &f, Tolerance::default(), seed).unwrap();
             for r in reports {
@@ -300,7 +300,7 @@ fn loss_value_with_self_distillation_matches_the_formulas() {
         })
         .collect();
     let (qs, ps) = sides(&vars, &q, &p);
-    let parts = m3_loss(&mut tape, &qs, &ps, &config(true, false)).unwrap();
+    let parts = m3_loss(&mut tape, &qs, &ps, &config(true, false), None).unwrap();
     let got = Cpu.to_vec_f32(tape.value(parts.loss)).unwrap()[0] as f64;
 
     // The same loss straight from SPEC §5 in f64.

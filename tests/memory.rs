@@ -15,7 +15,7 @@ use m3::batch::pack_in_order;
 use m3::rng::Rng;
 use m3::text::Encoded;
 use m3::train::arena::{GradArena, ParamLayout};
-use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::forward::{step_grads, RankLoss, StepBatch, StepDropout};
 use m3::train::loss::LossConfig;
 use m3::train::model::TrainModel;
 use m3::{DType, HostData};
@@ -129,7 +129,17 @@ fn step_peak(
     // The gradient arena is part of the step (it holds what per-tensor gradients held).
     let (peak, r) = peak_of(|| {
         let mut g = GradArena::zeros(&Cpu, &layout)?;
-        step_grads(&Cpu, model, &layout, &batch, &cfg, drop, sub, &mut g)
+        step_grads(
+            &Cpu,
+            model,
+            &layout,
+            &batch,
+            &cfg,
+            drop,
+            sub,
+            &RankLoss::solo(),
+            &mut g,
+        )
     });
     assert!(r.unwrap().loss.is_finite());
     peak

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use m3::backend::cpu::Cpu;
 use m3::batch::pack_in_order;
+use m3::collective::Solo;
 use m3::model::embedder::{Embedder, EncodeOptions};
 use m3::train::arena::{GradArena, ParamLayout};
-use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::forward::{step_grads, RankLoss, StepBatch, StepDropout};
 use m3::train::loss::{KdLoss, LossConfig};
 use m3::train::model::TrainModel;
 use m3::train::optim::AdamW;
@@ -92,7 +93,16 @@ fn training_lowers_the_loss_and_writes_a_model_that_encodes() {
     let out = d.join("out");
     let metrics = d.join("metrics.jsonl");
     let opts = options(write_data(&d), out.clone());
-    run_training(&Cpu, opts, DType::F32, false, Some(&metrics), &mut Silent).unwrap();
+    run_training(
+        &Cpu,
+        opts,
+        DType::F32,
+        false,
+        Some(&metrics),
+        &mut Silent,
+        &Solo,
+    )
+    .unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -167,7 +177,7 @@ fn resume_continues_bit_identically() {
     opts.linear_schedule = true;
     opts.warmup_ratio = 0.25;
     opts.sub_batch = Some(2);
-    let mut a = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    let mut a = Trainer::new(&Cpu, opts.clone(), DType::F32, false, &Solo).unwrap();
     let mut losses_a = Vec::new();
     while !a.finished() {
         losses_a.push(a.step().unwrap().loss.loss);
@@ -178,7 +188,7 @@ fn resume_continues_bit_identically() {
     opts.save_steps = Some(4);
     std::fs::create_dir_all(&opts.output_dir).unwrap();
     let metrics = d.join("metrics.jsonl");
-    let mut b = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    let mut b = Trainer::new(&Cpu, opts.clone(), DType::F32, false, &Solo).unwrap();
     let mut w = m3::train::metrics::MetricsWriter::open(&metrics, None).unwrap();
     for _ in 0..5 {
         let r = b.step().unwrap();
@@ -195,6 +205,7 @@ fn resume_continues_bit_identically() {
         true,
         Some(&metrics),
         &mut Silent,
+        &Solo,
     )
     .unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
@@ -246,14 +257,14 @@ fn resume_refuses_other_settings_and_a_missing_checkpoint() {
     let err = |o: &TrainOptions, resume: bool| {
         format!(
             "{:#}",
-            Trainer::new(&Cpu, o.clone(), DType::F32, resume)
+            Trainer::new(&Cpu, o.clone(), DType::F32, resume, &Solo)
                 .err()
                 .expect("should be refused")
         )
     };
     let e = err(&opts, true);
     assert!(e.contains("no checkpoint"), "{e}");
-    let mut t = Trainer::new(&Cpu, opts.clone(), DType::F32, false).unwrap();
+    let mut t = Trainer::new(&Cpu, opts.clone(), DType::F32, false, &Solo).unwrap();
     t.step().unwrap();
     t.save_checkpoint().unwrap();
     drop(t);
@@ -270,12 +281,12 @@ fn resume_refuses_other_settings_and_a_missing_checkpoint() {
     );
     let mut smaller = opts.clone();
     smaller.sub_batch = Some(1);
-    let t = Trainer::new(&Cpu, smaller, DType::F32, true).unwrap();
+    let t = Trainer::new(&Cpu, smaller, DType::F32, true, &Solo).unwrap();
     assert_eq!(t.state().step, 1);
     drop(t);
     let mut fresh = opts.clone();
     fresh.overwrite_output_dir = true;
-    Trainer::new(&Cpu, fresh, DType::F32, false).unwrap();
+    Trainer::new(&Cpu, fresh, DType::F32, false, &Solo).unwrap();
     assert!(!opts.output_dir.join("checkpoint-1").exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -288,7 +299,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     opts.adamw.lr = 1e38;
     opts.max_grad_norm = 0.0;
     opts.save_steps = Some(1);
-    let e = run_training(&Cpu, opts, DType::F32, false, None, &mut Silent)
+    let e = run_training(&Cpu, opts, DType::F32, false, None, &mut Silent, &Solo)
         .expect_err("training should stop");
     let e = format!("{e:#}");
     assert!(e.contains("step 2") && e.contains("checkpoint-1"), "{e}");
@@ -335,7 +346,18 @@ fn sub_batches_give_the_unsplit_gradient() {
     // The loss and each weight's gradient (model order) on the host.
     let grads = |sub: Option<usize>| {
         let mut g = GradArena::zeros(&Cpu, &layout).unwrap();
-        let l = step_grads(&Cpu, &model, &layout, &batch, &cfg, drop, sub, &mut g).unwrap();
+        let l = step_grads(
+            &Cpu,
+            &model,
+            &layout,
+            &batch,
+            &cfg,
+            drop,
+            sub,
+            &RankLoss::solo(),
+            &mut g,
+        )
+        .unwrap();
         let per: Vec<Option<Vec<f32>>> = (0..layout.slots().len())
             .map(|k| g.get(&Cpu, &layout, k).unwrap())
             .collect();

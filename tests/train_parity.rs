@@ -9,7 +9,7 @@ use m3::backend::cpu::Cpu;
 use m3::batch::pack_in_order;
 use m3::text::{Encoded, TextTokenizer};
 use m3::train::arena::{GradArena, ParamLayout};
-use m3::train::forward::{step_grads, StepBatch, StepDropout};
+use m3::train::forward::{step_grads, RankLoss, StepBatch, StepDropout};
 use m3::train::loss::{KdLoss, LossConfig};
 use m3::train::model::{Master, TrainModel};
 use m3::DType;
@@ -112,7 +112,15 @@ fn loss_and_gradients_match_flagembedding() {
         let off_drop = StepDropout { p: 0.0, seed: 0 };
         let mut arena = GradArena::zeros(&Cpu, &layout).unwrap();
         let loss = step_grads(
-            &Cpu, &model, &layout, &batch, &cfg, off_drop, None, &mut arena,
+            &Cpu,
+            &model,
+            &layout,
+            &batch,
+            &cfg,
+            off_drop,
+            None,
+            &RankLoss::solo(),
+            &mut arena,
         )
         .unwrap();
         let grads: Vec<Option<Vec<f32>>> = (0..layout.slots().len())

@@ -223,7 +223,7 @@ impl Job for EncodeBenchArgs {
 impl Job for TrainBenchArgs {
     fn run<B: Backend>(self, be: &B, device_dtype: DType) -> anyhow::Result<ExitCode> {
         use m3::batch::pack_in_order;
-        use m3::train::forward::{StepBatch, StepDropout};
+        use m3::train::forward::{RankLoss, StepBatch, StepDropout};
         use m3::train::loss::LossConfig;
         use m3::train::model::TrainModel;
         use m3::train::optim::AdamW;
@@ -273,7 +273,7 @@ impl Job for TrainBenchArgs {
                 t: k as u64 + 1,
                 lr: adamw.lr,
             };
-            let loss = train_step(be, &mut model, &mut opt, &input)?.loss;
+            let loss = train_step(be, &mut model, &mut opt, &input, &RankLoss::solo())?.loss;
             if k > 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }

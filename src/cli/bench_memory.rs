@@ -15,7 +15,7 @@ use anyhow::bail;
 use clap::Args;
 use m3::backend::Backend;
 use m3::batch::pack_in_order;
-use m3::train::forward::{StepBatch, StepDropout};
+use m3::train::forward::{RankLoss, StepBatch, StepDropout};
 use m3::train::loss::LossConfig;
 use m3::train::model::TrainModel;
 use m3::train::optim::AdamW;
@@ -90,7 +90,13 @@ impl Job for MemoryBenchArgs {
                 t: 1,
                 lr: adamw.lr,
             };
-            train_step(be, &mut model.borrow_mut(), &mut opt.borrow_mut(), &input)?;
+            train_step(
+                be,
+                &mut model.borrow_mut(),
+                &mut opt.borrow_mut(),
+                &input,
+                &RankLoss::solo(),
+            )?;
             be.synchronize()?;
             let peak = be.peak_memory()?.unwrap_or(0);
             Ok((peak, t0.elapsed().as_secs_f64()))

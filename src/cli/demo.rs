@@ -209,6 +209,7 @@ fn demo(a: &DemoArgs, work: &Path) -> anyhow::Result<ExitCode> {
         false,
         None,
         &mut super::train::Bar::new(),
+        &m3::collective::Solo,
     )?;
     let train_s = t_train.elapsed().as_secs_f64();
     let after = evaluate(&trained, &corpus, &queries)?;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
+use m3::collective::ThreadGroup;
 use m3::DType;
 
 use super::DeviceArg;
@@ -48,4 +49,80 @@ pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
         anyhow::bail!("this m3 was built without the `cuda` feature; rebuild with --features cuda or use --device cpu");
     }
     job.run(&Cpu, DType::F32)
+}
+
+/// A command body run once per data-parallel rank, each rank on its own backend.
+pub trait RankJob: Sync {
+    /// Runs rank `comm.index()`.
+    fn run_rank<B: Backend>(&self, be: &B, dtype: DType, comm: &ThreadGroup) -> anyhow::Result<()>;
+}
+
+/// Runs `job` once per rank of `ranks`, each in its own thread on its own backend (CUDA:
+/// GPU `rank mod device count`). A rank that fails or panics stops the others; the error
+/// returned is the first rank's own failure, not the "rank k stopped" of those it stopped.
+pub fn on_ranks(
+    device: DeviceArg,
+    ranks: Vec<ThreadGroup>,
+    job: &impl RankJob,
+) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|g| {
+                s.spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_rank_on(device, job, &g)
+                    }));
+                    let r = r.unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        Err(anyhow::anyhow!("panicked: {msg}"))
+                    });
+                    r.map_err(|e| {
+                        g.fail(&format!("{e:#}"));
+                        e.context(format!("rank {}", g.index()))
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank thread died")))
+            })
+            .collect()
+    });
+    let stopped = |e: &anyhow::Error| format!("{e:#}").contains("collective: rank ");
+    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(Result::err).collect();
+    match errors.iter().position(|e| !stopped(e)) {
+        Some(k) => Err(errors.swap_remove(k)),
+        None if !errors.is_empty() => Err(errors.swap_remove(0)),
+        None => Ok(()),
+    }
+}
+
+fn run_rank_on(device: DeviceArg, job: &impl RankJob, g: &ThreadGroup) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use m3::backend::cuda::Cuda;
+        let cuda = match device {
+            DeviceArg::Cuda => true,
+            DeviceArg::Auto => Cuda::available(),
+            DeviceArg::Cpu => false,
+        };
+        if cuda {
+            let be =
+                Cuda::with_kernels(g.index() % Cuda::device_count()?.max(1), kernel_choices())?;
+            return job.run_rank(&be, DType::BF16, g);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if device == DeviceArg::Cuda {
+        anyhow::bail!("this m3 was built without the `cuda` feature; rebuild with --features cuda or use --device cpu");
+    }
+    job.run_rank(&Cpu, DType::F32, g)
 }

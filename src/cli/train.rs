@@ -6,14 +6,15 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use m3::backend::Backend;
+use m3::collective::{Solo, ThreadGroup};
 use m3::train::loss::KdLoss;
 use m3::train::optim::AdamW;
 use m3::train::options::TrainOptions;
-use m3::train::trainer::{run_training, Progress, StepReport};
+use m3::train::trainer::{run_training, Progress, Silent, StepReport};
 use m3::DType;
 
 use super::clobber::{files_in, named, refuse_dir_holding_input, refuse_same_file};
-use super::device::{on_device, Job};
+use super::device::{on_device, on_ranks, Job, RankJob};
 use super::{ComputeArg, DeviceArg};
 
 /// Learning-rate schedules.
@@ -141,6 +142,17 @@ pub struct TrainArgs {
     /// kernels for now), else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Data-parallel ranks in this process, one thread each (CUDA: GPU rank mod device
+    /// count); the batch size stays per rank, as torchrun's `--nproc-per-node`.
+    #[arg(long, alias = "nproc_per_node", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    nproc_per_node: u64,
+    /// With several ranks, score each query against every rank's passages in the dense
+    /// loss (FlagEmbedding's `--negatives_cross_device`).
+    #[arg(long, alias = "negatives_cross_device")]
+    negatives_cross_device: bool,
+    /// Seconds a rank waits at a collective for the others before failing, naming them.
+    #[arg(long, default_value_t = 1800.0)]
+    collective_timeout: f64,
 }
 
 impl TrainArgs {
@@ -181,6 +193,7 @@ impl TrainArgs {
             KdArg::KlDiv => KdLoss::KlDiv,
             KdArg::M3KdLoss => KdLoss::M3KdLoss,
         };
+        o.negatives_cross_device = self.negatives_cross_device;
         o
     }
 }
@@ -216,14 +229,55 @@ impl Job for TrainArgs {
             self.resume,
             self.metrics.as_deref(),
             &mut Bar::new(),
+            &Solo,
         )?;
         eprintln!("wrote the trained model to {}", self.output_dir.display());
         Ok(ExitCode::SUCCESS)
     }
 }
 
-/// Training progress on stderr: a live bar on a terminal; in a log file (nohup, a batch
-/// job) a plain line every 5% of the steps and at each checkpoint.
+impl RankJob for TrainArgs {
+    fn run_rank<B: Backend>(
+        &self,
+        be: &B,
+        device_dtype: DType,
+        comm: &ThreadGroup,
+    ) -> anyhow::Result<()> {
+        let dtype = self.compute_dtype.dtype(device_dtype)?;
+        // Rank 0 reports and writes the metrics; the others only compute.
+        let lead = comm.index() == 0;
+        let (mut bar, mut silent) = (Bar::new(), Silent);
+        let progress: &mut dyn Progress = if lead { &mut bar } else { &mut silent };
+        run_training(
+            be,
+            self.options(),
+            dtype,
+            self.resume,
+            self.metrics.as_deref().filter(|_| lead),
+            progress,
+            comm,
+        )
+    }
+}
+
+/// The world a launcher (torchrun, SLURM `srun`, mpirun-style) set up in the environment:
+/// `WORLD_SIZE` and `RANK` (`LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` go with them).
+fn launcher_world() -> anyhow::Result<Option<(usize, usize)>> {
+    let var = |k: &str| -> anyhow::Result<Option<usize>> {
+        match std::env::var(k) {
+            Err(_) => Ok(None),
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| anyhow::anyhow!("{k}={v:?} is not a non-negative integer")),
+        }
+    };
+    Ok(match (var("WORLD_SIZE")?, var("RANK")?) {
+        (Some(w), r) if w > 1 => Some((r.unwrap_or(0), w)),
+        _ => None,
+    })
+}
 pub struct Bar {
     bar: ProgressBar,
     tty: bool,
@@ -294,6 +348,29 @@ impl Progress for Bar {
 
 /// Runs `m3 train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    if let Some((rank, world)) = launcher_world()? {
+        // Ranks in separate processes need a transport between them (NCCL); m3 has only
+        // the in-process one so far, so say what works instead of training alone.
+        anyhow::bail!(
+            "WORLD_SIZE={world} (RANK={rank}): this m3 cannot join ranks in other processes \
+             (multi-process and multi-node training over NCCL are not built yet); on one \
+             machine run a single `m3 train --nproc-per-node {world}`, which trains the \
+             ranks as threads of one process"
+        );
+    }
+    if a.nproc_per_node > 1 {
+        a.check_paths()?;
+        if !a.collective_timeout.is_finite() || a.collective_timeout <= 0.0 {
+            anyhow::bail!("--collective-timeout must be a positive number of seconds");
+        }
+        let ranks = ThreadGroup::new(
+            a.nproc_per_node as usize,
+            std::time::Duration::from_secs_f64(a.collective_timeout),
+        );
+        on_ranks(a.device, ranks, &a)?;
+        eprintln!("wrote the trained model to {}", a.output_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     // The CUDA training path passed on an H100 (2026-11-27: the 20-step loss curve within
     // 1% of the CPU's), so auto picks the GPU like every other command.
     on_device(a.device, a)

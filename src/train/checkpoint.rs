@@ -43,7 +43,7 @@ impl std::error::Error for SettingsDiffer {}
 
 /// The options that must match for a resumed run to continue the same one (the
 /// sub-batch size may change: the gradient is the same).
-pub fn fingerprint(o: &TrainOptions) -> serde_json::Value {
+pub fn fingerprint(o: &TrainOptions, world: usize) -> serde_json::Value {
     let data: Vec<PathBuf> = o
         .data
         .iter()
@@ -60,6 +60,14 @@ pub fn fingerprint(o: &TrainOptions) -> serde_json::Value {
         "no_self_distill": o.no_self_distill, "kd_loss": o.kd_loss,
         "knowledge_distillation": o.knowledge_distillation,
     });
+    // Keys a one-rank run without them never had, so its older checkpoints still resume.
+    let mut v = v;
+    if world > 1 {
+        v["world_size"] = json!(world);
+    }
+    if o.negatives_cross_device {
+        v["negatives_cross_device"] = json!(true);
+    }
     // Each value as its JSON text: f32s read back from JSON as f64 need not print the
     // same, strings compare exactly.
     let map = v.as_object().expect("an object");
@@ -76,10 +84,20 @@ pub fn differences(was: &serde_json::Value, now: &serde_json::Value) -> Vec<Stri
         |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("(none)").to_string();
     let empty = serde_json::Map::new();
     let now = now.as_object().unwrap_or(&empty);
-    now.iter()
+    let mut d: Vec<String> = now
+        .iter()
         .filter(|(k, v)| was.get(*k) != Some(*v))
         .map(|(k, v)| format!("{k}: {} → {}", text(was.get(k)), text(Some(v))))
-        .collect()
+        .collect();
+    // Keys present only when set (the world size of a several-rank run).
+    if let Some(was) = was.as_object() {
+        d.extend(
+            was.iter()
+                .filter(|(k, _)| !now.contains_key(*k))
+                .map(|(k, v)| format!("{k}: {} → (none)", text(Some(v)))),
+        );
+    }
+    d
 }
 
 /// Every `checkpoint-N` directory under `dir` holding a trainer state, newest first.
@@ -243,6 +261,7 @@ pub fn save<B: Backend>(
     moments: &[[Vec<f32>; 2]],
     state: TrainState,
     opts: &TrainOptions,
+    world: usize,
     total_steps: u64,
     side_files: &[(&'static str, Vec<u8>)],
 ) -> anyhow::Result<PathBuf> {
@@ -257,7 +276,7 @@ pub fn save<B: Backend>(
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &tensors)?;
     let saved = json!({
-        "state": state, "fingerprint": fingerprint(opts),
+        "state": state, "fingerprint": fingerprint(opts, world),
         "total_steps": total_steps, "options": opts,
     });
     let state_path = tmp.join("trainer_state.json");

@@ -294,6 +294,27 @@ pub struct TrainBatch {
     pub no_in_batch_neg: bool,
 }
 
+/// Rank `rank`'s contiguous share of a global batch of `records`: `⌈n / world⌉` each, the
+/// last ranks what is left. A rank left with nothing (a short last batch) takes record
+/// `rank mod n` again, as PyTorch's `DistributedSampler` pads, so no rank is idle.
+pub fn rank_slice(records: &[usize], rank: usize, world: usize) -> &[usize] {
+    let n = records.len();
+    let per = n.div_ceil(world.max(1));
+    let (a, b) = ((rank * per).min(n), ((rank + 1) * per).min(n));
+    if a < b || n == 0 {
+        &records[a..b]
+    } else {
+        std::slice::from_ref(&records[rank % n])
+    }
+}
+
+/// Queries of all ranks together in a global batch of `n` records split over `world`
+/// ranks (the padding of [`rank_slice`] included).
+pub fn global_queries(n: usize, world: usize) -> usize {
+    let ids: Vec<usize> = (0..n).collect();
+    (0..world.max(1)).map(|r| rank_slice(&ids, r, world).len()).sum()
+}
+
 /// Builds rank `rank`'s share of global batch `plan` (step `step` of `epoch`): one positive
 /// at random and G-1 negatives (sampled without replacement, or with it when there are too
 /// few), as FlagEmbedding does. Without `shuffle`: the first positive and the negatives in
@@ -311,9 +332,7 @@ pub fn make_batch(
     shuffle_data: bool,
 ) -> TrainBatch {
     let world = world.max(1);
-    let per = plan.records.len().div_ceil(world);
-    let mine = &plan.records
-        [(rank * per).min(plan.records.len())..((rank + 1) * per).min(plan.records.len())];
+    let mine = rank_slice(&plan.records, rank, world);
     let mut rng = rng_for(seed, epoch, step.wrapping_mul(1 << 16) + rank as u64);
     let with_teacher = mine.iter().all(|&i| ds.records[i].pos_scores.is_some());
     let mut batch = TrainBatch {
@@ -545,5 +564,16 @@ mod tests {
         let b = make_batch(&ds, &plan, 0, 1, 3, 7, 0, 0, false);
         assert_eq!(&b.passages[..3], &["p10a", "n10-0", "n10-1"]);
         assert_eq!(&b.passages[3..6], &["p2a", "n2-0", "n2-1"]);
+    }
+
+    #[test]
+    fn every_rank_gets_records_even_from_a_short_batch() {
+        let r: Vec<usize> = (10..15).collect();
+        let shares: Vec<&[usize]> = (0..4).map(|k| rank_slice(&r, k, 4)).collect();
+        assert_eq!(shares, vec![&[10, 11][..], &[12, 13], &[14], &[13]]);
+        assert_eq!(global_queries(5, 4), 6);
+        assert_eq!(rank_slice(&[7], 1, 2), &[7]);
+        assert_eq!(global_queries(1, 2), 2);
+        assert_eq!(global_queries(6, 1), 6);
     }
 }

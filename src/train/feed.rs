@@ -5,7 +5,7 @@
 use anyhow::{bail, Context};
 use rayon::prelude::*;
 
-use super::data::{load_all, make_batch, plan_epoch, BatchPlan, Dataset};
+use super::data::{global_queries, load_all, make_batch, plan_epoch, BatchPlan, Dataset};
 use super::forward::StepBatch;
 use super::loss::LossConfig;
 use super::options::{TrainOptions, BUCKET_BATCH};
@@ -13,8 +13,10 @@ use crate::batch::pack_in_order;
 use crate::model::config::Config;
 use crate::text::{Encoded, TextTokenizer};
 
-/// Datasets, their lengths, and the current epoch's plan.
+/// Datasets, their lengths, and the current epoch's plan, for one rank of `world`.
 pub struct Feed {
+    rank: usize,
+    world: usize,
     tokenizer: TextTokenizer,
     datasets: Vec<Dataset>,
     max_lens: Vec<Vec<usize>>,
@@ -25,11 +27,13 @@ pub struct Feed {
 
 impl Feed {
     /// Loads and validates `opts.data`, measures every record's length for the buckets and
-    /// plans `epoch`; what the user should know goes to `warnings`.
+    /// plans `epoch` (global batches of `world` ranks' batches; this rank takes slice
+    /// `rank`); what the user should know goes to `warnings`.
     pub fn new(
         opts: &TrainOptions,
         tokenizer: TextTokenizer,
         epoch: u64,
+        (rank, world): (usize, usize),
         warnings: &mut Vec<String>,
     ) -> anyhow::Result<Self> {
         let datasets = load_all(&opts.data)?;
@@ -59,6 +63,8 @@ impl Feed {
             .flatten()
             .collect();
         let mut feed = Feed {
+            rank,
+            world: world.max(1),
             tokenizer,
             datasets,
             max_lens,
@@ -75,7 +81,7 @@ impl Feed {
         plan_epoch(
             &self.max_lens,
             &batch_size_fn(opts, &self.datasets),
-            1,
+            self.world,
             opts.seed,
             epoch,
             opts.shuffle,
@@ -101,8 +107,9 @@ impl Feed {
         &self.excluded
     }
 
-    /// Batch `index` of `epoch` for optimiser step `step` (0-based): sampled from the plan,
-    /// tokenized, packed, with its loss settings.
+    /// This rank's share of batch `index` of `epoch` for optimiser step `step` (0-based):
+    /// sampled from the plan, tokenized, packed, with its loss settings and the rank's
+    /// weight in the global mean (`world · B_rank / B_global`, 1 on one rank).
     pub fn batch(
         &mut self,
         opts: &TrainOptions,
@@ -110,7 +117,7 @@ impl Feed {
         epoch: u64,
         index: usize,
         step: u64,
-    ) -> anyhow::Result<(StepBatch, LossConfig)> {
+    ) -> anyhow::Result<(StepBatch, LossConfig, f32)> {
         if epoch != self.plan_epoch {
             self.plan = self.plan_for(opts, epoch);
             self.plan_epoch = epoch;
@@ -118,7 +125,12 @@ impl Feed {
         let o = opts;
         let plan = &self.plan[index];
         let ds = &self.datasets[plan.dataset];
-        let tb = make_batch(ds, plan, 0, 1, o.group, o.seed, epoch, step, o.shuffle);
+        let (rank, world) = (self.rank, self.world);
+        let tb = make_batch(
+            ds, plan, rank, world, o.group, o.seed, epoch, step, o.shuffle,
+        );
+        let weight =
+            (world * tb.queries.len()) as f32 / global_queries(plan.records.len(), world) as f32;
         let offset = config.position_offset();
         let max_tokens = config.max_tokens();
         let enc = |texts: &[String], max: usize| -> anyhow::Result<Vec<Encoded>> {
@@ -153,7 +165,7 @@ impl Feed {
                 .filter_map(|(c, &f)| f.then_some(c))
                 .collect(),
         };
-        Ok((batch, cfg))
+        Ok((batch, cfg, weight))
     }
 }
 

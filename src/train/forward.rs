@@ -12,9 +12,10 @@ use crate::model::heads::NORM_EPS;
 use crate::tensor::{DType, HostData, Tensor};
 
 use super::arena::{GradArena, ParamLayout};
-use super::loss::{m3_loss, LossConfig, LossParts, LossValues, Side};
+use super::loss::{m3_loss, CrossDevice, LossConfig, LossParts, LossValues, Side};
 pub use super::model::HeadVars;
-use super::model::TrainModel;
+use super::model::{TrainModel, TrainVars};
+use crate::collective::{Collective, Solo};
 
 /// Encodes one packed batch and records its three heads: normalised CLS vectors, token
 /// weights `relu(sparse_linear(h))` `[T]`, and normalised colbert vectors of every token
@@ -83,7 +84,7 @@ pub fn batch_loss<B: Backend>(
 ) -> Result<(Var, LossParts)> {
     let qs = heads(t, enc, head_vars, c, q, drop[0])?;
     let ps = heads(t, enc, head_vars, c, p, drop[1])?;
-    let parts = m3_loss(t, &qs, &ps, cfg)?;
+    let parts = m3_loss(t, &qs, &ps, cfg, None)?;
     Ok((parts.loss, parts))
 }
 
@@ -116,14 +117,39 @@ impl StepDropout {
     }
 }
 
-/// The loss of one batch, with the gradient of every weight added into `grads` (slots of
-/// `layout`, the model's order; a weight the loss does not reach stays absent). With
-/// `sub_batch = Some(n)` the encoder sees at most `n` sequences at a time: pass one encodes
-/// every sub-batch and keeps only the heads' outputs, the loss is taken on those, and pass
-/// two re-encodes each sub-batch on a fresh tape seeded with the loss gradient of its
-/// outputs. Dropout masks are keyed by token position in the whole batch, so both passes
-/// and the unsplit batch draw the same mask. Each weight's gradient goes into the arena as
-/// soon as the backward walk completes it, so no second copy of the gradients is held.
+/// How this rank's loss joins the other ranks' (SPEC §5, cross-device negatives).
+pub struct RankLoss<'c, B: Backend> {
+    /// The ranks.
+    pub comm: &'c dyn Collective<B>,
+    /// Gather every rank's passages for the dense term (`--negatives-cross-device`).
+    pub cross_device: bool,
+    /// This rank's share of the global mean: `world · B_rank / B_global` (1 on one rank),
+    /// so the gradients averaged over ranks are those of the global batch's loss.
+    pub weight: f32,
+}
+
+impl<B: Backend> RankLoss<'_, B> {
+    /// One rank: the loss as it is.
+    pub fn solo() -> Self {
+        RankLoss {
+            comm: &Solo,
+            cross_device: false,
+            weight: 1.0,
+        }
+    }
+}
+
+/// The loss of one batch, with the gradient of every weight (times `rank.weight`) added
+/// into `grads` (slots of `layout`, the model's order; a weight the loss does not reach
+/// stays absent). With `sub_batch = Some(n)` the encoder sees at most `n` sequences at a
+/// time: pass one encodes every sub-batch and keeps only the heads' outputs, the loss is
+/// taken on those, and pass two re-encodes each sub-batch on a fresh tape seeded with the
+/// loss gradient of its outputs. Dropout masks are keyed by token position in the whole
+/// batch, so both passes and the unsplit batch draw the same mask. With cross-device
+/// negatives the loss is taken the same way on the outputs (the gathered passages are a
+/// leaf whose gradient is reduce-scattered back to the ranks); without sub-batches the
+/// encoder tapes of pass one are kept for pass two instead of re-encoding. Each weight's
+/// gradient goes into the arena as soon as the backward walk completes it.
 #[allow(clippy::too_many_arguments)]
 pub fn step_grads<B: Backend>(
     be: &B,
@@ -133,6 +159,7 @@ pub fn step_grads<B: Backend>(
     cfg: &LossConfig,
     dropout: StepDropout,
     sub_batch: Option<usize>,
+    rank: &RankLoss<'_, B>,
     grads: &mut GradArena<B>,
 ) -> Result<LossValues> {
     let c = &model.config;
@@ -140,7 +167,7 @@ pub fn step_grads<B: Backend>(
     // Backpropagates `roots` of a tape holding `vars`, adding each weight's gradient into
     // its slot of the arena.
     let sink_into = |t: &Tape<'_, B>,
-                     vars: &super::model::TrainVars,
+                     vars: &TrainVars,
                      roots: Vec<(Var, Tensor<B>)>,
                      grads: &mut GradArena<B>|
      -> Result<()> {
@@ -153,37 +180,39 @@ pub fn step_grads<B: Backend>(
             _ => Ok(()),
         })
     };
-    let n = match sub_batch {
-        Some(n) if sides.iter().any(|b| b.len() > n) => n.max(1),
-        _ => {
-            let mut t = Tape::new(be);
-            let vars = model.record(&mut t);
-            let (dq, dp) = (dropout.side(0, 0), dropout.side(1, 0));
-            let (loss, parts) = batch_loss(
-                &mut t,
-                &vars.encoder,
-                &vars.heads,
-                c,
-                &batch.q,
-                &batch.p,
-                cfg,
-                [&dq, &dp],
-            )?;
-            let seed = be.fill(t.value(loss).shape(), 1.0, t.value(loss).dtype())?;
-            sink_into(&t, &vars, vec![(loss, seed)], grads)?;
-            return parts.values(&t);
-        }
-    };
+    let gather = rank.cross_device && rank.comm.world() > 1 && cfg.in_batch_neg;
+    let split = sub_batch.filter(|&n| sides.iter().any(|b| b.len() > n));
+    if split.is_none() && !gather {
+        let mut t = Tape::new(be);
+        let vars = model.record(&mut t);
+        let (dq, dp) = (dropout.side(0, 0), dropout.side(1, 0));
+        let (loss, parts) = batch_loss(
+            &mut t,
+            &vars.encoder,
+            &vars.heads,
+            c,
+            &batch.q,
+            &batch.p,
+            cfg,
+            [&dq, &dp],
+        )?;
+        let seed = be.fill(t.value(loss).shape(), rank.weight, t.value(loss).dtype())?;
+        sink_into(&t, &vars, vec![(loss, seed)], grads)?;
+        return parts.values(&t);
+    }
+    let n = split.map_or(usize::MAX, |n| n.max(1));
     let chunks = |b: &PackedBatch| -> Vec<std::ops::Range<usize>> {
         (0..b.len())
-            .step_by(n)
-            .map(|s| s..(s + n).min(b.len()))
+            .step_by(n.min(b.len().max(1)))
+            .map(|s| s..s.saturating_add(n).min(b.len()))
             .collect()
     };
-    // Pass one: heads' outputs of every sub-batch, no activations kept.
+    // Pass one: heads' outputs of every sub-batch; without sub-batches the tapes are kept.
     let mut outs: Vec<SideValues> = Vec::new();
+    let mut kept: Vec<Vec<KeptTape<'_, B>>> = Vec::new();
     for (k, b) in sides.iter().enumerate() {
         let mut all = SideValues::default();
+        let mut tapes = Vec::new();
         for r in chunks(b) {
             let sb = b.slice(r.clone());
             let d = dropout.side(k as u64, b.cu_seqlens[r.start] as usize);
@@ -191,16 +220,29 @@ pub fn step_grads<B: Backend>(
             let vars = model.record(&mut t);
             let s = heads(&mut t, &vars.encoder, &vars.heads, c, &sb, &d)?;
             all.extend(be, &t, &s)?;
+            if split.is_none() {
+                tapes.push((t, vars, s));
+            }
         }
         outs.push(all);
+        kept.push(tapes);
     }
     // The loss on the gathered outputs, and its gradient with respect to them.
     let (values, mut seeds) = {
         let mut t = Tape::new(be);
         let q = outs[0].record(be, &mut t, &batch.q)?;
         let p = outs[1].record(be, &mut t, &batch.p)?;
-        let parts = m3_loss(&mut t, &q, &p, cfg)?;
-        let mut g = t.backward(parts.loss)?;
+        let cross = if gather {
+            Some(gather_passages(be, &mut t, rank.comm, &p, cfg)?)
+        } else {
+            None
+        };
+        let parts = m3_loss(&mut t, &q, &p, cfg, cross.as_ref())?;
+        let seed = be.fill(&[1], rank.weight, DType::F32)?;
+        let mut g = t.backward_with(parts.loss, seed)?;
+        if let Some(x) = &cross {
+            scatter_back(be, &t, rank.comm, x, &p, &mut g)?;
+        }
         let mut seeds = Vec::new();
         for (s, o) in [(&q, &outs[0]), (&p, &outs[1])] {
             seeds.push(o.split_grads(be, &mut g, s)?);
@@ -208,14 +250,22 @@ pub fn step_grads<B: Backend>(
         (parts.values(&t)?, seeds)
     };
     drop(outs);
-    // Pass two: re-encode each sub-batch and backpropagate its outputs' gradients.
+    // Pass two: backpropagate each sub-batch's output gradients, through the kept tape or
+    // a re-encoding.
     for (k, b) in sides.iter().enumerate() {
+        let mut tapes = std::mem::take(&mut kept[k]).into_iter();
         for (j, r) in chunks(b).into_iter().enumerate() {
-            let sb = b.slice(r.clone());
-            let d = dropout.side(k as u64, b.cu_seqlens[r.start] as usize);
-            let mut t = Tape::new(be);
-            let vars = model.record(&mut t);
-            let s = heads(&mut t, &vars.encoder, &vars.heads, c, &sb, &d)?;
+            let (t, vars, s) = match tapes.next() {
+                Some(kept) => kept,
+                None => {
+                    let sb = b.slice(r.clone());
+                    let d = dropout.side(k as u64, b.cu_seqlens[r.start] as usize);
+                    let mut t = Tape::new(be);
+                    let vars = model.record(&mut t);
+                    let s = heads(&mut t, &vars.encoder, &vars.heads, c, &sb, &d)?;
+                    (t, vars, s)
+                }
+            };
             let [gd, gs, gc] = std::mem::take(&mut seeds[k][j]);
             let roots: Vec<(Var, Tensor<B>)> = [(s.dense, gd), (s.sparse, gs), (s.colbert, gc)]
                 .into_iter()
@@ -225,6 +275,84 @@ pub fn step_grads<B: Backend>(
         }
     }
     Ok(values)
+}
+
+/// An encoder tape of pass one kept for pass two: the tape, its weights, its outputs.
+type KeptTape<'a, B> = (Tape<'a, B>, TrainVars, Side);
+
+/// Gathers every rank's normalised passage vectors onto the loss tape, with where this
+/// rank's queries start and every rank's stand-in columns (SPEC §5).
+fn gather_passages<B: Backend>(
+    be: &B,
+    t: &mut Tape<'_, B>,
+    comm: &dyn Collective<B>,
+    p: &Side,
+    cfg: &LossConfig,
+) -> Result<CrossDevice> {
+    let (all, rows) = comm.all_gather_rows(be, t.value(p.dense))?;
+    let g = cfg.group.max(1);
+    let r = comm.rank();
+    if let Some((bad, n)) = rows.iter().enumerate().find(|(_, n)| !n.is_multiple_of(g)) {
+        return Err(crate::error::Error::Collective(format!(
+            "rank {bad} has {n} passages, not groups of {g}"
+        )));
+    }
+    let first: usize = rows[..r].iter().sum();
+    let mine: Vec<u8> = cfg
+        .masked_columns
+        .iter()
+        .flat_map(|&c| (c as u64).to_le_bytes())
+        .collect();
+    let mut masked_columns = Vec::new();
+    for (s, bytes) in comm.all_gather_bytes(&mine)?.iter().enumerate() {
+        let base: usize = rows[..s].iter().sum();
+        masked_columns.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|c| base + u64::from_le_bytes(c.try_into().unwrap()) as usize),
+        );
+    }
+    Ok(CrossDevice {
+        passages: t.param_owned(all),
+        q0: first / g,
+        p0: first,
+        masked_columns,
+    })
+}
+
+/// The all-gather's backward: the gradient of the gathered passages summed over ranks
+/// (every rank's loss reaches every rank's passages), this rank's rows added to the
+/// gradient of its own passage vectors.
+fn scatter_back<B: Backend>(
+    be: &B,
+    t: &Tape<'_, B>,
+    comm: &dyn Collective<B>,
+    x: &CrossDevice,
+    p: &Side,
+    g: &mut crate::autograd::Grads<B>,
+) -> Result<()> {
+    let shape = t.value(x.passages).shape().to_vec();
+    let mut all = match g.take(x.passages) {
+        Some(a) => a,
+        None => be.zeros(&shape, DType::F32)?,
+    };
+    comm.all_reduce_sum(be, &mut all)?;
+    let (rows, d) = t.value(p.dense).rows_cols();
+    let start = x.p0;
+    let flat = be.to_vec_f32(&all)?;
+    let mine = be.upload(
+        HostData::F32(&flat[start * d..(start + rows) * d]),
+        &[rows, d],
+    )?;
+    let total = match g.take(p.dense) {
+        Some(mut own) => {
+            be.add_assign(&mut own, &mine)?;
+            own
+        }
+        None => mine,
+    };
+    g.put(p.dense, total);
+    Ok(())
 }
 
 /// One side's head outputs gathered over its sub-batches (host copies: pass one keeps

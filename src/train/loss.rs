@@ -4,7 +4,8 @@
 //! In-batch negatives with groups (or, for datasets without them, each query's own group
 //! only), temperature, dense / sparse / colbert / ensemble cross-entropies with their
 //! weights, self-distillation from the detached ensemble, `dense_only`, and teacher scores
-//! from the data (`kl_div`, `m3_kd_loss`). Not here: cross-device negatives (one rank).
+//! from the data (`kl_div`, `m3_kd_loss`), and the dense term of cross-device negatives
+//! ([`CrossDevice`]: this rank's queries against every rank's passages).
 //!
 //! Restricting a row to some columns is done by adding [`MASKED`] to the others: `exp` of it
 //! underflows to exactly 0 in f32, so the softmax, the cross-entropy and their gradients
@@ -125,10 +126,24 @@ impl LossParts {
     }
 }
 
-/// Mean over rows of cross-entropy with target column `b·G + i` for row `b`.
-fn ce<B: Backend>(t: &mut Tape<'_, B>, s: Var, group: usize, i: usize) -> Result<Var> {
+/// The dense term's columns when passages come from every rank: the gathered passage
+/// vectors `[P_all, d]` (a leaf whose gradient the caller reduce-scatters), where this
+/// rank's queries start in the global batch, and the stand-in columns of all ranks.
+pub struct CrossDevice {
+    /// Every rank's passages, rank order.
+    pub passages: Var,
+    /// Global index of this rank's first query (its group starts at column `q0·G`).
+    pub q0: usize,
+    /// Row of this rank's first passage among the gathered ones (`q0·G`).
+    pub p0: usize,
+    /// Stand-in columns of the gathered passages.
+    pub masked_columns: Vec<usize>,
+}
+
+/// Mean over rows of cross-entropy with target column `(q0 + b)·G + i` for row `b`.
+fn ce<B: Backend>(t: &mut Tape<'_, B>, s: Var, group: usize, q0: usize, i: usize) -> Result<Var> {
     let rows = t.value(s).shape()[0];
-    let targets: Vec<u32> = (0..rows).map(|b| (b * group + i) as u32).collect();
+    let targets: Vec<u32> = (0..rows).map(|b| ((q0 + b) * group + i) as u32).collect();
     let targets = t.backend().upload(HostData::U32(&targets), &[rows])?;
     let per_row = t.softmax_cross_entropy(s, targets)?;
     let total = t.sum_all(per_row)?;
@@ -156,12 +171,13 @@ fn masked<B: Backend>(
     t.add(s, m)
 }
 
-/// The loss of one score matrix `[B, B·G]` against its labels: hard-label CE, and the
-/// teacher's terms when the data has teacher scores (SPEC §5).
-fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig) -> Result<Var> {
+/// The loss of one score matrix `[B, cols]` against its labels, query `b`'s group at
+/// columns `(q0 + b)·G ..`: hard-label CE, and the teacher's terms when the data has
+/// teacher scores (SPEC §5).
+fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig, q0: usize) -> Result<Var> {
     let g = cfg.group;
     let Some((scores, kind)) = &cfg.teacher else {
-        return ce(t, s, g, 0);
+        return ce(t, s, g, q0, 0);
     };
     let (rows, cols) = t.value(s).rows_cols();
     // The teacher's distribution over each query's own group, stand-ins excluded.
@@ -172,12 +188,12 @@ fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig) -> Result
     let probs = softmax_rows(&scores, g);
     match kind {
         KdLoss::KlDiv => {
-            let hard = ce(t, s, g, 0)?;
-            let local = masked(t, s, |b, c| c / g == b)?;
+            let hard = ce(t, s, g, q0, 0)?;
+            let local = masked(t, s, |b, c| c / g == q0 + b)?;
             let mut target = vec![0f32; rows * cols];
             for b in 0..rows {
                 for i in 0..g {
-                    target[b * cols + b * g + i] = probs[b * g + i];
+                    target[b * cols + (q0 + b) * g + i] = probs[b * g + i];
                 }
             }
             let soft = kd(t, local, &target)?;
@@ -186,10 +202,13 @@ fn labelled<B: Backend>(t: &mut Tape<'_, B>, s: Var, cfg: &LossConfig) -> Result
         KdLoss::M3KdLoss => {
             let mut total: Option<Var> = None;
             for i in 0..g {
-                let si = masked(t, s, |b, c| !(c >= b * g && c < b * g + i))?;
+                let si = masked(t, s, |b, c| {
+                    let start = (q0 + b) * g;
+                    !(c >= start && c < start + i)
+                })?;
                 let mut target = vec![0f32; rows * cols];
                 for b in 0..rows {
-                    target[b * cols + b * g + i] = probs[b * g + i];
+                    target[b * cols + (q0 + b) * g + i] = probs[b * g + i];
                 }
                 let term = kd(t, si, &target)?;
                 total = Some(match total {
@@ -223,12 +242,15 @@ fn softmax_rows(v: &[f32], cols: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Records the SPEC §5 loss for queries `q` and passages `p`.
+/// Records the SPEC §5 loss for queries `q` and passages `p`; with `cross`, the dense
+/// cross-entropy is over every rank's passages, while the ensemble, self-distillation,
+/// sparse and colbert terms use this rank's block.
 pub fn m3_loss<B: Backend>(
     t: &mut Tape<'_, B>,
     q: &Side,
     p: &Side,
     cfg: &LossConfig,
+    cross: Option<&CrossDevice>,
 ) -> Result<LossParts> {
     let inv_tau = 1.0 / cfg.temperature;
     let dot = t.matmul(q.dense, false, p.dense, true, None)?;
@@ -244,7 +266,17 @@ pub fn m3_loss<B: Backend>(
     };
     let s_d = t.scale(dot, inv_tau)?;
     let s_d = own_group(t, s_d)?;
-    let ce_d = labelled(t, s_d, cfg)?;
+    let ce_d = match cross {
+        None => labelled(t, s_d, cfg, 0)?,
+        Some(x) => {
+            let all = t.matmul(q.dense, false, x.passages, true, None)?;
+            let mut s_all = t.scale(all, inv_tau)?;
+            if !x.masked_columns.is_empty() {
+                s_all = masked(t, s_all, |_, c| !x.masked_columns.contains(&c))?;
+            }
+            labelled(t, s_all, cfg, x.q0)?
+        }
+    };
     if cfg.dense_only {
         return Ok(LossParts {
             loss: ce_d,
@@ -271,9 +303,9 @@ pub fn m3_loss<B: Backend>(
     let s_e = t.add(s_d, s_s3)?;
     let s_e = t.add(s_e, s_m)?;
     let (ce_s, ce_m, ce_e) = (
-        labelled(t, s_s, cfg)?,
-        labelled(t, s_m, cfg)?,
-        labelled(t, s_e, cfg)?,
+        labelled(t, s_s, cfg, 0)?,
+        labelled(t, s_m, cfg, 0)?,
+        labelled(t, s_e, cfg, 0)?,
     );
     let ce_s1 = t.scale(ce_s, 0.1)?;
     let a = t.add(ce_d, ce_e)?;

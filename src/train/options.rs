@@ -71,6 +71,9 @@ pub struct TrainOptions {
     pub no_self_distill: bool,
     /// How teacher scores in the data are used.
     pub kd_loss: KdLoss,
+    /// With several ranks, score each query against every rank's passages in the dense
+    /// loss (FlagEmbedding's `--negatives_cross_device`).
+    pub negatives_cross_device: bool,
 }
 
 impl TrainOptions {
@@ -107,6 +110,7 @@ impl TrainOptions {
             self_distill_start_step: -1,
             no_self_distill: false,
             kd_loss: KdLoss::M3KdLoss,
+            negatives_cross_device: false,
         }
     }
 }

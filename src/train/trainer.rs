@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, checkpoints, fingerprint, SettingsDiffer, TrainState};
 use super::feed::Feed;
-use super::forward::StepDropout;
+use super::forward::{RankLoss, StepDropout};
 use super::loss::LossValues;
 use super::metrics::MetricsWriter;
 use super::model::{Master, TrainModel};
@@ -19,6 +19,7 @@ use super::optimizer::Optimizer;
 use super::options::{validate, TrainOptions};
 use super::step::{train_step, NonFinite, StepInput};
 use crate::backend::Backend;
+use crate::collective::Collective;
 use crate::tensor::DType;
 use crate::text::TextTokenizer;
 
@@ -59,9 +60,10 @@ impl StepReport {
     }
 }
 
-/// A training run in progress.
+/// A training run in progress (one rank of it).
 pub struct Trainer<'a, B: Backend> {
     be: &'a B,
+    comm: &'a dyn Collective<B>,
     opts: TrainOptions,
     model: TrainModel<B>,
     opt: Optimizer<B>,
@@ -80,9 +82,17 @@ pub struct Trainer<'a, B: Backend> {
 impl<'a, B: Backend> Trainer<'a, B> {
     /// Loads the model (or, with `resume`, the newest checkpoint in the output directory),
     /// reads and validates all data, and plans the first epoch. `dtype` is the compute
-    /// precision (the masters are always f32).
-    pub fn new(be: &'a B, opts: TrainOptions, dtype: DType, resume: bool) -> anyhow::Result<Self> {
+    /// precision (the masters are always f32). `comm` joins the ranks of a data-parallel
+    /// run ([`crate::collective::Solo`] for one); only rank 0 writes or removes files.
+    pub fn new(
+        be: &'a B,
+        opts: TrainOptions,
+        dtype: DType,
+        resume: bool,
+        comm: &'a dyn Collective<B>,
+    ) -> anyhow::Result<Self> {
         validate(&opts)?;
+        let (rank, world) = (comm.rank(), comm.world());
         let mut warnings = Vec::new();
         let found = checkpoints(&opts.output_dir);
         if !resume && !found.is_empty() {
@@ -95,7 +105,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     found.len() - 1
                 );
             }
-            for c in &found {
+            for c in found.iter().filter(|_| rank == 0) {
                 std::fs::remove_dir_all(c)
                     .with_context(|| format!("{}: cannot remove", c.display()))?;
             }
@@ -110,7 +120,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // write that was not renamed into place) is skipped with a warning.
         let mut resumed = None;
         if resume {
-            let now = fingerprint(&opts);
+            let now = fingerprint(&opts, world);
             for dir in &found {
                 match checkpoint::load(be, dir, &now, opts.seed) {
                     Ok(r) => {
@@ -151,7 +161,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let tokenizer = TextTokenizer::from_dir(&source)?;
         tokenizer.check_vocab(model.config.vocab_size, &source.join("config.json"))?;
         let side_files = checkpoint::read_side_files(&source, &opts.model)?;
-        let feed = Feed::new(&opts, tokenizer, state.epoch, &mut warnings)?;
+        let feed = Feed::new(&opts, tokenizer, state.epoch, (rank, world), &mut warnings)?;
         let epoch_len = feed.epoch_len(&opts) as u64;
         let total = match opts.max_steps {
             Some(n) => n,
@@ -165,8 +175,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         } else {
             Schedule::Constant
         };
+        // Rank 0 has removed what it had to before any rank goes on.
+        comm.barrier()?;
         Ok(Trainer {
             be,
+            comm,
             model,
             opt,
             feed,
@@ -216,13 +229,20 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let k = self.state.step;
         let o = &self.opts;
-        let (batch, cfg) =
+        let (batch, cfg, weight) =
             self.feed
                 .batch(o, &self.model.config, self.state.epoch, self.state.index, k)?;
         let p = o.dropout.unwrap_or(self.model.config.hidden_dropout_prob);
+        // Each rank its own masks (rank 0's are those of a one-rank run).
+        let rank_mix = (self.comm.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let dropout = StepDropout {
             p,
-            seed: o.seed ^ (k + 1).wrapping_mul(0x2545_F491_4F6C_DD1D),
+            seed: o.seed ^ (k + 1).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ rank_mix,
+        };
+        let rank = RankLoss {
+            comm: self.comm,
+            cross_device: o.negatives_cross_device,
+            weight,
         };
         let lr = o.adamw.lr * self.schedule.factor(k);
         let input = StepInput {
@@ -233,7 +253,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             t: k + 1,
             lr,
         };
-        let out = match train_step(self.be, &mut self.model, &mut self.opt, &input) {
+        let out = match train_step(self.be, &mut self.model, &mut self.opt, &input, &rank) {
             Ok(out) => out,
             Err(e) => {
                 let Some(nf) = e.downcast_ref::<NonFinite>() else {
@@ -262,8 +282,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Writes a checkpoint `checkpoint-N` (model files, optimiser and trainer state) into
-    /// the output directory, whole or not at all.
-    pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+    /// the output directory, whole or not at all; on ranks other than 0, nothing (`None`).
+    pub fn save_checkpoint(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        if self.comm.rank() != 0 {
+            return Ok(None);
+        }
         let masters = self.masters_host()?;
         let moments = self.opt.moments_host(self.be)?;
         let dst = checkpoint::save(
@@ -273,22 +296,28 @@ impl<'a, B: Backend> Trainer<'a, B> {
             &moments,
             self.state,
             &self.opts,
+            self.comm.world(),
             self.total,
             &self.side_files,
         )?;
         self.last_checkpoint = Some(dst.clone());
-        Ok(dst)
+        Ok(Some(dst))
     }
 
-    /// Writes the trained model into the output directory itself.
+    /// Writes the trained model into the output directory itself (rank 0 only), and waits
+    /// until it is written on every rank.
     pub fn save_final(&mut self) -> anyhow::Result<()> {
-        let masters = self.masters_host()?;
-        checkpoint::save_final(
-            &self.opts.output_dir,
-            &self.model,
-            &masters,
-            &self.side_files,
-        )
+        if self.comm.rank() == 0 {
+            let masters = self.masters_host()?;
+            checkpoint::save_final(
+                &self.opts.output_dir,
+                &self.model,
+                &masters,
+                &self.side_files,
+            )?;
+        }
+        self.comm.barrier()?;
+        Ok(())
     }
 }
 
@@ -312,7 +341,9 @@ pub struct Silent;
 impl Progress for Silent {}
 
 /// Runs training to the end: metrics (one line per step, to `metrics`) and checkpoints
-/// every `save_steps`, then the final model into the output directory.
+/// every `save_steps`, then the final model into the output directory. Every rank of a
+/// data-parallel run calls it with its `comm`; give rank 0 the metrics and the progress.
+#[allow(clippy::too_many_arguments)]
 pub fn run_training<B: Backend>(
     be: &B,
     opts: TrainOptions,
@@ -320,30 +351,36 @@ pub fn run_training<B: Backend>(
     resume: bool,
     metrics: Option<&Path>,
     progress: &mut dyn Progress,
+    comm: &dyn Collective<B>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.output_dir)
-        .with_context(|| format!("{}: cannot create", opts.output_dir.display()))?;
-    let save_steps = opts.save_steps;
-    let mut trainer = Trainer::new(be, opts, dtype, resume)?;
-    for w in trainer.warnings() {
-        progress.warn(w);
-    }
-    let mut metrics = metrics
-        .map(|p| MetricsWriter::open(p, resume.then_some(trainer.state().step)))
-        .transpose()?;
-    progress.start(trainer.state().step, trainer.total_steps());
-    while !trainer.finished() {
-        let r = trainer.step()?;
-        progress.step(&r, trainer.total_steps());
-        if let Some(m) = &mut metrics {
-            m.write(&r.to_json())?;
+    let run = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&opts.output_dir)
+            .with_context(|| format!("{}: cannot create", opts.output_dir.display()))?;
+        let save_steps = opts.save_steps;
+        let mut trainer = Trainer::new(be, opts, dtype, resume, comm)?;
+        for w in trainer.warnings() {
+            progress.warn(w);
         }
-        if save_steps.is_some_and(|n| n > 0 && r.step % n == 0) {
-            let dir = trainer.save_checkpoint()?;
-            progress.saved(&dir);
+        let mut metrics = metrics
+            .map(|p| MetricsWriter::open(p, resume.then_some(trainer.state().step)))
+            .transpose()?;
+        progress.start(trainer.state().step, trainer.total_steps());
+        while !trainer.finished() {
+            let r = trainer.step()?;
+            progress.step(&r, trainer.total_steps());
+            if let Some(m) = &mut metrics {
+                m.write(&r.to_json())?;
+            }
+            if save_steps.is_some_and(|n| n > 0 && r.step % n == 0) {
+                if let Some(dir) = trainer.save_checkpoint()? {
+                    progress.saved(&dir);
+                }
+            }
         }
-    }
-    trainer.save_final()?;
-    progress.finish();
-    Ok(())
+        trainer.save_final()?;
+        progress.finish();
+        Ok(())
+    };
+    // A rank that fails tells the others, which stop at their next collective naming it.
+    run().inspect_err(|e| comm.abort(&format!("{e:#}")))
 }

@@ -259,6 +259,13 @@ impl Cuda {
         libs && CudaContext::device_count().is_ok_and(|n| n > 0)
     }
 
+    /// Number of CUDA devices (call after [`Cuda::available`]).
+    pub fn device_count() -> Result<usize> {
+        CudaContext::device_count()
+            .map(|n| n as usize)
+            .map_err(|e| cuda_err("device count", e))
+    }
+
     /// Opens device `ordinal` with the default kernels (see [`Cuda::with_kernels`]).
     pub fn new(ordinal: usize) -> Result<Self> {
         Self::with_kernels(ordinal, KernelChoices::default())
