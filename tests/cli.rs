@@ -669,8 +669,115 @@ fn train_with_two_ranks_writes_one_model_and_refuses_resuming_with_another_world
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A free loopback port (bound, read, released: a launcher picks one the same way).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 #[test]
-fn train_under_a_multi_process_launcher_says_what_works_instead() {
+fn train_as_processes_under_torchrun_variables_matches_the_in_process_ranks() {
+    let d = tmp("train-procs");
+    let data = d.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"query\": \"capital of France\", \"pos\": [\"Paris is the capital of France.\"], \"neg\": [\"The fox jumps.\"]}\n\
+         {\"query\": \"schneller Fuchs\", \"pos\": [\"Der schnelle braune Fuchs\"], \"neg\": [\"Paris\"]}\n\
+         {\"query\": \"Everest\", \"pos\": [\"Mount Everest is 8849 metres high.\"], \"neg\": [\"Hamlet\"]}\n",
+    )
+    .unwrap();
+    let model = fixture("tiny-m3");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            MODEL,
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--per-device-train-batch-size",
+            "1",
+            "--train-group-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--negatives-cross-device",
+            "--collective-timeout",
+            "60",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let threads = d.join("threads");
+    let mut a = args(&threads);
+    a.extend(["--nproc-per-node".into(), "2".into()]);
+    let out = m3(&a.iter().map(String::as_str).collect::<Vec<_>>(), b"");
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    // The same run as two processes joined at MASTER_ADDR:MASTER_PORT.
+    let procs = d.join("procs");
+    let port = free_port().to_string();
+    let spawn = |rank: &str, extra: &[&str]| {
+        let mut a = args(&procs);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
+            .args(&a)
+            .env("RANK", rank)
+            .env("LOCAL_RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (r0, r1) = (spawn("0", &[]), spawn("1", &[]));
+    for (r, c) in [("0", r0), ("1", r1)] {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "rank {r}: {}", common::stderr(&out));
+    }
+    // Both sum the ranks' gradients in rank order: the same weights to the bit.
+    let w = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(w(&threads) == w(&procs), "the process run's model differs");
+    // A rank that fails stops the other, which names it.
+    let port = free_port().to_string();
+    let spawn = |rank: &str, model: &str| {
+        let mut a = args(&d.join("fail"));
+        a[2] = model.to_string();
+        std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
+            .args(&a)
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_PORT", &port)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let missing = d.join("no-such-model");
+    let (r0, r1) = (
+        spawn("0", model.to_str().unwrap()),
+        spawn("1", missing.to_str().unwrap()),
+    );
+    let (o0, o1) = (
+        r0.wait_with_output().unwrap(),
+        r1.wait_with_output().unwrap(),
+    );
+    let (e0, e1) = (common::stderr(&o0), common::stderr(&o1));
+    assert!(!o1.status.success() && e1.contains("no-such-model"), "{e1}");
+    assert!(
+        !o0.status.success() && e0.contains("rank 1 stopped"),
+        "{e0}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn train_refuses_nproc_per_node_under_a_launcher() {
     let d = tmp("train-world");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
         .args([
@@ -681,6 +788,7 @@ fn train_under_a_multi_process_launcher_says_what_works_instead() {
             "x.jsonl",
         ])
         .args(["--output-dir", d.join("out").to_str().unwrap()])
+        .args(["--nproc-per-node", "4"])
         .env("WORLD_SIZE", "4")
         .env("RANK", "1")
         .output()

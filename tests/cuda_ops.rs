@@ -714,13 +714,13 @@ fn arena_ops_at_offsets_match_the_cpu() {
             let [p, g, m, v] = &mut ct[..] else {
                 unreachable!()
             };
-            Cpu.adamw(p, g, m, v, r.clone(), &s).unwrap();
+            Cpu.adamw(p, r.start, g, m, v, r.clone(), &s).unwrap();
         }
         {
             let [p, g, m, v] = &mut dt[..] else {
                 unreachable!()
             };
-            dev.adamw(p, g, m, v, r.clone(), &s).unwrap();
+            dev.adamw(p, r.start, g, m, v, r.clone(), &s).unwrap();
         }
         for (k, name) in [(0, "p"), (2, "m"), (3, "v")] {
             let (want, got) = (
@@ -765,7 +765,8 @@ fn adamw_and_sum_of_squares_match_the_host_reference() {
         adamw_host(&mut hp, &g, &mut hm, &mut hv, &s);
         let up = |x: &[f32]| dev.upload(HostData::F32(x), &[n]).unwrap();
         let (mut dp, dg, mut dm, mut dv) = (up(&p), up(&g), up(&m), up(&v));
-        dev.adamw(&mut dp, &dg, &mut dm, &mut dv, 0..n, &s).unwrap();
+        dev.adamw(&mut dp, 0, &dg, &mut dm, &mut dv, 0..n, &s)
+            .unwrap();
         for (name, want, got) in [("p", &hp, &dp), ("m", &hm, &dm), ("v", &hv, &dv)] {
             // Norm-wise like every other cross-check: an element of m near zero by
             // cancellation has no meaningful relative error of its own (the kernel's fma

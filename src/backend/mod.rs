@@ -171,41 +171,48 @@ pub trait Backend: Device + Sized + Send + Sync {
         Ok(self.layernorm(&x, gamma, beta, eps)?.y)
     }
 
-    /// One AdamW step in place on the elements `range` of f32 tensors of one shape:
-    /// parameter `p`, gradient `g` (times `s.grad_scale`), moments `m` and `v` (flat
-    /// arenas: one call per run of tensors that share a weight decay). The default runs
-    /// [`adamw_host`] through host copies; the CPU runs it in place and CUDA in a kernel of
-    /// the same arithmetic.
+    /// One AdamW step in place: parameters `p[p_at ..]` (f32) from the elements `range` of
+    /// the gradient `g` (times `s.grad_scale`) and moments `m`, `v` (f32, `g`'s shape). With
+    /// flat master and moment arenas `p_at == range.start` and one call covers a run of
+    /// tensors sharing a weight decay; with a model's own f32 tensor as the master,
+    /// `p_at == 0` and `range` is its slot. The default runs [`adamw_host`] through host
+    /// copies; the CPU runs it in place and CUDA in a kernel of the same arithmetic.
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         p: &mut Tensor<Self>,
+        p_at: usize,
         g: &Tensor<Self>,
         m: &mut Tensor<Self>,
         v: &mut Tensor<Self>,
         range: std::ops::Range<usize>,
         s: &AdamWStep,
     ) -> Result<()> {
-        check_same("adamw", ("p", p), ("g", g))?;
-        check_same("adamw", ("m", m), ("g", g))?;
-        check_same("adamw", ("v", v), ("g", g))?;
-        check_range("adamw", g, &range)?;
+        check_adamw(p, p_at, g, m, v, &range)?;
         let (mut pv, gv, mut mv, mut vv) = (
             self.to_vec_f32(p)?,
             self.to_vec_f32(g)?,
             self.to_vec_f32(m)?,
             self.to_vec_f32(v)?,
         );
-        let r = range;
+        let n = range.len();
         adamw_host(
-            &mut pv[r.clone()],
-            &gv[r.clone()],
-            &mut mv[r.clone()],
-            &mut vv[r],
+            &mut pv[p_at..p_at + n],
+            &gv[range.clone()],
+            &mut mv[range.clone()],
+            &mut vv[range],
             s,
         );
         self.write_f32(p, &pv)?;
         self.write_f32(m, &mv)?;
         self.write_f32(v, &vv)
+    }
+
+    /// Sets every element of a float tensor to zero in place (a buffer reused every step:
+    /// a fresh one costs page faults on the CPU and an allocation on the device).
+    fn zero(&self, t: &mut Tensor<Self>) -> Result<()> {
+        let n = t.numel();
+        self.write_f32(t, &vec![0.0; n])
     }
 
     /// `dst[offset..offset + src.numel()] += src` on a flat f32 `dst` (a parameter's
@@ -429,6 +436,33 @@ pub(crate) fn check_range<B: Backend>(
         );
     }
     Ok(())
+}
+
+/// The operands of [`Backend::adamw`] fit: `p`, `m`, `v` f32, `m` and `v` of `g`'s shape,
+/// `range` within `g`, and `p[p_at..]` as long as `range`.
+pub(crate) fn check_adamw<B: Backend>(
+    p: &Tensor<B>,
+    p_at: usize,
+    g: &Tensor<B>,
+    m: &Tensor<B>,
+    v: &Tensor<B>,
+    range: &std::ops::Range<usize>,
+) -> Result<()> {
+    const OP: &str = "adamw";
+    for (name, t) in [("p", p), ("m", m), ("v", v)] {
+        check_dtype(OP, name, t, DType::F32)?;
+    }
+    check_float(OP, "g", g)?;
+    for (name, t) in [("m", m), ("v", v)] {
+        if t.shape() != g.shape() {
+            return shape_err(
+                OP,
+                format!("{name} is {:?} but g is {:?}", t.shape(), g.shape()),
+            );
+        }
+    }
+    check_range(OP, g, range)?;
+    check_range(OP, p, &(p_at..p_at + range.len()))
 }
 
 /// `flat` is f32 and its elements `offset..offset + part.numel()` exist; `part` is float.

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
-use m3::collective::ThreadGroup;
+use m3::collective::{HostGroup, ThreadGroup};
 use m3::DType;
 
 use super::DeviceArg;
@@ -54,7 +54,7 @@ pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
 /// A command body run once per data-parallel rank, each rank on its own backend.
 pub trait RankJob: Sync {
     /// Runs rank `comm.index()`.
-    fn run_rank<B: Backend>(&self, be: &B, dtype: DType, comm: &ThreadGroup) -> anyhow::Result<()>;
+    fn run_rank<B: Backend>(&self, be: &B, dtype: DType, comm: &HostGroup) -> anyhow::Result<()>;
 }
 
 /// Runs `job` once per rank of `ranks`, each in its own thread on its own backend (CUDA:
@@ -69,23 +69,8 @@ pub fn on_ranks(
         let handles: Vec<_> = ranks
             .into_iter()
             .map(|g| {
-                s.spawn(move || {
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_rank_on(device, job, &g)
-                    }));
-                    let r = r.unwrap_or_else(|p| {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        Err(anyhow::anyhow!("panicked: {msg}"))
-                    });
-                    r.map_err(|e| {
-                        g.fail(&format!("{e:#}"));
-                        e.context(format!("rank {}", g.index()))
-                    })
-                })
+                let local = g.index();
+                s.spawn(move || on_rank(device, local, job, &HostGroup::Threads(g)))
             })
             .collect();
         handles
@@ -105,7 +90,38 @@ pub fn on_ranks(
     }
 }
 
-fn run_rank_on(device: DeviceArg, job: &impl RankJob, g: &ThreadGroup) -> anyhow::Result<()> {
+/// Runs one rank of `job` on the chosen device (CUDA: GPU `local mod device count`); a
+/// failure or panic is passed to the other ranks before it is returned, naming the rank.
+pub fn on_rank(
+    device: DeviceArg,
+    local: usize,
+    job: &impl RankJob,
+    g: &HostGroup,
+) -> anyhow::Result<()> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_rank_on(device, local, job, g)
+    }));
+    let r = r.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(anyhow::anyhow!("panicked: {msg}"))
+    });
+    r.map_err(|e| {
+        g.fail(&format!("{e:#}"));
+        e.context(format!("rank {}", g.index()))
+    })
+}
+
+fn run_rank_on(
+    device: DeviceArg,
+    local: usize,
+    job: &impl RankJob,
+    g: &HostGroup,
+) -> anyhow::Result<()> {
+    let _ = local;
     #[cfg(feature = "cuda")]
     {
         use m3::backend::cuda::Cuda;
@@ -115,8 +131,7 @@ fn run_rank_on(device: DeviceArg, job: &impl RankJob, g: &ThreadGroup) -> anyhow
             DeviceArg::Cpu => false,
         };
         if cuda {
-            let be =
-                Cuda::with_kernels(g.index() % Cuda::device_count()?.max(1), kernel_choices())?;
+            let be = Cuda::with_kernels(local % Cuda::device_count()?.max(1), kernel_choices())?;
             return job.run_rank(&be, DType::BF16, g);
         }
     }

@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use m3::backend::Backend;
-use m3::collective::{Solo, ThreadGroup};
+use m3::collective::{HostGroup, Solo, TcpGroup, ThreadGroup};
 use m3::train::loss::KdLoss;
 use m3::train::optim::AdamW;
 use m3::train::options::TrainOptions;
@@ -14,7 +15,7 @@ use m3::train::trainer::{run_training, Progress, Silent, StepReport};
 use m3::DType;
 
 use super::clobber::{files_in, named, refuse_dir_holding_input, refuse_same_file};
-use super::device::{on_device, on_ranks, Job, RankJob};
+use super::device::{on_device, on_rank, on_ranks, Job, RankJob};
 use super::{ComputeArg, DeviceArg};
 
 /// Learning-rate schedules.
@@ -241,7 +242,7 @@ impl RankJob for TrainArgs {
         &self,
         be: &B,
         device_dtype: DType,
-        comm: &ThreadGroup,
+        comm: &HostGroup,
     ) -> anyhow::Result<()> {
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         // Rank 0 reports and writes the metrics; the others only compute.
@@ -260,9 +261,17 @@ impl RankJob for TrainArgs {
     }
 }
 
-/// The world a launcher (torchrun, SLURM `srun`, mpirun-style) set up in the environment:
-/// `WORLD_SIZE` and `RANK` (`LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` go with them).
-fn launcher_world() -> anyhow::Result<Option<(usize, usize)>> {
+/// The world a launcher (torchrun, SLURM `srun` with these exported, mpirun-style) set up
+/// in the environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (the GPU; default the rank),
+/// `MASTER_ADDR` (default 127.0.0.1) and `MASTER_PORT` (default 29500, torchrun's).
+struct LauncherWorld {
+    rank: usize,
+    world: usize,
+    local: usize,
+    addr: String,
+}
+
+fn launcher_world() -> anyhow::Result<Option<LauncherWorld>> {
     let var = |k: &str| -> anyhow::Result<Option<usize>> {
         match std::env::var(k) {
             Err(_) => Ok(None),
@@ -273,11 +282,24 @@ fn launcher_world() -> anyhow::Result<Option<(usize, usize)>> {
                 .map_err(|_| anyhow::anyhow!("{k}={v:?} is not a non-negative integer")),
         }
     };
-    Ok(match (var("WORLD_SIZE")?, var("RANK")?) {
-        (Some(w), r) if w > 1 => Some((r.unwrap_or(0), w)),
-        _ => None,
-    })
+    let Some(world) = var("WORLD_SIZE")?.filter(|&w| w > 1) else {
+        return Ok(None);
+    };
+    let rank =
+        var("RANK")?.ok_or_else(|| anyhow::anyhow!("WORLD_SIZE={world} is set but RANK is not"))?;
+    if rank >= world {
+        anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world}");
+    }
+    let host = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = var("MASTER_PORT")?.unwrap_or(29500);
+    Ok(Some(LauncherWorld {
+        rank,
+        world,
+        local: var("LOCAL_RANK")?.unwrap_or(rank),
+        addr: format!("{host}:{port}"),
+    }))
 }
+
 pub struct Bar {
     bar: ProgressBar,
     tty: bool,
@@ -348,25 +370,29 @@ impl Progress for Bar {
 
 /// Runs `m3 train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    if let Some((rank, world)) = launcher_world()? {
-        // Ranks in separate processes need a transport between them (NCCL); m3 has only
-        // the in-process one so far, so say what works instead of training alone.
-        anyhow::bail!(
-            "WORLD_SIZE={world} (RANK={rank}): this m3 cannot join ranks in other processes \
-             (multi-process and multi-node training over NCCL are not built yet); on one \
-             machine run a single `m3 train --nproc-per-node {world}`, which trains the \
-             ranks as threads of one process"
-        );
+    if !a.collective_timeout.is_finite() || a.collective_timeout <= 0.0 {
+        anyhow::bail!("--collective-timeout must be a positive number of seconds");
+    }
+    let timeout = std::time::Duration::from_secs_f64(a.collective_timeout);
+    if let Some(w) = launcher_world()? {
+        if a.nproc_per_node > 1 {
+            anyhow::bail!(
+                "--nproc-per-node {} under a launcher that set WORLD_SIZE={}: give one or the other",
+                a.nproc_per_node,
+                w.world
+            );
+        }
+        a.check_paths()?;
+        let g = TcpGroup::join(&w.addr, w.rank, w.world, timeout)?;
+        on_rank(a.device, w.local, &a, &HostGroup::Tcp(Arc::new(g)))?;
+        if w.rank == 0 {
+            eprintln!("wrote the trained model to {}", a.output_dir.display());
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     if a.nproc_per_node > 1 {
         a.check_paths()?;
-        if !a.collective_timeout.is_finite() || a.collective_timeout <= 0.0 {
-            anyhow::bail!("--collective-timeout must be a positive number of seconds");
-        }
-        let ranks = ThreadGroup::new(
-            a.nproc_per_node as usize,
-            std::time::Duration::from_secs_f64(a.collective_timeout),
-        );
+        let ranks = ThreadGroup::new(a.nproc_per_node as usize, timeout);
         on_ranks(a.device, ranks, &a)?;
         eprintln!("wrote the trained model to {}", a.output_dir.display());
         return Ok(ExitCode::SUCCESS);

@@ -312,7 +312,9 @@ pub fn rank_slice(records: &[usize], rank: usize, world: usize) -> &[usize] {
 /// ranks (the padding of [`rank_slice`] included).
 pub fn global_queries(n: usize, world: usize) -> usize {
     let ids: Vec<usize> = (0..n).collect();
-    (0..world.max(1)).map(|r| rank_slice(&ids, r, world).len()).sum()
+    (0..world.max(1))
+        .map(|r| rank_slice(&ids, r, world).len())
+        .sum()
 }
 
 /// Builds rank `rank`'s share of global batch `plan` (step `step` of `epoch`): one positive

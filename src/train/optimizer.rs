@@ -1,6 +1,7 @@
-//! The optimiser's state on a backend: the f32 master weights, AdamW's moments and the
-//! step's gradients, each one flat arena ([`super::arena`]); the global gradient norm,
-//! clipping, and the update that refreshes the model's compute copies from the masters.
+//! The optimiser's state on a backend: AdamW's moments and the step's gradients, each one
+//! flat f32 arena ([`super::arena`]), and the f32 master weights (a flat arena too when
+//! compute runs in bf16; with f32 compute the model's own tensors are the masters, so the
+//! weights are held once); clipping, and the update that refreshes the compute copies.
 //! The maths of one AdamW step and the schedules are [`super::optim`].
 
 use anyhow::Context;
@@ -15,12 +16,16 @@ use crate::tensor::{DType, HostData, Tensor};
 pub struct Optimizer<B: Backend> {
     /// Where each trainable tensor lives in the arenas.
     layout: ParamLayout,
-    /// f32 master weights `[layout.len()]`.
-    master: Tensor<B>,
+    /// f32 master weights `[layout.len()]` when compute runs in another dtype; `None`
+    /// when the model's own f32 tensors are the masters.
+    master: Option<Tensor<B>>,
     /// AdamW's first moments, same layout.
     m: Tensor<B>,
     /// AdamW's second moments, same layout.
     v: Tensor<B>,
+    /// The gradients of the step being taken (kept across steps: a fresh arena would cost
+    /// page faults on the CPU and an allocation on the device every step).
+    grads: GradArena<B>,
     /// AdamW's hyper-parameters.
     pub hparams: AdamW,
     /// Clip the global gradient norm to this (0 = no clipping).
@@ -40,10 +45,15 @@ impl<B: Backend> Optimizer<B> {
         saved: Option<&[Moments]>,
     ) -> anyhow::Result<Self> {
         let layout = ParamLayout::of(model);
-        let mut master = be.zeros(&[layout.len()], DType::F32)?;
-        for (s, (_, t)) in layout.slots().iter().zip(model.named_mut()) {
-            be.add_at(&mut master, s.offset, t)?;
-        }
+        let master = if dtype == DType::F32 {
+            None
+        } else {
+            let mut flat = be.zeros(&[layout.len()], DType::F32)?;
+            for (s, (_, t)) in layout.slots().iter().zip(model.named_mut()) {
+                be.add_at(&mut flat, s.offset, t)?;
+            }
+            Some(flat)
+        };
         let (m, v) = match saved {
             Some(saved) => {
                 let mut parts: [Vec<&[f32]>; 2] = [Vec::new(), Vec::new()];
@@ -69,11 +79,13 @@ impl<B: Backend> Optimizer<B> {
         if dtype != DType::F32 {
             model.cast(be, dtype)?;
         }
+        let grads = GradArena::zeros(be, &layout)?;
         Ok(Optimizer {
             layout,
             master,
             m,
             v,
+            grads,
             hparams,
             max_grad_norm,
         })
@@ -84,9 +96,19 @@ impl<B: Backend> Optimizer<B> {
         &self.layout
     }
 
-    /// A zero gradient arena for one step.
-    pub fn zero_grads(&self, be: &B) -> crate::error::Result<GradArena<B>> {
-        GradArena::zeros(be, &self.layout)
+    /// The gradient arena for a new step, zeroed, with the layout it follows.
+    pub fn zero_grads(
+        &mut self,
+        be: &B,
+    ) -> crate::error::Result<(&ParamLayout, &mut GradArena<B>)> {
+        be.zero(&mut self.grads.flat)?;
+        self.grads.present.fill(false);
+        Ok((&self.layout, &mut self.grads))
+    }
+
+    /// The gradients of the step being taken.
+    pub fn grads(&self) -> &GradArena<B> {
+        &self.grads
     }
 
     /// The factor gradients of global norm `norm` are scaled by.
@@ -98,46 +120,70 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// AdamW step `t` (1-based) at rate `lr`, gradients scaled by `scale` (clipping, and the
-    /// average over ranks), on every tensor that has a gradient (PyTorch skips parameters
-    /// whose `grad` is `None`): one call per run of the arena; then the model's compute
-    /// copies are refreshed from the masters on the device.
+    /// AdamW step `t` (1-based) at rate `lr` from the step's gradients scaled by `scale`
+    /// (clipping, and the average over ranks), on every tensor that has a gradient (PyTorch
+    /// skips parameters whose `grad` is `None`). With a master arena: one call per run of
+    /// the arena, then the compute copies are refreshed from it on the device; with the
+    /// model's f32 tensors as masters, one call per tensor, in place.
     pub fn update(
         &mut self,
         be: &B,
         model: &mut TrainModel<B>,
-        grads: &GradArena<B>,
         t: u64,
         lr: f32,
         scale: f32,
     ) -> anyhow::Result<()> {
-        for (range, decay) in self.layout.runs(&grads.present) {
-            let s = step_scalars(t, lr, decay, scale, &self.hparams);
-            be.adamw(
-                &mut self.master,
-                &grads.flat,
-                &mut self.m,
-                &mut self.v,
-                range.clone(),
-                &s,
-            )
-            .with_context(|| format!("AdamW on arena elements {range:?}"))?;
-        }
-        for (s, (_, t)) in self.layout.slots().iter().zip(model.named_mut()) {
-            be.read_at(&self.master, s.offset, t)
-                .with_context(|| format!("refreshing {}", s.name))?;
+        let g = &self.grads;
+        match &mut self.master {
+            Some(master) => {
+                for (range, decay) in self.layout.runs(&g.present) {
+                    let s = step_scalars(t, lr, decay, scale, &self.hparams);
+                    be.adamw(
+                        master,
+                        range.start,
+                        &g.flat,
+                        &mut self.m,
+                        &mut self.v,
+                        range.clone(),
+                        &s,
+                    )
+                    .with_context(|| format!("AdamW on arena elements {range:?}"))?;
+                }
+                for (s, (_, t)) in self.layout.slots().iter().zip(model.named_mut()) {
+                    be.read_at(master, s.offset, t)
+                        .with_context(|| format!("refreshing {}", s.name))?;
+                }
+            }
+            None => {
+                let named = model.named_mut();
+                for (k, (slot, (_, p))) in self.layout.slots().iter().zip(named).enumerate() {
+                    if !g.present[k] {
+                        continue;
+                    }
+                    let s = step_scalars(t, lr, slot.decays, scale, &self.hparams);
+                    be.adamw(p, 0, &g.flat, &mut self.m, &mut self.v, slot.range(), &s)
+                        .with_context(|| format!("AdamW on {}", slot.name))?;
+                }
+            }
         }
         Ok(())
     }
 
     /// The f32 master weights with their names, copied to the host.
-    pub fn masters_host(&self, be: &B) -> anyhow::Result<Vec<Master>> {
-        let flat = be.to_vec_f32(&self.master)?;
+    pub fn masters_host(&self, be: &B, model: &mut TrainModel<B>) -> anyhow::Result<Vec<Master>> {
+        let data = match &self.master {
+            Some(flat) => self.layout.split(&be.to_vec_f32(flat)?),
+            None => model
+                .named_mut()
+                .into_iter()
+                .map(|(_, t)| be.to_vec_f32(t))
+                .collect::<crate::error::Result<_>>()?,
+        };
         Ok(self
             .layout
             .slots()
             .iter()
-            .zip(self.layout.split(&flat))
+            .zip(data)
             .map(|(s, data)| Master {
                 name: s.name.clone(),
                 shape: s.shape.clone(),

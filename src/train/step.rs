@@ -58,17 +58,17 @@ pub fn train_step<B: Backend>(
     s: &StepInput,
     rank: &RankLoss<'_, B>,
 ) -> anyhow::Result<StepOutcome> {
-    let mut grads = opt.zero_grads(be)?;
+    let (layout, grads) = opt.zero_grads(be)?;
     let mut loss = step_grads(
         be,
         model,
-        opt.layout(),
+        layout,
         s.batch,
         s.loss,
         s.dropout,
         s.sub_batch,
         rank,
-        &mut grads,
+        grads,
     )?;
     let comm = rank.comm;
     let world = comm.world();
@@ -91,7 +91,7 @@ pub fn train_step<B: Backend>(
         .into());
     }
     let scale = opt.clip(grad_norm) / world as f32;
-    opt.update(be, model, &grads, s.t, s.lr, scale)?;
+    opt.update(be, model, s.t, s.lr, scale)?;
     let mut tokens = [(s.batch.q.tokens() + s.batch.p.tokens()) as f32];
     if world > 1 {
         let mut t = be.upload(HostData::F32(&tokens), &[1])?;

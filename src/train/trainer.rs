@@ -216,7 +216,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// The f32 master weights, copied to the host.
     pub fn masters_host(&mut self) -> anyhow::Result<Vec<Master>> {
-        self.opt.masters_host(self.be)
+        self.opt.masters_host(self.be, &mut self.model)
     }
 
     /// Runs one optimiser step. A non-finite loss or gradient is an error naming the step;

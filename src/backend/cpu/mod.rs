@@ -13,8 +13,8 @@ use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    adamw_host, attention_dims, check_at, check_dtype, check_float, check_ids, check_lexical_side,
-    check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    adamw_host, attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids,
+    check_lexical_side, check_same, check_vec, cross_entropy_dims, embedding_dims,
     layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
     LayerNormGrads, LayerNormOut, LexicalSide,
 };
@@ -257,6 +257,7 @@ impl Backend for Cpu {
     fn adamw(
         &self,
         p: &mut T,
+        p_at: usize,
         g: &T,
         m: &mut T,
         v: &mut T,
@@ -264,10 +265,7 @@ impl Backend for Cpu {
         s: &AdamWStep,
     ) -> Result<()> {
         const OP: &str = "adamw";
-        check_same(OP, ("p", p), ("g", g))?;
-        check_same(OP, ("m", m), ("g", g))?;
-        check_same(OP, ("v", v), ("g", g))?;
-        check_range(OP, g, &range)?;
+        check_adamw(p, p_at, g, m, v, &range)?;
         let gv = &f32s(OP, "g", g)?[range.clone()];
         let (CpuStorage::F32(pv), CpuStorage::F32(mv), CpuStorage::F32(vv)) =
             (p.storage_mut(), m.storage_mut(), v.storage_mut())
@@ -276,12 +274,21 @@ impl Backend for Cpu {
         };
         // Elementwise: chunks across threads give the same bits as one pass.
         const CHUNK: usize = 1 << 16;
-        pv[range.clone()]
+        pv[p_at..p_at + range.len()]
             .par_chunks_mut(CHUNK)
             .zip(mv[range.clone()].par_chunks_mut(CHUNK))
             .zip(vv[range].par_chunks_mut(CHUNK))
             .zip(gv.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| adamw_host(p, g, m, v, s));
+        Ok(())
+    }
+
+    fn zero(&self, t: &mut T) -> Result<()> {
+        let n = t.numel();
+        match t.storage_mut() {
+            CpuStorage::F32(v) => v[..n].par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0)),
+            _ => return dtype_err("zero", "the CPU backend computes in f32"),
+        }
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{
-    attention_dims, check_at, check_dtype, check_float, check_ids, check_lexical_side, check_range,
+    attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids, check_lexical_side,
     check_same, check_vec, cross_entropy_dims, embedding_dims, layernorm_backward_dims,
     layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut,
     LexicalEntries, LexicalSide,
@@ -894,30 +894,25 @@ impl Backend for Cuda {
     fn adamw(
         &self,
         p: &mut T,
+        p_at: usize,
         g: &T,
         m: &mut T,
         v: &mut T,
         range: std::ops::Range<usize>,
         s: &AdamWStep,
     ) -> Result<()> {
-        const OP: &str = "adamw";
-        for (name, t) in [("p", &*p), ("m", &*m), ("v", &*v)] {
-            check_dtype(OP, name, t, DType::F32)?;
-            if t.shape() != g.shape() {
-                return shape_err(
-                    OP,
-                    format!("{name} is {:?} but g is {:?}", t.shape(), g.shape()),
-                );
-            }
-        }
-        check_float(OP, "g", g)?;
-        check_range(OP, g, &range)?;
+        check_adamw(p, p_at, g, m, v, &range)?;
         let n = range.len() as i64;
         if n > 0 {
             let f = self.func("elementwise", &format!("adamw_{}", sfx(g.dtype())))?;
-            // The range's first element of each buffer (the kernel indexes from 0).
-            let at = |t: &T| self.device_ptr(t) + (range.start * t.dtype().size()) as u64;
-            let (pp, gp, mp, vp) = (at(p), at(g), at(m), at(v));
+            // Each buffer's first element of the update (the kernel indexes from 0).
+            let at = |t: &T, k: usize| self.device_ptr(t) + (k * t.dtype().size()) as u64;
+            let (pp, gp, mp, vp) = (
+                at(p, p_at),
+                at(g, range.start),
+                at(m, range.start),
+                at(v, range.start),
+            );
             launch!(
                 self,
                 f,
@@ -939,6 +934,10 @@ impl Backend for Cuda {
             )?;
         }
         Ok(())
+    }
+
+    fn zero(&self, t: &mut T) -> Result<()> {
+        self.memset_zero(t)
     }
 
     fn add_at(&self, dst: &mut T, offset: usize, src: &T) -> Result<()> {

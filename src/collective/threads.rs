@@ -1,113 +1,11 @@
-//! Communication between data-parallel training ranks (SPEC §5, cross-device negatives;
-//! §6, one global batch per step): the [`Collective`] interface the training step uses,
-//! [`Solo`] for one rank, and [`ThreadGroup`], where the ranks are threads of one process,
-//! each with its own backend (tests, CPU machines, and several ranks on the GPUs of one
-//! node). Every collective waits at most the group's timeout and fails naming the ranks it
-//! waited for; a rank that fails tells the others, which then fail naming it, so no rank
-//! hangs.
+//! Ranks as threads of one process, exchanging through shared memory.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::Collective;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{HostData, Tensor};
-
-/// What the training step needs from the other ranks. All ranks call the same collectives
-/// in the same order.
-pub trait Collective<B: Backend>: Send + Sync {
-    /// This rank, `0..world()`.
-    fn rank(&self) -> usize;
-
-    /// Number of ranks.
-    fn world(&self) -> usize;
-
-    /// Every rank's bytes, in rank order (small metadata: row counts, masked columns).
-    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
-
-    /// Elementwise sum of an f32 tensor over ranks, in place; every rank gets the same
-    /// bits (the sum runs in rank order).
-    fn all_reduce_sum(&self, be: &B, x: &mut Tensor<B>) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
-        let mine = be.to_vec_f32(x)?;
-        let all = self.all_gather_bytes(&f32_bytes(&mine))?;
-        let mut sum = vec![0f32; mine.len()];
-        for (r, b) in all.iter().enumerate() {
-            let v = bytes_f32(b);
-            if v.len() != sum.len() {
-                return Err(Error::Collective(format!(
-                    "all-reduce: rank {r} sent {} values, rank {} {}",
-                    v.len(),
-                    self.rank(),
-                    sum.len()
-                )));
-            }
-            for (s, x) in sum.iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        be.write_f32(x, &sum)
-    }
-
-    /// The rows of every rank's f32 `[n_r, d]` tensor stacked in rank order, and each
-    /// rank's row count (counts may differ between ranks).
-    fn all_gather_rows(&self, be: &B, x: &Tensor<B>) -> Result<(Tensor<B>, Vec<usize>)> {
-        let (n, d) = x.rows_cols();
-        let all = self.all_gather_bytes(&f32_bytes(&be.to_vec_f32(x)?))?;
-        let mut rows = Vec::with_capacity(all.len());
-        let mut flat = Vec::new();
-        for (r, b) in all.iter().enumerate() {
-            let v = bytes_f32(b);
-            if d == 0 || !v.len().is_multiple_of(d) {
-                return Err(Error::Collective(format!(
-                    "all-gather: rank {r} sent {} values, not rows of {d}",
-                    v.len()
-                )));
-            }
-            rows.push(v.len() / d);
-            flat.extend(v);
-        }
-        debug_assert_eq!(rows[self.rank()], n);
-        let total = rows.iter().sum();
-        Ok((be.upload(HostData::F32(&flat), &[total, d])?, rows))
-    }
-
-    /// Waits until every rank reaches this point.
-    fn barrier(&self) -> Result<()> {
-        self.all_gather_bytes(&[]).map(|_| ())
-    }
-
-    /// Tells the other ranks this one failed (they stop with an error naming it).
-    fn abort(&self, _why: &str) {}
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-/// One rank: every collective returns its input.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Solo;
-
-impl<B: Backend> Collective<B> for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world(&self) -> usize {
-        1
-    }
-    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        Ok(vec![mine.to_vec()])
-    }
-}
 
 /// The exchange state shared by a [`ThreadGroup`]'s ranks.
 struct Shared {
@@ -239,6 +137,7 @@ impl<B: Backend> Collective<B> for ThreadGroup {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
+    use crate::tensor::HostData;
 
     fn run<T: Send>(world: usize, timeout_ms: u64, f: impl Fn(ThreadGroup) -> T + Sync) -> Vec<T> {
         let ranks = ThreadGroup::new(world, Duration::from_millis(timeout_ms));
