@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use m3::backend::cpu::Cpu;
+use m3::backend::Backend;
 use m3::batch::{pack_in_order, PackedBatch};
 use m3::collective::{Collective, ThreadGroup};
 use m3::model::embedder::{Embedder, EncodeOptions};
@@ -316,4 +317,123 @@ fn every_rank_ends_a_run_with_the_same_weights_and_the_loss_falls() {
     // Two steps cover the four records once (global batch 2); compare the same batches.
     assert!(l[4] + l[5] < l[0] + l[1], "loss did not fall: {l:?}");
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The SPEC loss of `world` ranks with gathered passages, written as one tape over the whole
+/// global batch: every rank's slice encoded on it, every rank's dense term against the
+/// passages of all (encoded once more, whole), its sparse, colbert, ensemble and
+/// self-distillation terms within its slice, each rank's loss weighted by its share. The
+/// gradient of this one-device loss is what the ranks' averaged gradient must equal.
+fn one_tape_reference(
+    s: &Setup,
+    shares: &[std::ops::Range<usize>],
+    cfg: &LossConfig,
+) -> (f32, Vec<Vec<f32>>) {
+    use m3::autograd::Tape;
+    use m3::model::encoder::Dropout;
+    use m3::train::forward::heads;
+    use m3::train::loss::{m3_loss, CrossDevice};
+    let world = shares.len();
+    let total: usize = shares.iter().map(|r| r.len()).sum();
+    let off = Dropout {
+        p: 0.0,
+        seed: 0,
+        token_offset: 0,
+    };
+    let c = &s.model.config;
+    let mut t = Tape::new(&Cpu);
+    let vars = s.model.record(&mut t);
+    let all = s.batch(0..total);
+    let p_all = heads(&mut t, &vars.encoder, &vars.heads, c, &all.p, &off).unwrap();
+    let mut loss = None;
+    for share in shares {
+        let b = s.batch(share.clone());
+        let q = heads(&mut t, &vars.encoder, &vars.heads, c, &b.q, &off).unwrap();
+        let p = heads(&mut t, &vars.encoder, &vars.heads, c, &b.p, &off).unwrap();
+        let cross = CrossDevice {
+            passages: p_all.dense,
+            q0: share.start,
+            p0: share.start * cfg.group,
+            masked_columns: Vec::new(),
+        };
+        let l = m3_loss(&mut t, &q, &p, cfg, Some(&cross)).unwrap().loss;
+        let weight = (world * share.len()) as f32 / total as f32;
+        let l = t.scale(l, weight / world as f32).unwrap();
+        loss = Some(match loss {
+            None => l,
+            Some(acc) => t.add(acc, l).unwrap(),
+        });
+    }
+    let loss = loss.unwrap();
+    let value = Cpu.to_vec_f32(t.value(loss)).unwrap()[0];
+    let mut g = t.backward(loss).unwrap();
+    let grads = vars
+        .all()
+        .into_iter()
+        .map(|v| {
+            g.take(v)
+                .map(|x| Cpu.to_vec_f32(&x).unwrap())
+                .unwrap_or_default()
+        })
+        .collect();
+    (value, grads)
+}
+
+#[test]
+fn two_and_four_ranks_with_the_unified_loss_match_one_tape_over_the_global_batch() {
+    let s = setup(4);
+    let mut cfg = LossConfig::new(2, s.excluded.clone());
+    cfg.temperature = 0.05;
+    for shares in [
+        vec![0..2, 2..4],
+        vec![0..1, 1..2, 2..3, 3..4],
+        vec![0..3, 3..4],
+    ] {
+        let (want_loss, want) = one_tape_reference(&s, &shares, &cfg);
+        for sub in [None, Some(1)] {
+            let (losses, got) = s.ranks(&shares, &cfg, true, sub);
+            let mean = losses.iter().sum::<f32>() / shares.len() as f32;
+            let what = format!("{} ranks, sub-batch {sub:?}", shares.len());
+            assert!(
+                (mean - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                "{what}: loss {mean} vs {want_loss}"
+            );
+            assert_close(&s.layout, &what, &want, &got);
+        }
+    }
+}
+
+#[test]
+fn the_gathered_dense_gradient_matches_finite_differences() {
+    // d(mean over ranks of the weighted loss) / d(one embedding LayerNorm gain), central
+    // differences against the ranks' averaged gradient.
+    let mut s = setup(4);
+    let mut cfg = LossConfig::new(2, s.excluded.clone());
+    cfg.dense_only = true;
+    cfg.temperature = 0.05;
+    let shares = [0..2, 2..4];
+    let k = s
+        .layout
+        .slots()
+        .iter()
+        .position(|x| x.name == "embeddings.LayerNorm.weight")
+        .unwrap();
+    let (_, g) = s.ranks(&shares, &cfg, true, None);
+    let base = Cpu.to_vec_f32(&s.model.encoder.emb_norm.g).unwrap();
+    let mut at = |i: usize, d: f32| -> f64 {
+        let mut w = base.clone();
+        w[i] += d;
+        Cpu.write_f32(&mut s.model.encoder.emb_norm.g, &w).unwrap();
+        let (l, _) = s.ranks(&shares, &cfg, true, None);
+        l.iter().map(|&x| x as f64).sum::<f64>() / 2.0
+    };
+    let eps = 1e-2;
+    for i in [0, 5, 17] {
+        let fd = (at(i, eps) - at(i, -eps)) / (2.0 * eps as f64);
+        let an = g[k][i] as f64;
+        assert!(
+            (fd - an).abs() <= 2e-2 * an.abs() + 2e-4,
+            "element {i}: finite differences {fd:.6} vs gradient {an:.6}"
+        );
+    }
 }

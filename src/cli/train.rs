@@ -263,7 +263,8 @@ impl RankJob for TrainArgs {
 
 /// The world a launcher (torchrun, SLURM `srun` with these exported, mpirun-style) set up
 /// in the environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (the GPU; default the rank),
-/// `MASTER_ADDR` (default 127.0.0.1) and `MASTER_PORT` (default 29500, torchrun's).
+/// `MASTER_ADDR` (default 127.0.0.1) and `MASTER_PORT` (default 29500, torchrun's; one
+/// more under torchrun, whose agent holds that port).
 struct LauncherWorld {
     rank: usize,
     world: usize,
@@ -291,7 +292,12 @@ fn launcher_world() -> anyhow::Result<Option<LauncherWorld>> {
         anyhow::bail!("RANK={rank} is not below WORLD_SIZE={world}");
     }
     let host = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = var("MASTER_PORT")?.unwrap_or(29500);
+    let mut port = var("MASTER_PORT")?.unwrap_or(29500);
+    // Under torchrun the agent's own store already listens at MASTER_PORT (it says so
+    // with this variable, on every rank): rank 0 listens one port up.
+    if std::env::var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Ok("True") {
+        port += 1;
+    }
     Ok(Some(LauncherWorld {
         rank,
         world,

@@ -577,5 +577,13 @@ mod tests {
         assert_eq!(rank_slice(&[7], 1, 2), &[7]);
         assert_eq!(global_queries(1, 2), 2);
         assert_eq!(global_queries(6, 1), 6);
+        // With enough records the ranks' slices are the global batch, in order, once.
+        let r: Vec<usize> = (0..7).collect();
+        for world in [1, 2, 3, 7] {
+            let all: Vec<usize> = (0..world)
+                .flat_map(|k| rank_slice(&r, k, world).to_vec())
+                .collect();
+            assert_eq!(all, r, "world {world}");
+        }
     }
 }
