@@ -77,6 +77,11 @@ pub trait Backend: Device + Sized + Send + Sync {
 
     /// Copies host data to the device as a tensor of the given shape.
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// An f32 tensor from host values the caller gives up (the CPU keeps the buffer: no
+    /// copy, no second allocation of the model while it loads).
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>> {
+        self.upload(HostData::F32(&data), shape)
+    }
     /// Copies a float tensor back to the host as f32.
     fn to_vec_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
     /// A float tensor's values as f32, consuming it (the CPU hands its buffer over).

@@ -150,6 +150,21 @@ impl Backend for Cpu {
         }
     }
 
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return shape_err(
+                "upload",
+                format!("{} elements do not fill shape {shape:?}", data.len()),
+            );
+        }
+        Ok(Tensor::from_parts(
+            shape.to_vec(),
+            DType::F32,
+            CpuStorage::F32(data),
+        ))
+    }
+
     fn upload(&self, data: HostData<'_>, shape: &[usize]) -> Result<T> {
         let n: usize = shape.iter().product();
         if n != data.len() {
