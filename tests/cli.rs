@@ -800,3 +800,37 @@ fn train_refuses_nproc_per_node_under_a_launcher() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn train_with_nccl_on_a_machine_without_it_says_so() {
+    let d = tmp("train-nccl");
+    let data = d.join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"query\": \"q\", \"pos\": [\"p\"], \"neg\": [\"n\"]}\n{\"query\": \"r\", \"pos\": [\"s\"], \"neg\": [\"t\"]}\n",
+    )
+    .unwrap();
+    let out = m3(
+        &[
+            "train",
+            MODEL,
+            fixture("tiny-m3").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            d.join("out").to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--ddp-backend",
+            "nccl",
+        ],
+        b"",
+    );
+    let err = common::stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("--ddp-backend nccl"),
+        "{err}"
+    );
+    assert!(!d.join("out/model.safetensors").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}

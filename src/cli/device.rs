@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use m3::backend::cpu::Cpu;
 use m3::backend::Backend;
-use m3::collective::{HostGroup, ThreadGroup};
+use m3::collective::{Collective, HostGroup, ThreadGroup};
 use m3::DType;
 
 use super::DeviceArg;
@@ -53,8 +53,13 @@ pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
 
 /// A command body run once per data-parallel rank, each rank on its own backend.
 pub trait RankJob: Sync {
-    /// Runs rank `comm.index()`.
-    fn run_rank<B: Backend>(&self, be: &B, dtype: DType, comm: &HostGroup) -> anyhow::Result<()>;
+    /// Runs rank `comm.rank()`.
+    fn run_rank<B: Backend>(
+        &self,
+        be: &B,
+        dtype: DType,
+        comm: &dyn Collective<B>,
+    ) -> anyhow::Result<()>;
 }
 
 /// Runs `job` once per rank of `ranks`, each in its own thread on its own backend (CUDA:
@@ -70,7 +75,7 @@ pub fn on_ranks(
             .into_iter()
             .map(|g| {
                 let local = g.index();
-                s.spawn(move || on_rank(device, local, job, &HostGroup::Threads(g)))
+                s.spawn(move || on_rank(device, local, false, job, &HostGroup::Threads(g)))
             })
             .collect();
         handles
@@ -90,16 +95,19 @@ pub fn on_ranks(
     }
 }
 
-/// Runs one rank of `job` on the chosen device (CUDA: GPU `local mod device count`); a
-/// failure or panic is passed to the other ranks before it is returned, naming the rank.
+/// Runs one rank of `job` on the chosen device (CUDA: GPU `local mod device count`), its
+/// gradients exchanged through `g`, or with `nccl` over NCCL (bootstrapped through `g`,
+/// which must then be a TCP group); a failure or panic is passed to the other ranks before
+/// it is returned, naming the rank.
 pub fn on_rank(
     device: DeviceArg,
     local: usize,
+    nccl: bool,
     job: &impl RankJob,
     g: &HostGroup,
 ) -> anyhow::Result<()> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_rank_on(device, local, job, g)
+        run_rank_on(device, local, nccl, job, g)
     }));
     let r = r.unwrap_or_else(|p| {
         let msg = p
@@ -118,6 +126,7 @@ pub fn on_rank(
 fn run_rank_on(
     device: DeviceArg,
     local: usize,
+    nccl: bool,
     job: &impl RankJob,
     g: &HostGroup,
 ) -> anyhow::Result<()> {
@@ -132,8 +141,23 @@ fn run_rank_on(
         };
         if cuda {
             let be = Cuda::with_kernels(local % Cuda::device_count()?.max(1), kernel_choices())?;
+            if nccl {
+                #[cfg(feature = "nccl")]
+                {
+                    let HostGroup::Tcp(boot) = g else {
+                        anyhow::bail!("--ddp-backend nccl runs ranks as processes (a launcher's RANK, WORLD_SIZE, ...), not --nproc-per-node threads");
+                    };
+                    let n = m3::collective::NcclGroup::join(&be, boot)?;
+                    return job.run_rank(&be, DType::BF16, &n);
+                }
+                #[cfg(not(feature = "nccl"))]
+                anyhow::bail!("--ddp-backend nccl: this m3 was built without the `nccl` feature; rebuild with --features nccl or use --ddp-backend host");
+            }
             return job.run_rank(&be, DType::BF16, g);
         }
+    }
+    if nccl {
+        anyhow::bail!("--ddp-backend nccl needs CUDA GPUs; on the CPU use --ddp-backend host");
     }
     #[cfg(not(feature = "cuda"))]
     if device == DeviceArg::Cuda {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use m3::backend::Backend;
-use m3::collective::{HostGroup, Solo, TcpGroup, ThreadGroup};
+use m3::collective::{Collective, HostGroup, Solo, TcpGroup, ThreadGroup};
 use m3::train::loss::KdLoss;
 use m3::train::optim::AdamW;
 use m3::train::options::TrainOptions;
@@ -154,6 +154,17 @@ pub struct TrainArgs {
     /// Seconds a rank waits at a collective for the others before failing, naming them.
     #[arg(long, default_value_t = 1800.0)]
     collective_timeout: f64,
+    /// How ranks exchange gradients (HF Trainer's `--ddp_backend`): `host` (through host
+    /// memory: threads, or TCP between processes) or `nccl` (GPUs, processes started by a
+    /// launcher; without one, a world of one rank).
+    #[arg(long, alias = "ddp_backend", value_enum, default_value_t = DdpBackend::Host)]
+    ddp_backend: DdpBackend,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DdpBackend {
+    Host,
+    Nccl,
 }
 
 impl TrainArgs {
@@ -242,11 +253,11 @@ impl RankJob for TrainArgs {
         &self,
         be: &B,
         device_dtype: DType,
-        comm: &HostGroup,
+        comm: &dyn Collective<B>,
     ) -> anyhow::Result<()> {
         let dtype = self.compute_dtype.dtype(device_dtype)?;
         // Rank 0 reports and writes the metrics; the others only compute.
-        let lead = comm.index() == 0;
+        let lead = comm.rank() == 0;
         let (mut bar, mut silent) = (Bar::new(), Silent);
         let progress: &mut dyn Progress = if lead { &mut bar } else { &mut silent };
         run_training(
@@ -380,7 +391,18 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--collective-timeout must be a positive number of seconds");
     }
     let timeout = std::time::Duration::from_secs_f64(a.collective_timeout);
-    if let Some(w) = launcher_world()? {
+    let nccl = a.ddp_backend == DdpBackend::Nccl;
+    let world = match launcher_world()? {
+        // NCCL without a launcher: a world of one (the GPU bundle's check of the path).
+        None if nccl => Some(LauncherWorld {
+            rank: 0,
+            world: 1,
+            local: 0,
+            addr: "127.0.0.1:0".into(),
+        }),
+        w => w,
+    };
+    if let Some(w) = world {
         if a.nproc_per_node > 1 {
             anyhow::bail!(
                 "--nproc-per-node {} under a launcher that set WORLD_SIZE={}: give one or the other",
@@ -390,13 +412,20 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }
         a.check_paths()?;
         let g = TcpGroup::join(&w.addr, w.rank, w.world, timeout)?;
-        on_rank(a.device, w.local, &a, &HostGroup::Tcp(Arc::new(g)))?;
+        on_rank(a.device, w.local, nccl, &a, &HostGroup::Tcp(Arc::new(g)))?;
         if w.rank == 0 {
             eprintln!("wrote the trained model to {}", a.output_dir.display());
         }
         return Ok(ExitCode::SUCCESS);
     }
     if a.nproc_per_node > 1 {
+        if nccl {
+            anyhow::bail!(
+                "--ddp-backend nccl runs one process per GPU: start them with a launcher \
+                 (torchrun --nproc-per-node {} --no-python m3 train ...)",
+                a.nproc_per_node
+            );
+        }
         a.check_paths()?;
         let ranks = ThreadGroup::new(a.nproc_per_node as usize, timeout);
         on_ranks(a.device, ranks, &a)?;

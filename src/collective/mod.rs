@@ -6,9 +6,13 @@
 //! group's timeout and fails naming the ranks it waited for; a rank that fails tells the
 //! others, which then fail naming it, so no rank hangs.
 
+#[cfg(feature = "nccl")]
+mod nccl;
 mod tcp;
 mod threads;
 
+#[cfg(feature = "nccl")]
+pub use nccl::NcclGroup;
 pub use tcp::TcpGroup;
 pub use threads::ThreadGroup;
 
