@@ -600,10 +600,9 @@ fn the_demo_improves_every_retrieval_mode() {
     }
 }
 
-#[test]
-fn train_with_two_ranks_writes_one_model_and_refuses_resuming_with_another_world() {
-    let d = tmp("train-ranks");
-    let data = d.join("train.jsonl");
+/// Three training records (a global batch of two ranks leaves one short: padding is used).
+fn three_records(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("train.jsonl");
     std::fs::write(
         &data,
         "{\"query\": \"capital of France\", \"pos\": [\"Paris is the capital of France.\"], \"neg\": [\"The fox jumps.\"]}\n\
@@ -611,6 +610,13 @@ fn train_with_two_ranks_writes_one_model_and_refuses_resuming_with_another_world
          {\"query\": \"Everest\", \"pos\": [\"Mount Everest is 8849 metres high.\"], \"neg\": [\"Hamlet\"]}\n",
     )
     .unwrap();
+    data
+}
+
+#[test]
+fn train_with_two_ranks_writes_one_model_and_refuses_resuming_with_another_world() {
+    let d = tmp("train-ranks");
+    let data = three_records(&d);
     let out_dir = d.join("out");
     let metrics = d.join("metrics.jsonl");
     let model = fixture("tiny-m3");
@@ -681,14 +687,7 @@ fn free_port() -> u16 {
 #[test]
 fn train_as_processes_under_torchrun_variables_matches_the_in_process_ranks() {
     let d = tmp("train-procs");
-    let data = d.join("train.jsonl");
-    std::fs::write(
-        &data,
-        "{\"query\": \"capital of France\", \"pos\": [\"Paris is the capital of France.\"], \"neg\": [\"The fox jumps.\"]}\n\
-         {\"query\": \"schneller Fuchs\", \"pos\": [\"Der schnelle braune Fuchs\"], \"neg\": [\"Paris\"]}\n\
-         {\"query\": \"Everest\", \"pos\": [\"Mount Everest is 8849 metres high.\"], \"neg\": [\"Hamlet\"]}\n",
-    )
-    .unwrap();
+    let data = three_records(&d);
     let model = fixture("tiny-m3");
     let args = |out: &Path| -> Vec<String> {
         [

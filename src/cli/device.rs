@@ -29,25 +29,33 @@ pub fn kernel_choices() -> m3::backend::cuda::KernelChoices {
     }
 }
 
+/// Whether `--device` picks the GPU (`auto`: when one is present); asking for CUDA from a
+/// build without it is an error saying how to get it.
+fn use_cuda(device: DeviceArg) -> anyhow::Result<bool> {
+    #[cfg(feature = "cuda")]
+    return Ok(match device {
+        DeviceArg::Cuda => true,
+        DeviceArg::Auto => m3::backend::cuda::Cuda::available(),
+        DeviceArg::Cpu => false,
+    });
+    #[cfg(not(feature = "cuda"))]
+    {
+        if device == DeviceArg::Cuda {
+            anyhow::bail!("this m3 was built without the `cuda` feature; rebuild with --features cuda or use --device cpu");
+        }
+        Ok(false)
+    }
+}
+
 /// Runs `job` on the chosen device: CPU in f32; CUDA with bf16 weights and activations.
 pub fn on_device(device: DeviceArg, job: impl Job) -> anyhow::Result<ExitCode> {
     #[cfg(feature = "cuda")]
-    {
-        use m3::backend::cuda::Cuda;
-        let cuda = match device {
-            DeviceArg::Cuda => true,
-            DeviceArg::Auto => Cuda::available(),
-            DeviceArg::Cpu => false,
-        };
-        if cuda {
-            let be = Cuda::with_kernels(0, kernel_choices())?;
-            return job.run(&be, DType::BF16);
-        }
+    if use_cuda(device)? {
+        let be = m3::backend::cuda::Cuda::with_kernels(0, kernel_choices())?;
+        return job.run(&be, DType::BF16);
     }
     #[cfg(not(feature = "cuda"))]
-    if device == DeviceArg::Cuda {
-        anyhow::bail!("this m3 was built without the `cuda` feature; rebuild with --features cuda or use --device cpu");
-    }
+    use_cuda(device)?;
     job.run(&Cpu, DType::F32)
 }
 
@@ -132,36 +140,27 @@ fn run_rank_on(
 ) -> anyhow::Result<()> {
     let _ = local;
     #[cfg(feature = "cuda")]
-    {
+    if use_cuda(device)? {
         use m3::backend::cuda::Cuda;
-        let cuda = match device {
-            DeviceArg::Cuda => true,
-            DeviceArg::Auto => Cuda::available(),
-            DeviceArg::Cpu => false,
-        };
-        if cuda {
-            let be = Cuda::with_kernels(local % Cuda::device_count()?.max(1), kernel_choices())?;
-            if nccl {
-                #[cfg(feature = "nccl")]
-                {
-                    let HostGroup::Tcp(boot) = g else {
-                        anyhow::bail!("--ddp-backend nccl runs ranks as processes (a launcher's RANK, WORLD_SIZE, ...), not --nproc-per-node threads");
-                    };
-                    let n = m3::collective::NcclGroup::join(&be, boot)?;
-                    return job.run_rank(&be, DType::BF16, &n);
-                }
-                #[cfg(not(feature = "nccl"))]
-                anyhow::bail!("--ddp-backend nccl: this m3 was built without the `nccl` feature; rebuild with --features nccl or use --ddp-backend host");
+        let be = Cuda::with_kernels(local % Cuda::device_count()?.max(1), kernel_choices())?;
+        if nccl {
+            #[cfg(feature = "nccl")]
+            {
+                let HostGroup::Tcp(boot) = g else {
+                    anyhow::bail!("--ddp-backend nccl runs ranks as processes (a launcher's RANK, WORLD_SIZE, ...), not --nproc-per-node threads");
+                };
+                let n = m3::collective::NcclGroup::join(&be, boot)?;
+                return job.run_rank(&be, DType::BF16, &n);
             }
-            return job.run_rank(&be, DType::BF16, g);
+            #[cfg(not(feature = "nccl"))]
+            anyhow::bail!("--ddp-backend nccl: this m3 was built without the `nccl` feature; rebuild with --features nccl or use --ddp-backend host");
         }
-    }
-    if nccl {
-        anyhow::bail!("--ddp-backend nccl needs CUDA GPUs; on the CPU use --ddp-backend host");
+        return job.run_rank(&be, DType::BF16, g);
     }
     #[cfg(not(feature = "cuda"))]
-    if device == DeviceArg::Cuda {
-        anyhow::bail!("this m3 was built without the `cuda` feature; rebuild with --features cuda or use --device cpu");
+    use_cuda(device)?;
+    if nccl {
+        anyhow::bail!("--ddp-backend nccl needs CUDA GPUs; on the CPU use --ddp-backend host");
     }
     job.run_rank(&Cpu, DType::F32, g)
 }
