@@ -156,10 +156,21 @@ impl Setup {
     }
 
     fn host(&self, g: &GradArena<Cpu>) -> Vec<Vec<f32>> {
-        (0..self.layout.slots().len())
-            .map(|k| g.get(&Cpu, &self.layout, k).unwrap().unwrap_or_default())
+        g.per_slot(&Cpu, &self.layout)
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap_or_default)
             .collect()
     }
+}
+
+/// The ranks' weighted losses average to `want` (relative 1e-5).
+fn assert_mean_loss(what: &str, losses: &[f32], want: f32) {
+    let mean = losses.iter().sum::<f32>() / losses.len() as f32;
+    assert!(
+        (mean - want).abs() <= 1e-5 * want.abs(),
+        "{what}: loss {mean} vs {want}"
+    );
 }
 
 /// Each tensor's gradient within 1e-5 of its largest entry. The key biases' exact
@@ -198,12 +209,7 @@ fn gathered_passages_give_one_devices_dense_gradient_over_the_global_batch() {
     cfg.temperature = 0.05;
     let (one, want) = s.solo(0..4, &cfg);
     let (losses, got) = s.ranks(&[0..2, 2..4], &cfg, true, None);
-    let mean = losses.iter().sum::<f32>() / 2.0;
-    assert!(
-        (mean - one.loss).abs() <= 1e-5 * one.loss.abs(),
-        "loss {mean} vs {}",
-        one.loss
-    );
+    assert_mean_loss("ranks", &losses, one.loss);
     assert_close(&s.layout, "cross-device dense", &want, &got);
     // Without gathering, each rank sees only its own passages: a different loss.
     let (local, _) = s.ranks(&[0..2, 2..4], &cfg, false, None);
@@ -226,12 +232,7 @@ fn uneven_shares_without_in_batch_negatives_average_to_one_devices_gradient() {
     cfg.temperature = 0.05;
     let (one, want) = s.solo(0..3, &cfg);
     let (losses, got) = s.ranks(&[0..2, 2..3], &cfg, false, None);
-    let mean = losses.iter().sum::<f32>() / 2.0;
-    assert!(
-        (mean - one.loss).abs() <= 1e-5 * one.loss.abs(),
-        "loss {mean} vs {}",
-        one.loss
-    );
+    assert_mean_loss("ranks", &losses, one.loss);
     assert_close(&s.layout, "uneven shares", &want, &got);
 }
 
@@ -392,12 +393,8 @@ fn two_and_four_ranks_with_the_unified_loss_match_one_tape_over_the_global_batch
         let (want_loss, want) = one_tape_reference(&s, &shares, &cfg);
         for sub in [None, Some(1)] {
             let (losses, got) = s.ranks(&shares, &cfg, true, sub);
-            let mean = losses.iter().sum::<f32>() / shares.len() as f32;
             let what = format!("{} ranks, sub-batch {sub:?}", shares.len());
-            assert!(
-                (mean - want_loss).abs() <= 1e-5 * want_loss.abs(),
-                "{what}: loss {mean} vs {want_loss}"
-            );
+            assert_mean_loss(&what, &losses, want_loss);
             assert_close(&s.layout, &what, &want, &got);
         }
     }

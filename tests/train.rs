@@ -358,10 +358,7 @@ fn sub_batches_give_the_unsplit_gradient() {
             &mut g,
         )
         .unwrap();
-        let per: Vec<Option<Vec<f32>>> = (0..layout.slots().len())
-            .map(|k| g.get(&Cpu, &layout, k).unwrap())
-            .collect();
-        (l, per)
+        (l, g.per_slot(&Cpu, &layout).unwrap())
     };
     let (lw, whole) = grads(None);
     for n in [1, 2, 4] {

@@ -123,9 +123,7 @@ fn loss_and_gradients_match_flagembedding() {
             &mut arena,
         )
         .unwrap();
-        let grads: Vec<Option<Vec<f32>>> = (0..layout.slots().len())
-            .map(|k| arena.get(&Cpu, &layout, k).unwrap())
-            .collect();
+        let grads = arena.per_slot(&Cpu, &layout).unwrap();
         let parts = &case["parts"];
         let part = |k: &str| parts[k].as_f64().unwrap();
         close(loss.dense, part("dense"), &format!("{name}: dense"));

@@ -183,14 +183,16 @@ impl<B: Backend> GradArena<B> {
         Ok(be.sum_squares(&self.flat)?.sqrt())
     }
 
-    /// Slot `k`'s gradient copied out (tests and diagnostics), `None` if none reached it.
-    pub fn get(&self, be: &B, layout: &ParamLayout, k: usize) -> Result<Option<Vec<f32>>> {
-        if !self.present[k] {
-            return Ok(None);
-        }
-        Ok(Some(
-            be.to_vec_f32(&self.flat)?[layout.slots()[k].range()].to_vec(),
-        ))
+    /// Every slot's gradient copied out (model order; `None` where none reached it), with
+    /// one download of the arena (tests and diagnostics).
+    pub fn per_slot(&self, be: &B, layout: &ParamLayout) -> Result<Vec<Option<Vec<f32>>>> {
+        let flat = be.to_vec_f32(&self.flat)?;
+        Ok(layout
+            .slots()
+            .iter()
+            .zip(&self.present)
+            .map(|(s, &p)| p.then(|| flat[s.range()].to_vec()))
+            .collect())
     }
 }
 
