@@ -138,6 +138,22 @@ struct Node<'a, B: Backend> {
     first_use: usize,
 }
 
+/// A weight's gradient handed to the sink of [`Tape::backward_seeds_into`].
+pub enum LeafGrad<'a, B: Backend> {
+    /// The whole gradient, the weight's shape, f32.
+    Dense(Tensor<B>),
+    /// Row gradients of an embedding lookup: add row `r` of `dy` to row `ids[r]` of the
+    /// `[vocab, D]` table's gradient (the lookup may be one of several reading the table).
+    Rows {
+        /// `[n, D]` gradients of the looked-up rows.
+        dy: &'a Tensor<B>,
+        /// `[n]` u32 rows of the table.
+        ids: &'a Tensor<B>,
+        /// Rows of the table.
+        vocab: usize,
+    },
+}
+
 /// Gradients produced by [`Tape::backward`], indexed by [`Var`].
 pub struct Grads<B: Backend> {
     grads: Vec<Option<Tensor<B>>>,
@@ -534,10 +550,17 @@ impl<'a, B: Backend> Tape<'a, B> {
         let be = self.backend;
         let mut leaves: Vec<Option<Tensor<B>>> = (0..self.nodes.len()).map(|_| None).collect();
         self.backward_seeds_into(seeds, &mut |v, g| {
-            leaves[v.0] = Some(match leaves[v.0].take() {
-                None => g,
-                Some(mut prev) => {
+            leaves[v.0] = Some(match (leaves[v.0].take(), g) {
+                (None, LeafGrad::Dense(g)) => g,
+                (None, LeafGrad::Rows { dy, ids, vocab }) => {
+                    be.embedding_backward(dy, ids, vocab)?
+                }
+                (Some(mut prev), LeafGrad::Dense(g)) => {
                     be.add_assign(&mut prev, &g)?;
+                    prev
+                }
+                (Some(mut prev), LeafGrad::Rows { dy, ids, vocab }) => {
+                    be.embedding_backward_at(dy, ids, &mut prev, 0, vocab)?;
                     prev
                 }
             });
@@ -548,13 +571,14 @@ impl<'a, B: Backend> Tape<'a, B> {
 
     /// As [`Tape::backward_seeds`], but each leaf's gradient goes to `sink` as soon as it
     /// is complete (after the earliest node that reads the leaf is processed), so the
-    /// caller can add it into a gradient arena and free it while the walk goes on. A leaf
-    /// is handed over once per backward (twice only if an op read it without noting it,
-    /// which a summing sink also gets right).
+    /// caller can add it into a gradient arena and free it while the walk goes on. The sink
+    /// must sum what it is handed: a dense gradient comes once per backward (twice only if
+    /// an op read the leaf without noting it), and an embedding table's rows come from
+    /// every lookup as that lookup is reached.
     pub fn backward_seeds_into(
         &self,
         seeds: Vec<(Var, Tensor<B>)>,
-        sink: &mut dyn FnMut(Var, Tensor<B>) -> Result<()>,
+        sink: &mut dyn FnMut(Var, LeafGrad<'_, B>) -> Result<()>,
     ) -> Result<()> {
         let be = self.backend;
         let mut release: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
@@ -591,7 +615,7 @@ impl<'a, B: Backend> Tape<'a, B> {
             if let Some(ls) = release.get(i + 1) {
                 for &l in ls {
                     if let Some(g) = grads[l].take() {
-                        sink(Var(l), g)?;
+                        sink(Var(l), LeafGrad::Dense(g))?;
                     }
                 }
             }
@@ -659,15 +683,23 @@ impl<'a, B: Backend> Tape<'a, B> {
                 Op::Gelu { x } => vec![(*x, be.gelu_backward(&g, val(*x))?)],
                 Op::Relu { x } => vec![(*x, be.relu_backward(&g, val(*x))?)],
                 Op::Embedding { table, ids, vocab } => {
-                    // A table already holding a gradient (used twice on this tape) takes the
-                    // rows in place instead of a second vocabulary-sized buffer. The scatter
-                    // is f32, right for parameters; a gather from a bf16 activation (the
-                    // heads' CLS and colbert rows under bf16 compute) gets its gradient back
-                    // in bf16, as every other op on that path does.
+                    // A weight table's rows go to the sink as they are (it scatters them
+                    // into its own buffer, no vocabulary-sized tensor per lookup). A table
+                    // already holding a gradient takes the rows in place. The scatter is
+                    // f32, right for parameters; a gather from a bf16 activation (the heads'
+                    // CLS and colbert rows under bf16 compute) gets its gradient back in
+                    // bf16, as every other op on that path does.
+                    if matches!(self.nodes[table.0].op, Op::Leaf) {
+                        if self.nodes[table.0].needs_grad {
+                            let vocab = *vocab;
+                            sink(*table, LeafGrad::Rows { dy: &g, ids, vocab })?;
+                        }
+                        continue;
+                    }
                     let want = self.grad_dtype(*table);
                     match grads[table.0].as_mut() {
                         Some(prev) if prev.dtype() == DType::F32 && want == DType::F32 => {
-                            be.embedding_backward_into(&g, ids, prev)?;
+                            be.embedding_backward_at(&g, ids, prev, 0, *vocab)?;
                             Vec::new()
                         }
                         _ => {
@@ -801,7 +833,7 @@ impl<'a, B: Backend> Tape<'a, B> {
         // Leaves read at index 0 (none: a leaf precedes its readers) or seeded directly.
         for (i, g) in grads.into_iter().enumerate() {
             if let Some(g) = g.filter(|_| matches!(self.nodes[i].op, Op::Leaf)) {
-                sink(Var(i), g)?;
+                sink(Var(i), LeafGrad::Dense(g))?;
             }
         }
         Ok(())

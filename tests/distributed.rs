@@ -133,7 +133,7 @@ impl Setup {
                             &mut g,
                         )
                         .unwrap();
-                        comm.all_reduce_sum(&Cpu, &mut g.flat).unwrap();
+                        comm.all_reduce_sum(&Cpu, g.flat_mut()).unwrap();
                         let avg: Vec<Vec<f32>> = self
                             .host(&g)
                             .into_iter()

@@ -273,18 +273,57 @@ pub trait Backend: Device + Sized + Send + Sync {
         ids: &Tensor<Self>,
         vocab: usize,
     ) -> Result<Tensor<Self>>;
-    /// Scatter-add of row gradients into an existing f32 `[vocab, D]` gradient (a table
-    /// used twice on one tape, as the word embeddings by queries and passages). The default
-    /// adds a fresh [`Backend::embedding_backward`]; the CPU scatters in place, saving a
-    /// vocabulary-sized buffer.
-    fn embedding_backward_into(
+    /// Scatter-add of row gradients into an f32 `[vocab, D]` table stored at
+    /// `grad[offset..offset + vocab·D]`: a gradient that already holds rows (a table used
+    /// twice on one tape), or the word-embedding slot of the gradient arena, so no
+    /// vocabulary-sized buffer is made per lookup. The default adds a fresh
+    /// [`Backend::embedding_backward`].
+    fn embedding_backward_at(
         &self,
         dy: &Tensor<Self>,
         ids: &Tensor<Self>,
         grad: &mut Tensor<Self>,
+        offset: usize,
+        vocab: usize,
     ) -> Result<()> {
-        let fresh = self.embedding_backward(dy, ids, grad.shape()[0])?;
-        self.add_assign(grad, &fresh)
+        let fresh = self.embedding_backward(dy, ids, vocab)?;
+        self.add_at(grad, offset, &fresh)
+    }
+
+    /// `t[offset..offset + len] = 0` on a flat f32 tensor. The default goes through host
+    /// copies.
+    fn zero_at(&self, t: &mut Tensor<Self>, offset: usize, len: usize) -> Result<()> {
+        check_dtype("zero_at", "arena", t, DType::F32)?;
+        check_range("zero_at", t, &(offset..offset + len))?;
+        let mut d = self.to_vec_f32(t)?;
+        d[offset..offset + len].fill(0.0);
+        self.write_f32(t, &d)
+    }
+
+    /// A host copy of the u32 `ids` where that costs no device round trip (the host
+    /// backend), else `None`: the gradient arena then remembers which embedding rows a step
+    /// wrote and zeroes only those, so a step pages in only the rows it touches.
+    fn ids_on_host(&self, _ids: &Tensor<Self>) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// Zeroes rows `rows` of the f32 table `width` values wide stored at `t[offset..]`
+    /// (the rows [`Backend::ids_on_host`] reported). The default goes through host copies.
+    fn zero_rows_at(
+        &self,
+        t: &mut Tensor<Self>,
+        offset: usize,
+        width: usize,
+        rows: &[u32],
+    ) -> Result<()> {
+        check_dtype("zero_rows_at", "arena", t, DType::F32)?;
+        let mut d = self.to_vec_f32(t)?;
+        for &r in rows {
+            let at = offset + r as usize * width;
+            check_range("zero_rows_at", t, &(at..at + width))?;
+            d[at..at + width].fill(0.0);
+        }
+        self.write_f32(t, &d)
     }
 
     /// Row-wise `x / max(‖x‖₂, eps)` (torch's `F.normalize`); returns the output and the

@@ -2,7 +2,7 @@
 //! uses them (SPEC §3, §5), the unified loss, and the gradient of every weight, either in
 //! one pass or by the two-pass sub-batch recompute of DESIGN "The tape" (GradCache style).
 
-use crate::autograd::{Tape, Var};
+use crate::autograd::{LeafGrad, Tape, Var};
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
@@ -175,8 +175,11 @@ pub fn step_grads<B: Backend>(
         for (k, v) in vars.all().into_iter().enumerate() {
             slot[v.index()] = k;
         }
-        t.backward_seeds_into(roots, &mut |v, g| match slot.get(v.index()) {
-            Some(&k) if k != usize::MAX => grads.add(be, layout, k, &g),
+        t.backward_seeds_into(roots, &mut |v, g| match (slot.get(v.index()), g) {
+            (Some(&k), LeafGrad::Dense(g)) if k != usize::MAX => grads.add(be, layout, k, &g),
+            (Some(&k), LeafGrad::Rows { dy, ids, .. }) if k != usize::MAX => {
+                grads.add_rows(be, layout, k, dy, ids)
+            }
             _ => Ok(()),
         })
     };

@@ -101,8 +101,7 @@ impl<B: Backend> Optimizer<B> {
         &mut self,
         be: &B,
     ) -> crate::error::Result<(&ParamLayout, &mut GradArena<B>)> {
-        be.zero(&mut self.grads.flat)?;
-        self.grads.present.fill(false);
+        self.grads.clear(be, &self.layout)?;
         Ok((&self.layout, &mut self.grads))
     }
 
@@ -141,7 +140,7 @@ impl<B: Backend> Optimizer<B> {
                     be.adamw(
                         master,
                         range.start,
-                        &g.flat,
+                        g.flat(),
                         &mut self.m,
                         &mut self.v,
                         range.clone(),
@@ -161,7 +160,7 @@ impl<B: Backend> Optimizer<B> {
                         continue;
                     }
                     let s = step_scalars(t, lr, slot.decays, scale, &self.hparams);
-                    be.adamw(p, 0, &g.flat, &mut self.m, &mut self.v, slot.range(), &s)
+                    be.adamw(p, 0, g.flat(), &mut self.m, &mut self.v, slot.range(), &s)
                         .with_context(|| format!("AdamW on {}", slot.name))?;
                 }
             }

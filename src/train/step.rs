@@ -73,7 +73,7 @@ pub fn train_step<B: Backend>(
     let comm = rank.comm;
     let world = comm.world();
     if world > 1 {
-        comm.all_reduce_sum(be, &mut grads.flat)?;
+        comm.all_reduce_sum(be, grads.flat_mut())?;
         let mine: Vec<u8> = grads.present.iter().map(|&p| p as u8).collect();
         for other in comm.all_gather_bytes(&mine)? {
             for (p, o) in grads.present.iter_mut().zip(other) {

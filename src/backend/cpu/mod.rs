@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::{
     adamw_host, attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids,
-    check_lexical_side, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
     layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
     LayerNormGrads, LayerNormOut, LexicalSide,
 };
@@ -490,34 +490,66 @@ impl Backend for Cpu {
     fn embedding_backward(&self, dy: &T, ids: &T, vocab: usize) -> Result<T> {
         let dim = dy.rows_cols().1;
         let mut out = tensor(&[vocab, dim], vec![0f32; vocab * dim]);
-        self.embedding_backward_into(dy, ids, &mut out)?;
+        self.embedding_backward_at(dy, ids, &mut out, 0, vocab)?;
         Ok(out)
     }
 
-    fn embedding_backward_into(&self, dy: &T, ids: &T, grad: &mut T) -> Result<()> {
+    fn embedding_backward_at(
+        &self,
+        dy: &T,
+        ids: &T,
+        grad: &mut T,
+        offset: usize,
+        vocab: usize,
+    ) -> Result<()> {
         const OP: &str = "embedding_backward";
         check_float(OP, "dy", dy)?;
         check_dtype(OP, "ids", ids, DType::U32)?;
+        check_dtype(OP, "gradient", grad, DType::F32)?;
         let (n, dim) = dy.rows_cols();
         check_vec(OP, "ids", ids, n)?;
+        check_range(OP, grad, &(offset..offset + vocab * dim))?;
         let dyv = f32s(OP, "dy", dy)?;
         let iv = u32s(OP, "ids", ids)?;
-        let vocab = grad.shape()[0];
-        if grad.shape() != [vocab, dim] {
-            return shape_err(
-                OP,
-                format!("gradient is {:?}, rows of dy are {dim} wide", grad.shape()),
-            );
-        }
         check_ids(OP, iv, vocab)?;
         let CpuStorage::F32(out) = grad.storage_mut() else {
             return dtype_err(OP, "the CPU backend computes in f32");
         };
+        let table = &mut out[offset..offset + vocab * dim];
         for (r, &id) in iv.iter().enumerate() {
-            let dst = &mut out[id as usize * dim..(id as usize + 1) * dim];
+            let dst = &mut table[id as usize * dim..(id as usize + 1) * dim];
             for (d, &g) in dst.iter_mut().zip(&dyv[r * dim..(r + 1) * dim]) {
                 *d += g;
             }
+        }
+        Ok(())
+    }
+
+    fn zero_at(&self, t: &mut T, offset: usize, len: usize) -> Result<()> {
+        check_range("zero_at", t, &(offset..offset + len))?;
+        let CpuStorage::F32(d) = t.storage_mut() else {
+            return dtype_err("zero_at", "the arena must be f32");
+        };
+        d[offset..offset + len].fill(0.0);
+        Ok(())
+    }
+
+    fn ids_on_host(&self, ids: &T) -> Option<Vec<u32>> {
+        u32s("ids_on_host", "ids", ids).ok().map(<[u32]>::to_vec)
+    }
+
+    fn zero_rows_at(&self, t: &mut T, offset: usize, width: usize, rows: &[u32]) -> Result<()> {
+        const OP: &str = "zero_rows_at";
+        if let Some(&r) = rows.iter().max() {
+            let end = offset + (r as usize + 1) * width;
+            check_range(OP, t, &(offset..end))?;
+        }
+        let CpuStorage::F32(d) = t.storage_mut() else {
+            return dtype_err(OP, "the arena must be f32");
+        };
+        for &r in rows {
+            let at = offset + r as usize * width;
+            d[at..at + width].fill(0.0);
         }
         Ok(())
     }

@@ -17,9 +17,9 @@ use half::bf16;
 
 use super::{
     attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids, check_lexical_side,
-    check_same, check_vec, cross_entropy_dims, embedding_dims, layernorm_backward_dims,
-    layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut,
-    LexicalEntries, LexicalSide,
+    check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
+    layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
+    LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -1166,19 +1166,47 @@ impl Backend for Cuda {
     }
 
     fn embedding_backward(&self, dy: &T, ids: &T, vocab: usize) -> Result<T> {
+        let mut out = self.zeros(&[vocab, dy.rows_cols().1], DType::F32)?;
+        self.embedding_backward_at(dy, ids, &mut out, 0, vocab)?;
+        Ok(out)
+    }
+
+    fn embedding_backward_at(
+        &self,
+        dy: &T,
+        ids: &T,
+        grad: &mut T,
+        offset: usize,
+        vocab: usize,
+    ) -> Result<()> {
         const OP: &str = "embedding_backward";
         check_float(OP, "dy", dy)?;
         check_dtype(OP, "ids", ids, DType::U32)?;
+        check_dtype(OP, "gradient", grad, DType::F32)?;
         let (n, dim) = dy.rows_cols();
         check_vec(OP, "ids", ids, n)?;
+        check_range(OP, grad, &(offset..offset + vocab * dim))?;
         self.check_ids_device(OP, ids, vocab)?;
-        let mut out = self.zeros(&[vocab, dim], DType::F32)?;
         if n * dim > 0 {
             let f = self.func("embedding", &format!("embedding_bwd_{}", sfx(dy.dtype())))?;
             let (ni, di) = (to_i32(OP, "ids", n)?, to_i32(OP, "dim", dim)?);
-            launch!(self, f, grid_1d(n * dim), [dy, ids, &mut out, &ni, &di])?;
+            let table = self.device_ptr(grad) + (offset * 4) as u64;
+            launch!(self, f, grid_1d(n * dim), [dy, ids, &table, &ni, &di])?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    fn zero_at(&self, t: &mut T, offset: usize, len: usize) -> Result<()> {
+        const OP: &str = "zero_at";
+        check_dtype(OP, "arena", t, DType::F32)?;
+        check_range(OP, t, &(offset..offset + len))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let d = self.device_ptr(t) + (offset * 4) as u64;
+        // SAFETY: the range was checked against the tensor's size above.
+        unsafe { cudarc::driver::result::memset_d8_async(d, 0, len * 4, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err(OP, e))
     }
 
     fn l2_normalize(&self, x: &T, eps: f32) -> Result<(T, T)> {
