@@ -220,6 +220,21 @@ pub fn sync_path(p: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot sync to disk", p.display()))
 }
 
+/// Writes `bytes` to `path` whole or not at all: a temporary sibling, fsync, rename, fsync
+/// of the directory (a crash leaves the old file or the new one, never half of one).
+pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".m3-tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    sync_path(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_path(dir),
+        None => Ok(()),
+    }
+}
+
 /// fsync of every file in `dir`, then of `dir` itself.
 pub fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {

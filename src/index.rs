@@ -154,11 +154,29 @@ struct Meta {
 }
 
 /// The checksum `meta.json` records of itself: [`hash_bytes`] of its JSON with
-/// `"checksum": ""`, keys sorted (serde_json's canonical object order).
+/// `"checksum": ""`, keys sorted at every level.
 pub fn meta_checksum(meta: &Value) -> String {
     let mut v = meta.clone();
     v["checksum"] = Value::from("");
-    hash_bytes(&serde_json::to_vec(&v).expect("JSON values serialise"))
+    hash_bytes(&serde_json::to_vec(&sorted_keys(&v)).expect("JSON values serialise"))
+}
+
+/// `v` with every object's keys in sorted order, whatever order the parser kept (serde_json
+/// keeps insertion order when a dependency turns on its `preserve_order`).
+fn sorted_keys(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted_keys(&m[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_keys).collect()),
+        x => x.clone(),
+    }
 }
 
 impl Meta {
@@ -447,19 +465,6 @@ impl Index {
         &self.meta.model
     }
 
-    /// Refuses a query model other than the index's, naming what differs.
-    pub fn check_model(&self, dir: &Path, model: &ModelFingerprint) -> anyhow::Result<()> {
-        let d = self.meta.model.differences(model);
-        ensure!(
-            d.is_empty(),
-            "the index was built with another model than {}: {}; query with that model or \
-             rebuild the index",
-            dir.display(),
-            d.join(", ")
-        );
-        Ok(())
-    }
-
     /// Colbert rows of passage `p`.
     fn colbert_rows(&self, p: usize) -> Vec<Vec<f32>> {
         let d = self.meta.colbert_dim;
@@ -469,7 +474,7 @@ impl Index {
     }
 
     /// The `top_k` passages for a query by the weighted hybrid, best first; candidates
-    /// are the dense top-k ∪ lexical top-k. The query's sizes must be the index's.
+    /// are the dense top-k ∪ lexical top-k (passages sharing a token with the query). The query's sizes must be the index's.
     pub fn search(&self, q: &Embedding, top_k: usize, w: Weights) -> anyhow::Result<Vec<Hit>> {
         let (Some(qd), Some(ql), Some(qc)) = (&q.dense, &q.lexical, &q.colbert) else {
             bail!("a query needs dense, lexical and colbert outputs");
@@ -481,9 +486,14 @@ impl Index {
         );
         let dense: Vec<f32> = self.dense.chunks(dd).map(|p| score::dense(qd, p)).collect();
         let lexical = self.lexical.scores(ql);
+        // Lexical candidates are what the inverted index reaches: passages sharing a token
+        // with the query (a zero score is no match, whatever its position).
+        let lexical_hits = score::top_k(&lexical, top_k)
+            .into_iter()
+            .filter(|&p| lexical[p] > 0.0);
         let candidates: BTreeSet<usize> = score::top_k(&dense, top_k)
             .into_iter()
-            .chain(score::top_k(&lexical, top_k))
+            .chain(lexical_hits)
             .collect();
         let mut hits: Vec<Hit> = candidates
             .into_iter()

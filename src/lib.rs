@@ -13,6 +13,7 @@ pub mod error;
 pub mod gradcheck;
 pub mod index;
 pub mod model;
+pub mod retrieval;
 pub mod rng;
 pub mod score;
 pub mod tensor;

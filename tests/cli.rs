@@ -381,7 +381,7 @@ fn search_finds_a_passage_by_its_own_text() {
     std::fs::write(&corpus, c).unwrap();
     let index = dir.join("index");
     let model = fixture("tiny-m3");
-    let out = common::search_index(&model, &corpus, &index);
+    let out = common::search_index(&model, &corpus, &index, "qdrant");
     assert!(
         out.status.success(),
         "{}",

@@ -138,7 +138,7 @@ fn index_dir() -> &'static Path {
         )
         .unwrap();
         let idx = d.join("idx");
-        let out = search_index(&fixture("tiny-m3"), &corpus, &idx);
+        let out = search_index(&fixture("tiny-m3"), &corpus, &idx, "m3");
         assert!(
             out.status.success(),
             "{}",

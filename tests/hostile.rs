@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::pickles::{memo_doubling, nested_lists, nested_tuples, state_dict, torch_zip};
-use common::{fixture, m3, search_index as index, stderr, tmp};
+use common::{fixture, m3, search_index, stderr, tmp};
 use m3::model::checkpoint::read_checkpoint;
 use m3::model::torch_pickle::read_state_dict;
 use serde_json::Value;
@@ -66,6 +66,11 @@ fn corpus(dir: &Path, n: usize) -> PathBuf {
     let p = dir.join("corpus.jsonl");
     std::fs::write(&p, c).unwrap();
     p
+}
+
+/// m3's own index: these tests damage its files on purpose.
+fn index(model: &Path, corpus: &Path, idx: &Path) -> Output {
+    search_index(model, corpus, idx, "m3")
 }
 
 fn query(model: &Path, index: &Path) -> Output {
@@ -599,6 +604,67 @@ fn count_of(idx: &Path) -> u64 {
 }
 
 #[test]
+fn kill_9_during_a_qdrant_index_and_a_rerun_hold_each_passage_once() {
+    let d = tmp("kill-qdrant");
+    let model = fixture("tiny-m3");
+    let c = corpus(&d, 300);
+    let args = |idx: &Path| -> Vec<String> {
+        [
+            "search",
+            "index",
+            MODEL,
+            s(&model),
+            "--corpus",
+            s(&c),
+            "--index",
+            s(idx),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = d.join("whole");
+    let t0 = std::time::Instant::now();
+    ok(&m3(
+        &args(&whole).iter().map(String::as_str).collect::<Vec<_>>(),
+        b"",
+    ));
+    let full = t0.elapsed();
+    let held = |idx: &Path| {
+        m3::retrieval::qdrant::QdrantIndex::open(idx)
+            .unwrap()
+            .count()
+            .unwrap()
+    };
+    assert_eq!(held(&whole), 300);
+    let results = |idx: &Path| -> Vec<common::Ranked> {
+        let out = query(&model, idx);
+        ok(&out);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| common::ranked(&serde_json::from_str(l).unwrap()))
+            .collect()
+    };
+    let want = results(&whole);
+    let mut cut = 0;
+    for k in 0..5 {
+        let idx = d.join(format!("idx{k}"));
+        let a = args(&idx);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        kill_after(&a, full.mul_f64((k as f64 + 0.5) / 5.0));
+        if idx.join("m3-qdrant.json").exists() {
+            cut += usize::from(held(&idx) < 300);
+        }
+        ok(&m3(&a, b""));
+        assert_eq!(held(&idx), 300, "after kill {k} and a rerun");
+        for (a, b) in results(&idx).iter().zip(&want) {
+            common::assert_same(a, b, &format!("after kill {k} and a rerun"));
+        }
+    }
+    assert!(cut > 0, "no kill landed before the index was complete");
+}
+
+#[test]
 fn kill_9_during_indexing_or_training_leaves_a_usable_index_and_a_resumable_run() {
     let d = tmp("kill");
     let model = fixture("tiny-m3");
@@ -617,6 +683,8 @@ fn kill_9_during_indexing_or_training_leaves_a_usable_index_and_a_resumable_run(
         s(&new),
         "--index",
         s(&idx),
+        "--engine",
+        "m3",
     ];
     ok(&m3(&args, b""));
     let full = t0.elapsed();

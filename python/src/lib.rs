@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 
 use m3::backend::cpu::Cpu;
-use m3::index::Index as M3Index;
 use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
 use m3::model::heads::Pooling;
+use m3::retrieval::Retriever;
 use m3::score::{self, Weights};
 use m3::DType;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
@@ -224,13 +224,7 @@ impl Model {
                         .into_iter()
                         .map(|h| {
                             let s = h.scores;
-                            (
-                                index.inner.id(h.passage).to_string(),
-                                s.all,
-                                s.dense,
-                                s.sparse,
-                                s.colbert,
-                            )
+                            (h.id.to_string(), s.all, s.dense, s.sparse, s.colbert)
                         })
                         .collect())
                 })
@@ -300,24 +294,25 @@ fn py_dict<'py>(
     Ok(d)
 }
 
-/// An `m3 search index` directory, loaded and verified.
+/// An `m3 search index` directory (either engine), opened.
 #[pyclass(frozen)]
 struct Index {
-    inner: M3Index,
+    inner: Box<dyn Retriever>,
 }
 
 #[pymethods]
 impl Index {
-    /// Loads the index in `path` (checksums, shapes and offsets verified).
+    /// Opens the index in `path` (m3's own files are verified: checksums, shapes,
+    /// offsets).
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| M3Index::load(&path)).map_err(err)?;
+        let inner = py.detach(|| m3::retrieval::open(&path)).map_err(err)?;
         Ok(Index { inner })
     }
 
     /// Passages in the index.
-    fn __len__(&self) -> usize {
-        self.inner.len()
+    fn __len__(&self) -> PyResult<usize> {
+        self.inner.passages().map_err(err)
     }
 }
 

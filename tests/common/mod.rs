@@ -45,8 +45,8 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// `m3 search index` of `corpus` with `model` into `index`.
-pub fn search_index(model: &Path, corpus: &Path, index: &Path) -> Output {
+/// `m3 search index` of `corpus` with `model` into `index`, held by `engine` (qdrant, m3).
+pub fn search_index(model: &Path, corpus: &Path, index: &Path, engine: &str) -> Output {
     m3(
         &[
             "search",
@@ -57,7 +57,43 @@ pub fn search_index(model: &Path, corpus: &Path, index: &Path) -> Output {
             corpus.to_str().unwrap(),
             "--index",
             index.to_str().unwrap(),
+            "--engine",
+            engine,
         ],
         b"",
     )
+}
+
+/// (id, hybrid, dense, sparse, colbert) per result.
+pub type Ranked = Vec<(String, f32, f32, f32, f32)>;
+
+pub fn ranked(line: &serde_json::Value) -> Ranked {
+    line["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let f = |k: &str| r[k].as_f64().unwrap() as f32;
+            let id = r["id"].as_str().unwrap().to_string();
+            (id, f("score"), f("dense"), f("sparse"), f("colbert"))
+        })
+        .collect()
+}
+
+/// Same scores at every rank (to the bit), and the same passage wherever its hybrid score
+/// is held by no other result: exactly tied passages (the fixture model maps many texts to
+/// the same ids) may come in any order, or be cut at different members.
+pub fn assert_same(a: &Ranked, b: &Ranked, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (r, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(
+            (x.1, x.2, x.3, x.4),
+            (y.1, y.2, y.3, y.4),
+            "{what}: rank {r}: {a:?} vs {b:?}"
+        );
+        let tied = a.iter().filter(|z| z.1 == x.1).count() > 1;
+        if !tied {
+            assert_eq!(x.0, y.0, "{what}: rank {r}");
+        }
+    }
 }

@@ -13,12 +13,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
-use m3::index::Index;
 use m3::model::embedder::Embedding;
+use m3::retrieval::{Found, Retriever};
 use m3::score::{self, Weights};
 use m3::text::{Encoded, TextTokenizer};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::batcher::{Outputs, Work};
@@ -37,7 +37,7 @@ pub struct App {
     /// What `/info` reports and the limits the routes enforce.
     pub info: Info,
     /// The index `/search` queries, if the server was started with one.
-    pub index: Option<Index>,
+    pub index: Option<Box<dyn Retriever>>,
 }
 
 /// The model and the server's limits.
@@ -935,7 +935,7 @@ fn ten() -> usize {
 pub async fn search(
     State(app): State<Arc<App>>,
     body: Result<Json<SearchRequest>, JsonRejection>,
-) -> ApiResult<Vec<Vec<SearchHit>>> {
+) -> ApiResult<Vec<Vec<Found>>> {
     let Json(r) = body.map_err(ApiError::body)?;
     let Some(index) = &app.index else {
         return Err(ApiError::new(
@@ -952,32 +952,13 @@ pub async fn search(
         .await?;
     let mut results = Vec::new();
     for q in &out {
-        let hits = index
-            .search(q, r.top_k, w)
-            .map_err(|e| ApiError::backend(format!("{e:#}")))?;
         results.push(
-            hits.iter()
-                .map(|h| SearchHit {
-                    id: index.id(h.passage).clone(),
-                    score: h.scores.all,
-                    dense: h.scores.dense,
-                    sparse: h.scores.sparse,
-                    colbert: h.scores.colbert,
-                })
-                .collect(),
+            index
+                .search(q, r.top_k, w)
+                .map_err(|e| ApiError::backend(format!("{e:#}")))?,
         );
     }
     Ok(Json(results))
-}
-
-/// One retrieved passage, as `m3 search query` writes it.
-#[derive(Debug, Serialize)]
-pub struct SearchHit {
-    id: Value,
-    score: f32,
-    dense: f32,
-    sparse: f32,
-    colbert: f32,
 }
 
 /// `GET /info`.

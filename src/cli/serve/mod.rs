@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use m3::backend::Backend;
-use m3::index::{Index, ModelFingerprint};
+use m3::index::ModelFingerprint;
 use m3::model::embedder::Embedder;
 use m3::DType;
 use tokio::sync::{mpsc, Semaphore};
@@ -134,7 +134,7 @@ impl Job for ServeArgs {
         let model = Embedder::load(be, &self.model, dtype)?;
         let index = match &self.index {
             Some(dir) => {
-                let index = Index::load(dir)?;
+                let index = m3::retrieval::open(dir)?;
                 index.check_model(&self.model, &ModelFingerprint::of_model(&model)?)?;
                 Some(index)
             }

@@ -1,0 +1,337 @@
+//! `m3 search` through Qdrant's in-process engine (the default) against m3's own index and
+//! a brute-force hybrid computed with `m3::score` on the model's own vectors; resuming an
+//! interrupted index; refusals.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use common::{assert_same, fixture, m3, ranked, search_index, stderr, tmp, Ranked};
+use m3::backend::cpu::Cpu;
+use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
+use m3::retrieval::qdrant::QdrantIndex;
+use m3::score::{self, Weights};
+use m3::DType;
+use serde_json::Value;
+
+const MODEL: &str = "--model";
+
+/// The first `n` passages of the demo corpus (ids "doc00000"…), as a corpus file.
+fn corpus(dir: &Path, n: usize, name: &str) -> (std::path::PathBuf, Vec<(String, String)>) {
+    let all = std::fs::read_to_string(fixture("demo/corpus.jsonl")).unwrap();
+    let mut out = Vec::new();
+    let mut rows = Vec::new();
+    for l in all.lines().take(n) {
+        let v: Value = serde_json::from_str(l).unwrap();
+        let (id, text) = (v["id"].as_str().unwrap(), v["text"].as_str().unwrap());
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"id": id, "text": text, "lang": format!("l{}", text.len() % 3)})
+        )
+        .unwrap();
+        rows.push((id.to_string(), text.to_string()));
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, out).unwrap();
+    (p, rows)
+}
+
+fn queries() -> Vec<String> {
+    let all = std::fs::read_to_string(fixture("demo/queries.jsonl")).unwrap();
+    all.lines()
+        .take(12)
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["query"]
+                .as_str()
+                .unwrap()
+                .into()
+        })
+        .collect()
+}
+
+fn query(index: &Path, top_k: usize) -> Vec<Value> {
+    let mut input = Vec::new();
+    for (i, q) in queries().iter().enumerate() {
+        writeln!(input, "{}", serde_json::json!({"id": i, "text": q})).unwrap();
+    }
+    let (k, model) = (top_k.to_string(), fixture("tiny-m3"));
+    let args = [
+        "search",
+        "query",
+        MODEL,
+        model.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "--top-k",
+        &k,
+    ];
+    let out = m3(&args, &input);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(out.status.success(), "{}", stderr(out));
+}
+
+fn encode(texts: &[&str]) -> Vec<Embedding> {
+    let model = Embedder::load(&Cpu, &fixture("tiny-m3"), DType::F32).unwrap();
+    let opts = EncodeOptions::all_outputs(512, 16384);
+    model
+        .encode(&Cpu, texts, &opts, &mut |_| {})
+        .unwrap()
+        .embeddings
+}
+
+/// SPEC §4 by brute force: every passage scored, candidates = dense top-k ∪ the lexical
+/// top-k of the passages sharing a token, ranked by the weighted hybrid, ties by position.
+fn brute_force(q: &Embedding, passages: &[Embedding], ids: &[String], k: usize) -> Ranked {
+    let (qd, ql, qc) = (
+        q.dense.as_ref().unwrap(),
+        q.lexical.as_ref().unwrap(),
+        q.colbert.as_ref().unwrap(),
+    );
+    let dense: Vec<f32> = passages
+        .iter()
+        .map(|p| score::dense(qd, p.dense.as_ref().unwrap()))
+        .collect();
+    let lexical: Vec<f32> = passages
+        .iter()
+        .map(|p| score::lexical(ql, p.lexical.as_ref().unwrap()))
+        .collect();
+    let mut cand: Vec<usize> = score::top_k(&dense, k);
+    cand.extend(
+        score::top_k(&lexical, k)
+            .into_iter()
+            .filter(|&p| lexical[p] > 0.0),
+    );
+    cand.sort_unstable();
+    cand.dedup();
+    let mut hits: Vec<(usize, m3::score::PairScores)> = cand
+        .into_iter()
+        .map(|p| {
+            let c = score::colbert(qc, passages[p].colbert.as_ref().unwrap());
+            (
+                p,
+                score::combine(dense[p], lexical[p], c, Weights::default()),
+            )
+        })
+        .collect();
+    hits.sort_by(|a, b| b.1.all.total_cmp(&a.1.all).then(a.0.cmp(&b.0)));
+    hits.truncate(k);
+    hits.into_iter()
+        .map(|(p, s)| (ids[p].clone(), s.all, s.dense, s.sparse, s.colbert))
+        .collect()
+}
+
+#[test]
+fn qdrant_answers_as_m3_s_own_index_and_the_brute_force_hybrid() {
+    let d = tmp("retrieval-alike");
+    let (c, rows) = corpus(&d, 120, "corpus.jsonl");
+    let (qi, mi) = (d.join("qdrant"), d.join("own"));
+    let out = search_index(&fixture("tiny-m3"), &c, &qi, "qdrant");
+    ok(&out);
+    assert!(stderr(&out).contains("indexed 120 new passages (120 held in all)"));
+    ok(&search_index(&fixture("tiny-m3"), &c, &mi, "m3"));
+    assert_eq!(QdrantIndex::open(&qi).unwrap().count().unwrap(), 120);
+
+    let texts: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let passages = encode(&texts);
+    let qs = queries();
+    let q_emb = encode(&qs.iter().map(String::as_str).collect::<Vec<_>>());
+    // k = 5: the union of candidates matters; k = 120: every passage is a candidate.
+    for k in [5, 120] {
+        let (from_q, from_m) = (query(&qi, k), query(&mi, k));
+        assert_eq!(from_q.len(), qs.len());
+        for (i, (a, b)) in from_q.iter().zip(&from_m).enumerate() {
+            let what = format!("query {i}, top {k}");
+            assert_eq!(a["id"], i);
+            assert_same(&ranked(a), &ranked(b), &what);
+            assert_same(
+                &ranked(a),
+                &brute_force(&q_emb[i], &passages, &ids, k),
+                &what,
+            );
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_index_resumes_without_duplicates_and_keeps_fields() {
+    let d = tmp("retrieval-resume");
+    let (part, _) = corpus(&d, 40, "part.jsonl");
+    let (full, _) = corpus(&d, 90, "full.jsonl");
+    let idx = d.join("idx");
+    let keep = |c: &Path| {
+        m3(
+            &[
+                "search",
+                "index",
+                MODEL,
+                fixture("tiny-m3").to_str().unwrap(),
+                "--corpus",
+                c.to_str().unwrap(),
+                "--index",
+                idx.to_str().unwrap(),
+                "--keep",
+                "lang",
+            ],
+            b"",
+        )
+    };
+    // A run that stopped after 40 passages, then the whole corpus, twice.
+    ok(&keep(&part));
+    let out = keep(&full);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("indexed 50 new passages (90 held in all)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = keep(&full);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("indexed 0 new passages (90 held in all)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(QdrantIndex::open(&idx).unwrap().count().unwrap(), 90);
+    // The resumed index answers as one built in a single run.
+    let fresh = d.join("fresh");
+    ok(&search_index(&fixture("tiny-m3"), &full, &fresh, "qdrant"));
+    for (a, b) in query(&idx, 7).iter().zip(&query(&fresh, 7)) {
+        assert_same(&ranked(a), &ranked(b), "resumed vs fresh");
+        for r in a["results"].as_array().unwrap() {
+            let lang = r["fields"]["lang"].as_str().unwrap();
+            assert!(lang.starts_with('l'), "{r}");
+        }
+    }
+    // Other kept fields than the index's, or a reserved name, are refused.
+    let out = m3(
+        &[
+            "search",
+            "index",
+            MODEL,
+            fixture("tiny-m3").to_str().unwrap(),
+            "--corpus",
+            full.to_str().unwrap(),
+            "--index",
+            idx.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("keeps the fields"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_bad_line_keeps_what_was_indexed_and_a_rerun_goes_on() {
+    let d = tmp("retrieval-bad-line");
+    let (full, rows) = corpus(&d, 30, "full.jsonl");
+    let text = std::fs::read_to_string(&full).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(20, "{\"id\": \"broken\"");
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let idx = d.join("idx");
+    let out = search_index(&fixture("tiny-m3"), &bad, &idx, "qdrant");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("bad.jsonl:21"),
+        "{err}"
+    );
+    assert!(
+        err.contains("20 passages were indexed before this and are kept"),
+        "{err}"
+    );
+    assert_eq!(QdrantIndex::open(&idx).unwrap().count().unwrap(), 20);
+    let out = search_index(&fixture("tiny-m3"), &full, &idx, "qdrant");
+    ok(&out);
+    assert!(stderr(&out).contains("indexed 10 new passages (30 held in all)"));
+    assert_eq!(rows.len(), 30);
+}
+
+#[test]
+fn another_model_or_a_foreign_directory_is_refused() {
+    let d = tmp("retrieval-refuse");
+    let (c, _) = corpus(&d, 10, "c.jsonl");
+    let idx = d.join("idx");
+    ok(&search_index(&fixture("tiny-m3"), &c, &idx, "qdrant"));
+    // A model of another width: indexing into the same directory and querying are refused.
+    let other = d.join("other");
+    ok(&m3(
+        &[
+            "bench",
+            "make-model",
+            "--out",
+            other.to_str().unwrap(),
+            "--layers",
+            "1",
+            "--hidden",
+            "16",
+            "--heads",
+            "2",
+            "--intermediate",
+            "32",
+            "--vocab",
+            "481",
+            "--positions",
+            "1026",
+        ],
+        b"",
+    ));
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(fixture("tiny-m3").join(f), other.join(f)).unwrap();
+    }
+    let out = search_index(&other, &c, &idx, "qdrant");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("dense size 32 vs 16"),
+        "{err}"
+    );
+    let out = m3(
+        &[
+            "search",
+            "query",
+            MODEL,
+            other.to_str().unwrap(),
+            "--index",
+            idx.to_str().unwrap(),
+        ],
+        b"\"x\"\n",
+    );
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("dense size 32 vs 16"),
+        "{err}"
+    );
+    assert_eq!(QdrantIndex::open(&idx).unwrap().count().unwrap(), 10);
+    // A directory holding other files is not taken over.
+    let foreign = d.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("thesis.tex"), "keep me").unwrap();
+    let out = search_index(&fixture("tiny-m3"), &c, &foreign, "qdrant");
+    assert!(
+        !out.status.success() && stderr(&out).contains("not an m3 index"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("thesis.tex")).unwrap(),
+        "keep me"
+    );
+}
