@@ -466,7 +466,6 @@ pub struct LexicalSide<'a, B: Backend> {
     pub excluded: &'a [u32],
 }
 
-/// Requires a float tensor (f32 or bf16).
 /// `range` lies within the elements of `t`.
 pub(crate) fn check_range<B: Backend>(
     op: &'static str,
@@ -521,6 +520,27 @@ pub(crate) fn check_at<B: Backend>(
     check_range(op, flat, &(offset..offset + part.numel()))
 }
 
+/// The operands of [`Backend::embedding_backward_at`] fit: `dy` float `[n, dim]`, `ids` u32
+/// `[n]`, and a `[vocab, dim]` f32 table at `offset` within `grad`. Returns `(n, dim)`; the
+/// ids' range is checked by the backend, where they live.
+pub(crate) fn check_embedding_backward_at<B: Backend>(
+    dy: &Tensor<B>,
+    ids: &Tensor<B>,
+    grad: &Tensor<B>,
+    offset: usize,
+    vocab: usize,
+) -> Result<(usize, usize)> {
+    const OP: &str = "embedding_backward";
+    check_float(OP, "dy", dy)?;
+    check_dtype(OP, "ids", ids, DType::U32)?;
+    check_dtype(OP, "gradient", grad, DType::F32)?;
+    let (n, dim) = dy.rows_cols();
+    check_vec(OP, "ids", ids, n)?;
+    check_range(OP, grad, &(offset..offset + vocab * dim))?;
+    Ok((n, dim))
+}
+
+/// Requires a float tensor (f32 or bf16).
 pub(crate) fn check_float<B: Backend>(op: &'static str, name: &str, t: &Tensor<B>) -> Result<()> {
     if t.dtype().is_float() {
         Ok(())

@@ -13,10 +13,10 @@ use linalg::{gemm, View};
 use rayon::prelude::*;
 
 use super::{
-    adamw_host, attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids,
-    check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
-    layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
-    LayerNormGrads, LayerNormOut, LexicalSide,
+    adamw_host, attention_dims, check_adamw, check_at, check_embedding_backward_at, check_float,
+    check_ids, check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims,
+    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep,
+    Backend, LayerNormGrads, LayerNormOut, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -503,12 +503,7 @@ impl Backend for Cpu {
         vocab: usize,
     ) -> Result<()> {
         const OP: &str = "embedding_backward";
-        check_float(OP, "dy", dy)?;
-        check_dtype(OP, "ids", ids, DType::U32)?;
-        check_dtype(OP, "gradient", grad, DType::F32)?;
-        let (n, dim) = dy.rows_cols();
-        check_vec(OP, "ids", ids, n)?;
-        check_range(OP, grad, &(offset..offset + vocab * dim))?;
+        let (_, dim) = check_embedding_backward_at(dy, ids, grad, offset, vocab)?;
         let dyv = f32s(OP, "dy", dy)?;
         let iv = u32s(OP, "ids", ids)?;
         check_ids(OP, iv, vocab)?;

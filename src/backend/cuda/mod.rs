@@ -16,10 +16,10 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{
-    attention_dims, check_adamw, check_at, check_dtype, check_float, check_ids, check_lexical_side,
-    check_range, check_same, check_vec, cross_entropy_dims, embedding_dims,
-    layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep, Backend,
-    LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
+    attention_dims, check_adamw, check_at, check_dtype, check_embedding_backward_at, check_float,
+    check_ids, check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims,
+    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep,
+    Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -1180,12 +1180,7 @@ impl Backend for Cuda {
         vocab: usize,
     ) -> Result<()> {
         const OP: &str = "embedding_backward";
-        check_float(OP, "dy", dy)?;
-        check_dtype(OP, "ids", ids, DType::U32)?;
-        check_dtype(OP, "gradient", grad, DType::F32)?;
-        let (n, dim) = dy.rows_cols();
-        check_vec(OP, "ids", ids, n)?;
-        check_range(OP, grad, &(offset..offset + vocab * dim))?;
+        let (n, dim) = check_embedding_backward_at(dy, ids, grad, offset, vocab)?;
         self.check_ids_device(OP, ids, vocab)?;
         if n * dim > 0 {
             let f = self.func("embedding", &format!("embedding_bwd_{}", sfx(dy.dtype())))?;
