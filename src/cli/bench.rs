@@ -35,6 +35,9 @@ pub enum BenchCommand {
     /// The largest training batch that fits the GPU per passage length, from the peak
     /// device memory of steps at batch 1 and 2 (the question of the paper's Table 10).
     Memory(super::bench_memory::MemoryBenchArgs),
+    /// The CPU's f32 FMA peak and each matrix-product implementation's GFLOP/s on the
+    /// encoder's shapes (m3's AVX-512 / AVX2 kernels, the `gemm` crate).
+    Gemm(super::bench_gemm::GemmBenchArgs),
 }
 
 /// `m3 bench train` flags.
@@ -77,6 +80,10 @@ pub struct TrainBenchArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// CPU matrix-product implementation (default: the widest kernel this CPU has; `m3
+    /// bench gemm` lists them), for comparing them in one binary.
+    #[arg(long)]
+    cpu_gemm: Option<String>,
 }
 
 /// `m3 bench make-model` flags.
@@ -135,6 +142,10 @@ pub struct EncodeBenchArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// CPU matrix-product implementation (default: the widest kernel this CPU has; `m3
+    /// bench gemm` lists them), for comparing them in one binary.
+    #[arg(long)]
+    cpu_gemm: Option<String>,
 }
 
 fn make_model(a: &MakeModelArgs) -> anyhow::Result<ExitCode> {
@@ -211,6 +222,8 @@ impl Job for EncodeBenchArgs {
             "{}",
             json!({
                 "impl": "m3", "device": be.name(), "lengths": self.lengths, "sequences": seqs.len(),
+                "threads": rayon::current_num_threads(),
+                "cpu_gemm": m3::backend::cpu::linalg::gemm_in_use(),
                 "tokens": total, "batches": batches.len(), "median_s": median,
                 "tokens_per_s": total as f64 / median, "runs_s": times,
                 "queue_s_median": median_queued,
@@ -290,6 +303,7 @@ impl Job for TrainBenchArgs {
             "{}",
             json!({
                 "impl": "m3", "device": be.name(), "threads": rayon::current_num_threads(),
+                "cpu_gemm": m3::backend::cpu::linalg::gemm_in_use(),
                 "compute": dtype.to_string(), "batch": self.batch, "group": self.group, "tokens": tokens,
                 "first_loss": losses[0], "losses": losses, "step_s_median": median,
                 "step_s_all": times, "tokens_per_s": tokens as f64 / median,
@@ -299,12 +313,29 @@ impl Job for TrainBenchArgs {
     }
 }
 
+/// Applies `--cpu-gemm`.
+fn choose_cpu_gemm(name: &Option<String>) -> anyhow::Result<()> {
+    match name {
+        Some(n) => {
+            m3::backend::cpu::linalg::choose_gemm(n).map_err(|e| anyhow::anyhow!("--cpu-gemm: {e}"))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Runs `m3 bench ...`.
 pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
         BenchCommand::MakeModel(a) => make_model(&a),
-        BenchCommand::Encode(a) => on_device(a.device, a),
-        BenchCommand::Train(a) => on_device(a.device, a),
+        BenchCommand::Encode(a) => {
+            choose_cpu_gemm(&a.cpu_gemm)?;
+            on_device(a.device, a)
+        }
+        BenchCommand::Train(a) => {
+            choose_cpu_gemm(&a.cpu_gemm)?;
+            on_device(a.device, a)
+        }
         BenchCommand::Memory(a) => on_device(a.device, a),
+        BenchCommand::Gemm(a) => super::bench_gemm::run(a),
     }
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and dispatch to the subcommands.
 
 mod bench;
+mod bench_gemm;
 mod bench_inputs;
 mod bench_memory;
 mod clobber;

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{gemm, View};
+use super::linalg::{gemm, gemm_rhs, Rhs, View};
 
 /// Query rows per block: the score block is `BLOCK × L` floats.
 const BLOCK: usize = 64;
@@ -196,6 +196,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], cu: &[u32], g: Geometry) -> (Vec
             let mut out = vec![0f32; l * g.head_dim];
             let mut lse = vec![0f32; l];
             let mut s = vec![0f32; BLOCK.min(l) * l];
+            // Kᵀ and V are the right operands of every query block: packed once per head.
+            let (kt, vr) = (Rhs::new(kv.t()), Rhs::new(vv));
             for i0 in (0..l).step_by(BLOCK) {
                 let bl = BLOCK.min(l - i0);
                 let qb = View {
@@ -203,13 +205,13 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], cu: &[u32], g: Geometry) -> (Vec
                     rows: bl,
                     ..qv
                 };
-                gemm(&mut s, l, qb, kv.t(), g.scale, false, 1);
+                gemm_rhs(&mut s, l, qb, &kt, g.scale, false, 1);
                 softmax_rows(&mut s, l, bl, &mut lse[i0..]);
-                gemm(
+                gemm_rhs(
                     &mut out[i0 * g.head_dim..],
                     g.head_dim,
                     View::rows(&s, bl, l),
-                    vv,
+                    &vr,
                     1.0,
                     false,
                     1,
@@ -254,6 +256,7 @@ pub fn backward(
                 (vec![0f32; l * d], vec![0f32; l * d], vec![0f32; l * d]);
             let mut p = vec![0f32; BLOCK.min(l) * l];
             let mut ds = vec![0f32; BLOCK.min(l) * l];
+            let (kt, vt, kr) = (Rhs::new(kv.t()), Rhs::new(vv.t()), Rhs::new(kv));
             for i0 in (0..l).step_by(BLOCK) {
                 let bl = BLOCK.min(l - i0);
                 let qb = View {
@@ -266,11 +269,11 @@ pub fn backward(
                     rows: bl,
                     ..dov
                 };
-                gemm(&mut p, l, qb, kv.t(), g.scale, false, 1);
+                gemm_rhs(&mut p, l, qb, &kt, g.scale, false, 1);
                 exp_rows(&mut p, l, bl, |r| lse[(s0 + i0 + r) * g.heads + h]);
                 let pb = View::rows(&p, bl, l);
                 gemm(&mut dv, d, pb.t(), dob, 1.0, true, 1);
-                gemm(&mut ds, l, dob, vv.t(), 1.0, false, 1);
+                gemm_rhs(&mut ds, l, dob, &vt, 1.0, false, 1);
                 for r in 0..bl {
                     // delta = Σ_j P_ij dP_ij, equal to dout·out in exact arithmetic but
                     // rounded from the same P and dP it is subtracted from: a one-key row
@@ -284,7 +287,7 @@ pub fn backward(
                     }
                 }
                 let dsb = View::rows(&ds, bl, l);
-                gemm(&mut dq[i0 * d..], d, dsb, kv, g.scale, false, 1);
+                gemm_rhs(&mut dq[i0 * d..], d, dsb, &kr, g.scale, false, 1);
                 gemm(&mut dk, d, dsb.t(), qb, g.scale, true, 1);
             }
             (s0, h, dq, dk, dv)

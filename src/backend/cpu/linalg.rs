@@ -1,4 +1,7 @@
-//! A bounds-checked front for the `gemm` crate's strided matrix product.
+//! A bounds-checked front for the strided f32 matrix product: m3's own packed kernels
+//! (`sgemm`) where the CPU has AVX2 or AVX-512, the `gemm` crate elsewhere.
+
+use super::sgemm;
 
 /// A read-only strided matrix view over a slice: element (r, c) is `data[r*rs + c*cs]`.
 #[derive(Clone, Copy)]
@@ -58,18 +61,171 @@ pub fn gemm(
     accumulate: bool,
     threads: usize,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "gemm inner dimensions");
-    assert!(
-        a.in_bounds() && b.in_bounds(),
-        "gemm operand view out of bounds"
+    gemm_using(
+        default_impl(),
+        dst,
+        dst_rs,
+        a,
+        b,
+        alpha,
+        accumulate,
+        threads,
     );
+}
+
+/// One implementation of the product, for `gemm_using`.
+#[derive(Clone, Copy)]
+pub enum GemmImpl {
+    /// m3's packed kernel for one instruction set.
+    Packed(&'static sgemm::Kernel),
+    /// The `gemm` crate.
+    Crate,
+}
+
+impl GemmImpl {
+    /// Short name for benchmarks.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GemmImpl::Packed(k) => k.name,
+            GemmImpl::Crate => "gemm-crate",
+        }
+    }
+}
+
+/// Every implementation this CPU runs, the default first.
+pub fn gemm_impls() -> Vec<GemmImpl> {
+    let mut v: Vec<GemmImpl> = sgemm::kernels().iter().map(GemmImpl::Packed).collect();
+    v.push(GemmImpl::Crate);
+    v
+}
+
+/// Index into `gemm_impls()` of the implementation `gemm` uses (0: the widest kernel).
+static CHOSEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes `gemm` use the implementation named `name` (one of `gemm_impls()`' names) for the
+/// rest of the process, so benchmarks can compare them inside one binary; the error lists
+/// the names this CPU has.
+pub fn choose_gemm(name: &str) -> Result<(), String> {
+    let impls = gemm_impls();
+    match impls.iter().position(|i| i.name() == name) {
+        Some(i) => {
+            CHOSEN.store(i, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        None => Err(format!(
+            "no matrix-product implementation {name:?} on this CPU; it has: {}",
+            impls
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Name of the implementation `gemm` uses now.
+pub fn gemm_in_use() -> &'static str {
+    default_impl().name()
+}
+
+/// The implementation `gemm` uses: the widest packed kernel unless `choose_gemm` said
+/// otherwise, else the `gemm` crate.
+fn default_impl() -> GemmImpl {
+    let kernels = sgemm::kernels();
+    match kernels.get(CHOSEN.load(std::sync::atomic::Ordering::Relaxed)) {
+        Some(k) => GemmImpl::Packed(k),
+        None => GemmImpl::Crate,
+    }
+}
+
+/// `gemm` with a chosen implementation (benchmarks compare them); same contract.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_using(
+    imp: GemmImpl,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: View,
+    b: View,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(b.in_bounds(), "gemm operand view out of bounds");
+    if !check(dst, dst_rs, a, b.rows, b.cols, accumulate) {
+        return;
+    }
+    match imp {
+        GemmImpl::Packed(kern) => sgemm::sgemm(kern, dst, dst_rs, a, b, alpha, accumulate, threads),
+        GemmImpl::Crate => crate_gemm(dst, dst_rs, a, b, alpha, accumulate, threads),
+    }
+}
+
+/// A right operand made ready for many products with different left operands (attention's
+/// keys and values across query blocks): packed once for m3's kernel, or kept as a view for
+/// the `gemm` crate, which packs per call.
+pub enum Rhs<'a> {
+    /// Packed panels.
+    Packed(sgemm::PackedB),
+    /// The operand as it is.
+    View(View<'a>),
+}
+
+impl<'a> Rhs<'a> {
+    /// Prepares `b` for the implementation `gemm` uses now.
+    pub fn new(b: View<'a>) -> Self {
+        Rhs::with(default_impl(), b)
+    }
+
+    /// Prepares `b` for implementation `imp`.
+    pub fn with(imp: GemmImpl, b: View<'a>) -> Self {
+        assert!(b.in_bounds(), "gemm operand view out of bounds");
+        match imp {
+            GemmImpl::Packed(kern) => Rhs::Packed(sgemm::PackedB::new(kern, b, 1)),
+            GemmImpl::Crate => Rhs::View(b),
+        }
+    }
+
+    /// `(rows, cols)` of the operand.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Rhs::Packed(p) => (p.rows(), p.cols()),
+            Rhs::View(v) => (v.rows, v.cols),
+        }
+    }
+}
+
+/// `gemm` with a prepared right operand; same contract.
+pub fn gemm_rhs(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: View,
+    b: &Rhs,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (k, n) = b.dims();
+    if !check(dst, dst_rs, a, k, n, accumulate) {
+        return;
+    }
+    match b {
+        Rhs::Packed(p) => sgemm::sgemm_packed(dst, dst_rs, a, p, alpha, accumulate, threads),
+        Rhs::View(v) => crate_gemm(dst, dst_rs, a, *v, alpha, accumulate, threads),
+    }
+}
+
+/// Checks the left operand and destination against a `[k, n]` right operand; false when
+/// there is nothing left to compute (an empty result, or `k == 0`, handled here).
+fn check(dst: &mut [f32], dst_rs: usize, a: View, k: usize, n: usize, accumulate: bool) -> bool {
+    let m = a.rows;
+    assert_eq!(a.cols, k, "gemm inner dimensions");
+    assert!(a.in_bounds(), "gemm operand view out of bounds");
     assert!(
         m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
         "gemm destination out of bounds"
     );
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
@@ -77,8 +233,22 @@ pub fn gemm(
                 dst[i * dst_rs..i * dst_rs + n].fill(0.0);
             }
         }
-        return;
+        return false;
     }
+    true
+}
+
+/// The `gemm` crate's product on views already checked by `gemm_using`.
+fn crate_gemm(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: View,
+    b: View,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let par = if threads > 1 && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -107,5 +277,132 @@ pub fn gemm(
             false,
             par,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// `(m, k, n)` around the tile edges (14/6 rows, 32/16 columns) and the 128-deep slice.
+    const SHAPES: [(usize, usize, usize); 10] = [
+        (1, 1, 1),
+        (13, 7, 5),
+        (14, 128, 32),
+        (15, 129, 33),
+        (6, 3, 16),
+        (7, 300, 17),
+        (100, 70, 300),
+        (169, 513, 65),
+        (3, 600, 40),
+        (28, 256, 64),
+    ];
+
+    /// Every implementation, through `gemm_using` and through a prepared `Rhs`, on `SHAPES`
+    /// with transposed and plain operands, overwrite and accumulate, against an f64 triple
+    /// loop; the bound is f32's worst case for a k-term dot product, far below what a wrong
+    /// index or a lost slice would be off by.
+    fn check_all(threads: usize) {
+        let mut rng = Rng::new(17);
+        for imp in gemm_impls() {
+            for &(m, k, n) in &SHAPES {
+                let cases = [
+                    (false, false, false),
+                    (true, false, true),
+                    (false, true, true),
+                    (true, true, false),
+                ];
+                for (ta, tb, acc) in cases {
+                    let av = rng.vec(m * k, -1.0, 1.0);
+                    let bv = rng.vec(k * n, -1.0, 1.0);
+                    let a = if ta {
+                        View::rows(&av, k, m).t()
+                    } else {
+                        View::rows(&av, m, k)
+                    };
+                    let b = if tb {
+                        View::rows(&bv, n, k).t()
+                    } else {
+                        View::rows(&bv, k, n)
+                    };
+                    let ld = n + 3;
+                    let init = rng.vec(m * ld, -1.0, 1.0);
+                    let alpha = 0.75;
+                    let mut direct = init.clone();
+                    gemm_using(imp, &mut direct, ld, a, b, alpha, acc, threads);
+                    let mut prepared = init.clone();
+                    gemm_rhs(
+                        &mut prepared,
+                        ld,
+                        a,
+                        &Rhs::with(imp, b),
+                        alpha,
+                        acc,
+                        threads,
+                    );
+                    for (how, got) in [("direct", &direct), ("prepared", &prepared)] {
+                        let what =
+                            format!("{} {how} m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}", imp.name());
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (mut s, mut bound) = (0f64, 0f64);
+                                for p in 0..k {
+                                    let x = av[if ta { p * m + i } else { i * k + p }] as f64
+                                        * bv[if tb { j * k + p } else { p * n + j }] as f64;
+                                    s += x;
+                                    bound += x.abs();
+                                }
+                                let want = alpha as f64 * s
+                                    + if acc { init[i * ld + j] as f64 } else { 0.0 };
+                                let tol =
+                                    2.0 * (k + 2) as f64 * f32::EPSILON as f64 * (bound + 1.0);
+                                let g = got[i * ld + j] as f64;
+                                assert!((g - want).abs() <= tol, "{what} ({i},{j}): {g} vs {want}");
+                            }
+                            // The padding columns past n are never written.
+                            for j in n..ld {
+                                assert_eq!(
+                                    got[i * ld + j],
+                                    init[i * ld + j],
+                                    "{what}: wrote past column {n}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_implementation_matches_f64_on_one_thread() {
+        check_all(1);
+    }
+
+    #[test]
+    fn every_implementation_matches_f64_on_two_threads() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| check_all(2));
+    }
+
+    #[test]
+    fn x86_cpus_with_avx2_get_a_packed_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if avx2 {
+                assert!(matches!(gemm_impls()[0], GemmImpl::Packed(_)));
+                assert!(gemm_impls().iter().any(|i| i.name() == "avx2"));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert_eq!(gemm_impls()[0].name(), "avx512");
+            }
+        }
+        assert_eq!(gemm_impls().last().map(|i| i.name()), Some("gemm-crate"));
     }
 }
