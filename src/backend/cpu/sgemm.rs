@@ -118,14 +118,19 @@ pub struct PackedB {
 impl PackedB {
     /// Packs `b` for `kern` (in parallel over slices and panels when `threads > 1`).
     pub fn new(kern: &'static Kernel, b: View, threads: usize) -> Self {
-        let mut p = PackedB {
+        let mut p = PackedB::empty(kern);
+        p.repack(b, threads);
+        p
+    }
+
+    /// An empty buffer for `kern`, to `repack` into.
+    fn empty(kern: &'static Kernel) -> Self {
+        PackedB {
             kern,
             k: 0,
             n: 0,
             data: Vec::new(),
-        };
-        p.repack(b, threads);
-        p
+        }
     }
 
     /// Packs `b` into this buffer, reusing its memory.
@@ -197,12 +202,9 @@ pub fn sgemm(
     accumulate: bool,
     threads: usize,
 ) {
-    let mut pb = PACK_B.with(|c| c.take()).unwrap_or_else(|| PackedB {
-        kern,
-        k: 0,
-        n: 0,
-        data: Vec::new(),
-    });
+    let mut pb = PACK_B
+        .with(|c| c.take())
+        .unwrap_or_else(|| PackedB::empty(kern));
     pb.kern = kern;
     pb.repack(
         b,
