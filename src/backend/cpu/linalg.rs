@@ -285,7 +285,8 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// `(m, k, n)` around the tile edges (14/6 rows, 32/16 columns) and the 128-deep slice.
+    /// `(m, k, n)` around the tile edges (14/6 rows, 32/16 columns), the 256-deep slice and
+    /// the 12-panel row block.
     const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (13, 7, 5),

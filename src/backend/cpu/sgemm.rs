@@ -18,7 +18,10 @@ use super::linalg::View;
 const PEAK_CHAINS: usize = 12;
 
 /// Depth of one packed slice: an `NR`-wide panel of it (32 KB at NR = 32) stays in L1.
-const KC: usize = 128;
+const KC: usize = 256;
+
+/// Column panels per work item at most.
+const GROUP: usize = 8;
 
 /// A microkernel: `c[i*ldc + j] = alpha · Σ_p a(i, p)·b[p*nr + j] (+ c[i*ldc + j] when
 /// `add`)` for `i < mr`, `j < nr`, over `kc` steps, where `a(i, p)` is `a[p*mr + i]` (a
@@ -64,8 +67,8 @@ impl Kernel {
     }
 
     /// Row panels per block of the left operand: an `MC × KC` block (~170 KB) stays in L2.
-    fn mc(&self) -> usize {
-        self.mr * (168 / self.mr).max(1)
+    fn mc_panels(&self) -> usize {
+        (168 / self.mr).max(1)
     }
 }
 
@@ -140,36 +143,10 @@ impl PackedB {
         self.k = k;
         self.n = n;
         self.data.resize(n_panels * nr * k, 0.0);
-        // Chunk c is panel c % n_panels of slice c / n_panels; every slice but the last is
-        // KC deep, so all chunks but the last slice's are nr × KC.
-        let pack = |c: usize, panel: &mut [f32]| {
-            let pc = c / n_panels * KC;
-            pack_b_panel(panel, b, pc, KC.min(k - pc), c % n_panels * nr, nr);
-        };
-        let full = k / KC * n_panels * nr * KC;
-        let (head, tail) = self.data.split_at_mut(full);
-        let tail_kc = k % KC;
-        if threads > 1 && n * k >= 1 << 16 {
-            head.par_chunks_mut(nr * KC)
-                .enumerate()
-                .for_each(|(c, p)| pack(c, p));
-            if tail_kc > 0 {
-                let first = k / KC * n_panels;
-                tail.par_chunks_mut(nr * tail_kc)
-                    .enumerate()
-                    .for_each(|(c, p)| pack(first + c, p));
-            }
-        } else {
-            head.chunks_mut(nr * KC)
-                .enumerate()
-                .for_each(|(c, p)| pack(c, p));
-            if tail_kc > 0 {
-                let first = k / KC * n_panels;
-                tail.chunks_mut(nr * tail_kc)
-                    .enumerate()
-                    .for_each(|(c, p)| pack(first + c, p));
-            }
-        }
+        let par = threads > 1 && n * k >= 1 << 16;
+        pack_slices(&mut self.data, k, n_panels, nr, par, |p, pc, kc, dst| {
+            pack_b_panel(dst, b, pc, kc, p * nr, nr)
+        });
     }
 
     /// Inner dimension.
@@ -236,12 +213,13 @@ pub fn sgemm_packed(
     let kern = b.kern;
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert_eq!(k, b.k, "sgemm inner dimensions");
-    let (mr, nr, mc) = (kern.mr, kern.nr, kern.mc());
+    let (mr, nr) = (kern.mr, kern.nr);
     let m_panels = m.div_ceil(mr);
     let n_panels = n.div_ceil(nr);
+    let serial = !parallel(m, k, n, threads);
     // A row-major left operand is read in place by the kernel (packing it cost as much as
     // the product in attention's narrow ones); only a panel running past row m, or an
-    // operand with strided columns, is packed, zero-padded.
+    // operand with strided columns, is packed, zero-padded, every slice up front.
     let in_place = a.cs == 1;
     let packed_panels = if in_place {
         usize::from(m % mr != 0)
@@ -249,47 +227,47 @@ pub fn sgemm_packed(
         m_panels
     };
     let first_packed = m_panels - packed_panels;
-    let mut pa = scratch(&PACK_A, packed_panels * mr * KC.min(k));
-    // Tiles are handed out in groups: one block of `mc` rows by `group` column panels, with
-    // enough groups that two threads finish within a few percent of each other.
-    let m_blocks = m.div_ceil(mc);
-    let want = 8 * threads.max(1);
-    let groups_per_block = (want.div_ceil(m_blocks)).clamp(1, n_panels);
-    let group = n_panels.div_ceil(groups_per_block);
-    let groups_per_block = n_panels.div_ceil(group);
-    let items = m_blocks * groups_per_block;
-    let serial = !parallel(m, k, n, threads);
+    let mut pa = scratch(&PACK_A, packed_panels * mr * k);
+    pack_slices(
+        &mut pa,
+        k,
+        packed_panels,
+        mr,
+        !serial && packed_panels > 1,
+        |p, pc, kc, dst| pack_a_panel(dst, a, pc, kc, (first_packed + p) * mr, mr),
+    );
+    // Work items are blocks of row panels by groups of column panels, each run over the
+    // whole inner dimension so its part of the result stays in L2 from slice to slice
+    // (passing over all of it once per slice sent it to L3 and back k / KC times). Blocks
+    // are cut evenly, and there are enough items that two threads finish within a few
+    // percent of each other.
+    let m_blocks = m_panels.div_ceil(kern.mc_panels());
+    let mut n_groups = n_panels.div_ceil(GROUP);
+    if !serial {
+        n_groups = n_groups.max((4 * threads).div_ceil(m_blocks)).min(n_panels);
+    }
+    let block = m_panels.div_ceil(m_blocks);
+    let group = n_panels.div_ceil(n_groups);
+    let (m_blocks, n_groups) = (m_panels.div_ceil(block), n_panels.div_ceil(group));
     let out = SyncPtr(dst.as_mut_ptr());
-    let mut pc = 0;
-    while pc < k {
-        let kc = KC.min(k - pc);
-        let add = accumulate || pc > 0;
-        let pack_a = |(ip, panel): (usize, &mut [f32])| {
-            pack_a_panel(panel, a, pc, kc, (first_packed + ip) * mr, mr)
-        };
-        if serial || packed_panels < 2 {
-            pa.chunks_mut(mr * kc)
-                .take(packed_panels)
-                .enumerate()
-                .for_each(pack_a);
-        } else {
-            pa.par_chunks_mut(mr * kc)
-                .take(packed_panels)
-                .enumerate()
-                .for_each(pack_a);
-        }
-        let (pa, pb) = (&pa[..], b.slice(pc, kc));
-        let tile_group = |item: usize| {
-            let (blk, g) = (item / groups_per_block, item % groups_per_block);
-            let jps = g * group..((g + 1) * group).min(n_panels);
-            let ips = blk * mc / mr..((blk + 1) * mc / mr).min(m_panels);
-            for jp in jps {
+    let pa_buf = pa;
+    let pa = &pa_buf[..];
+    let item = |it: usize| {
+        let (blk, g) = (it / n_groups, it % n_groups);
+        let ips = blk * block..((blk + 1) * block).min(m_panels);
+        let jps = g * group..((g + 1) * group).min(n_panels);
+        let mut pc = 0;
+        while pc < k {
+            let kc = KC.min(k - pc);
+            let add = accumulate || pc > 0;
+            let pb = b.slice(pc, kc);
+            for jp in jps.clone() {
                 let bp = &pb[jp * nr * kc..(jp + 1) * nr * kc];
                 for ip in ips.clone() {
                     let (ap, lda) = if ip < first_packed {
                         (a.data[ip * mr * a.rs + pc..].as_ptr(), a.rs)
                     } else {
-                        let at = (ip - first_packed) * mr * kc;
+                        let at = pc * packed_panels * mr + (ip - first_packed) * mr * kc;
                         (pa[at..at + mr * kc].as_ptr(), 0)
                     };
                     // SAFETY: an in-place panel is mr full rows of `a` (bounds-checked by the
@@ -314,15 +292,54 @@ pub fn sgemm_packed(
                     };
                 }
             }
-        };
-        if serial {
-            (0..items).for_each(tile_group);
-        } else {
-            (0..items).into_par_iter().for_each(tile_group);
+            pc += kc;
         }
-        pc += kc;
+    };
+    if serial {
+        (0..m_blocks * n_groups).for_each(item);
+    } else {
+        (0..m_blocks * n_groups).into_par_iter().for_each(item);
     }
-    PACK_A.with(|c| c.replace(pa));
+    PACK_A.with(|c| c.replace(pa_buf));
+}
+
+/// Fills `data`, laid out slice after `KC`-deep slice of `panels` chunks of `width × kc`
+/// (PackedB's layout, and the packed left panels'), calling `pack(panel, pc, kc, chunk)`
+/// for each chunk (in parallel when `par`).
+fn pack_slices(
+    data: &mut [f32],
+    k: usize,
+    panels: usize,
+    width: usize,
+    par: bool,
+    pack: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
+    if panels == 0 {
+        return;
+    }
+    // Every slice but the last is KC deep, so every chunk before the last slice's is
+    // width × KC and the last slice's are width × (k % KC).
+    let (head, tail) = data.split_at_mut(k / KC * panels * width * KC);
+    let head_chunk = |(c, dst): (usize, &mut [f32])| pack(c % panels, c / panels * KC, KC, dst);
+    let tail_kc = k % KC;
+    let tail_chunk = |(p, dst): (usize, &mut [f32])| pack(p, k - tail_kc, tail_kc, dst);
+    if par {
+        head.par_chunks_mut(width * KC)
+            .enumerate()
+            .for_each(head_chunk);
+        if tail_kc > 0 {
+            tail.par_chunks_mut(width * tail_kc)
+                .enumerate()
+                .for_each(tail_chunk);
+        }
+    } else {
+        head.chunks_mut(width * KC).enumerate().for_each(head_chunk);
+        if tail_kc > 0 {
+            tail.chunks_mut(width * tail_kc)
+                .enumerate()
+                .for_each(tail_chunk);
+        }
+    }
 }
 
 thread_local! {
