@@ -3,33 +3,11 @@
 
 use rayon::prelude::*;
 
+use super::fastmath::{exp_nonpos, has_avx2};
 use super::linalg::{gemm, gemm_rhs, Rhs, View};
 
 /// Query rows per block: the score block is `BLOCK × L` floats.
 const BLOCK: usize = 64;
-
-/// `exp(x)` for `x <= 0` (scores minus their row max), Cephes' expf: relative error about
-/// 1e-7, and straight-line code the compiler vectorises, unlike a libm call per element.
-#[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
-    // A plain compare (not f32::max, whose NaN rule blocks vectorising); scores are finite.
-    let x = if x < -87.0 { -87.0 } else { x };
-    // Round x·log2(e) to the nearest integer n with the 1.5·2^23 trick (no SSE4.1 needed);
-    // the shifted value's low mantissa bits are n itself, which gives 2^n below without a
-    // float-to-int conversion (Rust's saturating `as i32` does not vectorise well).
-    let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = shifted - 12_582_912.0;
-    let n_int = shifted.to_bits().wrapping_sub(0x4B40_0000) as i32;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n_int + 127) as u32) << 23)
-}
 
 /// Lanes of the row reductions below: independent accumulators the compiler keeps in one
 /// vector register (a single running f32 sum or f32::max fold stays scalar).
@@ -49,23 +27,6 @@ fn row_max(row: &[f32]) -> f32 {
     acc.into_iter()
         .chain(tail)
         .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
-}
-
-/// Whether the CPU has AVX2 and FMA: the build targets baseline x86-64, whose SSE2
-/// vectorises the softmax loops 4 lanes wide instead of 8, so the row loops below also come
-/// in an AVX2 + FMA compilation chosen at run time (measured on the 2-core VM: the tiny
-/// fixture model's whole encode 18.9 s -> 13.3 s).
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Softmax of each of the first `rows` rows (width `l`) of `s` in place; `lse[r]` gets the
@@ -355,17 +316,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn fast_exp_is_accurate_over_the_softmax_range() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (super::exp_nonpos(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-            x += 0.001_37;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
     }
 }

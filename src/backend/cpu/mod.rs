@@ -6,6 +6,7 @@
 //! one answers with a dtype error instead of silently converting.
 
 mod attention;
+pub mod fastmath;
 pub mod linalg;
 mod retrieval;
 pub mod sgemm;
@@ -103,19 +104,6 @@ where
             .enumerate()
             .for_each(|(r, row)| f(r, row));
     }
-}
-
-/// Exact GELU `x·Φ(x)`, with `Φ(x) = erfc(-x/√2)/2` so the left tail keeps its relative
-/// accuracy (no `1 + erf` cancellation).
-pub fn gelu_scalar(x: f32) -> f32 {
-    0.5 * x * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2)
-}
-
-/// Derivative of exact GELU: `Φ(x) + x·φ(x)`.
-pub fn gelu_grad_scalar(x: f32) -> f32 {
-    let cdf = 0.5 * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2);
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
-    cdf + x * pdf
 }
 
 impl Device for Cpu {
@@ -461,14 +449,20 @@ impl Backend for Cpu {
 
     fn gelu(&self, x: &T) -> Result<T> {
         let xv = f32s("gelu", "x", x)?;
-        Ok(tensor(
-            x.shape(),
-            xv.par_iter().map(|&v| gelu_scalar(v)).collect(),
-        ))
+        let mut y = vec![0.0; xv.len()];
+        fastmath::gelu_into(xv, &mut y);
+        Ok(tensor(x.shape(), y))
     }
 
     fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        pointwise_backward("gelu_backward", dy, x, |d, v| d * gelu_grad_scalar(v))
+        check_same("gelu_backward", ("dy", dy), ("x", x))?;
+        let (dyv, xv) = (
+            f32s("gelu_backward", "dy", dy)?,
+            f32s("gelu_backward", "x", x)?,
+        );
+        let mut dx = vec![0.0; xv.len()];
+        fastmath::gelu_backward_into(dyv, xv, &mut dx);
+        Ok(tensor(x.shape(), dx))
     }
 
     fn relu(&self, x: &T) -> Result<T> {
