@@ -96,18 +96,18 @@ pub fn gelu_grad(x: f32) -> f32 {
 /// Elements per parallel chunk of the loops below.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = gelu(x[i])`.
-pub(super) fn gelu_into(x: &[f32], out: &mut [f32]) {
+/// `out[i] = f(x[i])`, in parallel chunks, vectorised (see `map1`).
+pub(super) fn map_into(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| map1(x, o, gelu));
+        .for_each(|(o, x)| map1(x, o, &f));
 }
 
-/// `out[i] = dy[i] · gelu'(x[i])`.
-pub(super) fn gelu_backward_into(dy: &[f32], x: &[f32], out: &mut [f32]) {
+/// `out[i] = f(a[i], b[i])`, in parallel chunks, vectorised (see `map2`).
+pub(super) fn map2_into(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(o, (x, dy))| map2(dy, x, o, |d, v| d * gelu_grad(v)));
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| map2(a, b, o, &f));
 }
 
 /// `out[i] = f(x[i])`, in the AVX2 + FMA compilation where the CPU has it.
@@ -200,8 +200,8 @@ mod tests {
         let xs: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 7e-4).collect();
         let dy: Vec<f32> = xs.iter().map(|v| 1.0 - v * 0.01).collect();
         let (mut y, mut dx) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
-        gelu_into(&xs, &mut y);
-        gelu_backward_into(&dy, &xs, &mut dx);
+        map_into(&xs, &mut y, gelu);
+        map2_into(&dy, &xs, &mut dx, |d, v| d * gelu_grad(v));
         for i in 0..xs.len() {
             assert_eq!(y[i].to_bits(), gelu(xs[i]).to_bits(), "gelu({})", xs[i]);
             assert_eq!(dx[i].to_bits(), (dy[i] * gelu_grad(xs[i])).to_bits());

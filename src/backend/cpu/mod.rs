@@ -81,10 +81,9 @@ fn pointwise_backward(
 ) -> Result<T> {
     check_same(op, ("dy", dy), ("x", x))?;
     let (dyv, xv) = (f32s(op, "dy", dy)?, f32s(op, "x", x)?);
-    Ok(tensor(
-        x.shape(),
-        dyv.par_iter().zip(xv).map(|(&d, &v)| f(d, v)).collect(),
-    ))
+    let mut dx = vec![0.0; xv.len()];
+    fastmath::map2_into(dyv, xv, &mut dx, f);
+    Ok(tensor(x.shape(), dx))
 }
 
 /// Applies `f` to each row pair of `out` and `src`, in parallel when the work is large.
@@ -450,19 +449,12 @@ impl Backend for Cpu {
     fn gelu(&self, x: &T) -> Result<T> {
         let xv = f32s("gelu", "x", x)?;
         let mut y = vec![0.0; xv.len()];
-        fastmath::gelu_into(xv, &mut y);
+        fastmath::map_into(xv, &mut y, fastmath::gelu);
         Ok(tensor(x.shape(), y))
     }
 
     fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        check_same("gelu_backward", ("dy", dy), ("x", x))?;
-        let (dyv, xv) = (
-            f32s("gelu_backward", "dy", dy)?,
-            f32s("gelu_backward", "x", x)?,
-        );
-        let mut dx = vec![0.0; xv.len()];
-        fastmath::gelu_backward_into(dyv, xv, &mut dx);
-        Ok(tensor(x.shape(), dx))
+        pointwise_backward("gelu_backward", dy, x, |d, v| d * fastmath::gelu_grad(v))
     }
 
     fn relu(&self, x: &T) -> Result<T> {
