@@ -220,12 +220,17 @@ pub fn sync_path(p: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot sync to disk", p.display()))
 }
 
+/// The temporary sibling [`write_file`] writes `path` through (what a crash can leave).
+pub fn write_file_temp(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".m3-tmp");
+    PathBuf::from(tmp)
+}
+
 /// Writes `bytes` to `path` whole or not at all: a temporary sibling, fsync, rename, fsync
 /// of the directory (a crash leaves the old file or the new one, never half of one).
 pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".m3-tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = write_file_temp(path);
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     sync_path(&tmp)?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;

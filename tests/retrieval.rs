@@ -335,3 +335,35 @@ fn another_model_or_a_foreign_directory_is_refused() {
         "keep me"
     );
 }
+
+#[test]
+fn a_run_killed_while_writing_the_marker_leaves_a_directory_the_rerun_takes() {
+    // What `kill -9` between the marker's temporary write and its rename leaves behind:
+    // the directory with only `m3-qdrant.json.m3-tmp` in it (seen once in the hostile
+    // kill test, whose timing rarely lands there).
+    let d = tmp("retrieval-half-marker");
+    let (c, _) = corpus(&d, 10, "c.jsonl");
+    let idx = d.join("idx");
+    std::fs::create_dir_all(&idx).unwrap();
+    std::fs::write(idx.join("m3-qdrant.json.m3-tmp"), b"{\"form").unwrap();
+    let out = search_index(&fixture("tiny-m3"), &c, &idx, "qdrant");
+    ok(&out);
+    assert_eq!(QdrantIndex::open(&idx).unwrap().count().unwrap(), 10);
+    assert!(!idx.join("m3-qdrant.json.m3-tmp").exists());
+    // The same leftover next to a file of the user's is still refused, and both stay.
+    let mixed = d.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::write(mixed.join("m3-qdrant.json.m3-tmp"), b"{").unwrap();
+    std::fs::write(mixed.join("notes.txt"), "keep me").unwrap();
+    let out = search_index(&fixture("tiny-m3"), &c, &mixed, "qdrant");
+    assert!(
+        !out.status.success() && stderr(&out).contains("not an m3 index"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(mixed.join("m3-qdrant.json.m3-tmp").exists());
+    assert_eq!(
+        std::fs::read_to_string(mixed.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+}

@@ -147,14 +147,24 @@ impl QdrantIndex {
             meta
         } else {
             if dir.exists() {
-                let mut entries = std::fs::read_dir(dir)
+                // A run killed while writing the marker leaves only the marker's temporary
+                // file: that directory is ours and still empty.
+                let half_marker = crate::atomic::write_file_temp(&dir.join(META));
+                let entries = std::fs::read_dir(dir)
+                    .with_context(|| format!("{}: cannot read", dir.display()))?
+                    .collect::<std::io::Result<Vec<_>>>()
                     .with_context(|| format!("{}: cannot read", dir.display()))?;
                 ensure!(
-                    entries.next().is_none(),
+                    entries.iter().all(|e| e.path() == half_marker),
                     "{}: holds files and is not an m3 index; index into a new or empty \
                      directory",
                     dir.display()
                 );
+                if half_marker.exists() {
+                    std::fs::remove_file(&half_marker).with_context(|| {
+                        format!("{}: cannot remove leftover", half_marker.display())
+                    })?;
+                }
             }
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create", dir.display()))?;
