@@ -416,11 +416,12 @@ fn the_gathered_dense_gradient_matches_finite_differences() {
         .position(|x| x.name == "embeddings.LayerNorm.weight")
         .unwrap();
     let (_, g) = s.ranks(&shares, &cfg, true, None);
-    let base = Cpu.to_vec_f32(&s.model.encoder.emb_norm.g).unwrap();
+    let base = Cpu.to_vec_f32(&s.model.params.encoder.emb_norm.g).unwrap();
     let mut at = |i: usize, d: f32| -> f64 {
         let mut w = base.clone();
         w[i] += d;
-        Cpu.write_f32(&mut s.model.encoder.emb_norm.g, &w).unwrap();
+        Cpu.write_f32(&mut s.model.params.encoder.emb_norm.g, &w)
+            .unwrap();
         let (l, _) = s.ranks(&shares, &cfg, true, None);
         l.iter().map(|&x| x as f64).sum::<f64>() / 2.0
     };

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use super::config::Config;
 use super::encoder;
 use super::heads::{self, Pooling};
-use super::weights::{load_head, weights_file, EncoderWeights, Linear, TensorFile};
+use super::weights::{load_head, weights_file, EncoderWeights, LinearWeights, TensorFile};
 use crate::backend::Backend;
 use crate::batch::pack;
 use crate::tensor::DType;
@@ -86,8 +86,8 @@ pub struct Embedder<B: Backend> {
     /// The tokenizer and its special tokens.
     pub tokenizer: TextTokenizer,
     encoder: EncoderWeights<B>,
-    colbert_head: Option<Linear<B>>,
-    sparse_head: Option<Linear<B>>,
+    colbert_head: Option<LinearWeights<B>>,
+    sparse_head: Option<LinearWeights<B>>,
     dir: PathBuf,
 }
 

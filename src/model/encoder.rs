@@ -3,14 +3,16 @@
 //! attention and GELU FFN.
 
 use super::config::Config;
-use super::weights::{EncoderWeights, Linear};
+use super::params::{Encoder, Layer, Linear, Norm, Tree};
+use super::weights::{EncoderWeights, LinearWeights};
+use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
 use crate::tensor::{HostData, Tensor};
 
 /// `x Wᵀ + b` in the activations' dtype.
-pub fn linear<B: Backend>(be: &B, x: &Tensor<B>, l: &Linear<B>) -> Result<Tensor<B>> {
+pub fn linear<B: Backend>(be: &B, x: &Tensor<B>, l: &LinearWeights<B>) -> Result<Tensor<B>> {
     be.matmul(x, false, &l.wt, false, Some(&l.b), x.dtype())
 }
 
@@ -52,131 +54,21 @@ pub fn forward<B: Backend>(
 }
 
 /// Tape values of one linear layer: transposed weight `[in, out]` and bias.
-#[derive(Debug, Clone, Copy)]
-pub struct LinearVars {
-    /// Transposed weight.
-    pub wt: crate::autograd::Var,
-    /// Bias.
-    pub b: crate::autograd::Var,
-}
+pub type LinearVars = Linear<Var>;
 
 /// Tape values of one LayerNorm.
-#[derive(Debug, Clone, Copy)]
-pub struct NormVars {
-    /// Gain.
-    pub g: crate::autograd::Var,
-    /// Shift.
-    pub b: crate::autograd::Var,
-}
+pub type NormVars = Norm<Var>;
 
 /// Tape values of one transformer layer.
-#[derive(Debug, Clone, Copy)]
-pub struct LayerVars {
-    /// Query, key, value, attention output projections.
-    pub q: LinearVars,
-    /// Key projection.
-    pub k: LinearVars,
-    /// Value projection.
-    pub v: LinearVars,
-    /// Attention output projection.
-    pub attn_out: LinearVars,
-    /// LayerNorm after attention.
-    pub attn_norm: NormVars,
-    /// FFN up projection.
-    pub ffn_in: LinearVars,
-    /// FFN down projection.
-    pub ffn_out: LinearVars,
-    /// LayerNorm after the FFN.
-    pub ffn_norm: NormVars,
-}
+pub type LayerVars = Layer<Var>;
 
 /// The encoder's parameters recorded on a tape (for training and gradient checks).
-#[derive(Debug, Clone)]
-pub struct EncoderVars {
-    /// Word embeddings.
-    pub word: crate::autograd::Var,
-    /// Position embeddings.
-    pub position: crate::autograd::Var,
-    /// Token-type row 0.
-    pub token_type0: crate::autograd::Var,
-    /// Embedding LayerNorm.
-    pub emb_norm: NormVars,
-    /// Layers.
-    pub layers: Vec<LayerVars>,
-}
+pub type EncoderVars = Encoder<Var>;
 
 impl EncoderVars {
     /// Records every weight of `w` on the tape as a borrowed parameter.
-    pub fn record<'a, B: Backend>(
-        t: &mut crate::autograd::Tape<'a, B>,
-        w: &'a EncoderWeights<B>,
-    ) -> Self {
-        let lin = |t: &mut crate::autograd::Tape<'a, B>, l: &'a Linear<B>| LinearVars {
-            wt: t.param(&l.wt),
-            b: t.param(&l.b),
-        };
-        let word = t.param(&w.word);
-        let position = t.param(&w.position);
-        let token_type0 = t.param(&w.token_type0);
-        let emb_norm = NormVars {
-            g: t.param(&w.emb_norm.g),
-            b: t.param(&w.emb_norm.b),
-        };
-        let layers = w
-            .layers
-            .iter()
-            .map(|l| LayerVars {
-                q: lin(t, &l.q),
-                k: lin(t, &l.k),
-                v: lin(t, &l.v),
-                attn_out: lin(t, &l.attn_out),
-                attn_norm: NormVars {
-                    g: t.param(&l.attn_norm.g),
-                    b: t.param(&l.attn_norm.b),
-                },
-                ffn_in: lin(t, &l.ffn_in),
-                ffn_out: lin(t, &l.ffn_out),
-                ffn_norm: NormVars {
-                    g: t.param(&l.ffn_norm.g),
-                    b: t.param(&l.ffn_norm.b),
-                },
-            })
-            .collect();
-        EncoderVars {
-            word,
-            position,
-            token_type0,
-            emb_norm,
-            layers,
-        }
-    }
-}
-
-impl EncoderVars {
-    /// Every tape value, in the order of [`EncoderWeights::named_tensors_mut`].
-    pub fn all(&self) -> Vec<crate::autograd::Var> {
-        let mut v = vec![
-            self.word,
-            self.position,
-            self.token_type0,
-            self.emb_norm.g,
-            self.emb_norm.b,
-        ];
-        for l in &self.layers {
-            for lin in [l.q, l.k, l.v, l.attn_out] {
-                v.extend([lin.wt, lin.b]);
-            }
-            v.extend([
-                l.attn_norm.g,
-                l.attn_norm.b,
-                l.ffn_in.wt,
-                l.ffn_in.b,
-                l.ffn_out.wt,
-                l.ffn_out.b,
-            ]);
-            v.extend([l.ffn_norm.g, l.ffn_norm.b]);
-        }
-        v
+    pub fn record<'a, B: Backend>(t: &mut Tape<'a, B>, w: &'a EncoderWeights<B>) -> Self {
+        w.map(|_, x| t.param(x))
     }
 }
 
@@ -212,12 +104,12 @@ impl Dropout {
 /// The same forward as [`forward`], recorded on a tape so gradients reach every weight,
 /// with hidden-state dropout `drop`.
 pub fn forward_taped<B: Backend>(
-    t: &mut crate::autograd::Tape<'_, B>,
+    t: &mut Tape<'_, B>,
     w: &EncoderVars,
     c: &Config,
     batch: &PackedBatch,
     drop: &Dropout,
-) -> Result<crate::autograd::Var> {
+) -> Result<Var> {
     let n = batch.tokens();
     let be = t.backend();
     let ids = be.upload(HostData::U32(&batch.ids), &[n])?;
@@ -233,9 +125,7 @@ pub fn forward_taped<B: Backend>(
     let hidden = c.hidden_size;
     let mut x = t.dropout(x, drop.p, drop.site(0, hidden))?;
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
-    let lin = |t: &mut crate::autograd::Tape<'_, B>, x, l: &LinearVars| {
-        t.matmul(x, false, l.wt, false, Some(l.b))
-    };
+    let lin = |t: &mut Tape<'_, B>, x, l: &LinearVars| t.matmul(x, false, l.wt, false, Some(l.b));
     for (i, l) in w.layers.iter().enumerate() {
         let site = 1 + 2 * i as u64;
         let q = lin(t, x, &l.q)?;

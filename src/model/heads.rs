@@ -4,7 +4,7 @@
 //! token but the CLS tokens).
 
 use super::encoder::linear;
-use super::weights::Linear;
+use super::weights::LinearWeights;
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
@@ -73,7 +73,7 @@ pub fn lexical<B: Backend>(
     be: &B,
     hidden: &Tensor<B>,
     batch: &PackedBatch,
-    head: &Linear<B>,
+    head: &LinearWeights<B>,
     unused: &dyn Fn(u32) -> bool,
 ) -> Result<Vec<Vec<(u32, f32)>>> {
     let w = be.to_vec_f32(&be.relu(&linear(be, hidden, head)?)?)?;
@@ -98,7 +98,7 @@ pub fn colbert<B: Backend>(
     hidden: &Tensor<B>,
     batch: &PackedBatch,
     cls_positions: &[Vec<usize>],
-    head: &Linear<B>,
+    head: &LinearWeights<B>,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let (y, _) = be.l2_normalize(&linear(be, hidden, head)?, NORM_EPS)?;
     let d = y.rows_cols().1;

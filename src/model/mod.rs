@@ -5,6 +5,7 @@ pub mod config;
 pub mod embedder;
 pub mod encoder;
 pub mod heads;
+pub mod params;
 pub mod random;
 pub mod torch_pickle;
 pub mod torch_save;

@@ -5,46 +5,17 @@ use std::path::Path;
 
 use super::checkpoint::write_safetensors;
 use super::config::Config;
+use super::params::{Encoder, Tree};
 use crate::rng::Rng;
 
-/// Every encoder tensor's HF name and shape (PyTorch layout) for `c`.
+/// Every encoder tensor's HF name and shape (PyTorch layout) for `c`, in the parameter
+/// tree's order.
 pub fn encoder_shapes(c: &Config) -> Vec<(String, Vec<usize>)> {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "embeddings.word_embeddings.weight".into(),
-            vec![c.vocab_size, h],
-        ),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            vec![c.max_position_embeddings, h],
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".into(),
-            vec![c.type_vocab_size, h],
-        ),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-    ];
-    for l in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{l}");
-        for (name, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", i, h),
-            ("output.dense", h, i),
-        ] {
-            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
-            shapes.push((format!("{p}.{name}.bias"), vec![out]));
-        }
-        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            shapes.push((format!("{p}.{n}.weight"), vec![h]));
-            shapes.push((format!("{p}.{n}.bias"), vec![h]));
-        }
-    }
-    shapes
+    Encoder::spec(c)
+        .named()
+        .into_iter()
+        .map(|(name, s)| (name, s.stored.clone()))
+        .collect()
 }
 
 /// Writes `model.safetensors` (weights ~ U(-0.035, 0.035), std 0.02 as BERT initialises,

@@ -1,5 +1,6 @@
 //! Model weights: finding each tensor of a published directory by name (with or without the
-//! `roberta.` / `bert.` prefix), checking its shape, and uploading it to a backend.
+//! `roberta.` / `bert.` prefix), checking its shape, and uploading it to a backend as
+//! the parameter tree (`params.rs`) says m3 holds it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use anyhow::{anyhow, bail, Context};
 
 use super::checkpoint::{read_checkpoint, HostTensor};
 use super::config::Config;
+use super::params::{Encoder, Held, Linear, Spec, Tree};
 use crate::backend::Backend;
 use crate::tensor::{DType, Tensor};
 
@@ -139,180 +141,57 @@ fn transpose(t: HostTensor) -> HostTensor {
     }
 }
 
-/// A linear layer `y = x Wᵀ + b`. The weight is kept transposed, `Wᵀ` `[in, out]`, so the
-/// product is a plain `x · Wᵀ`: the CPU GEMM runs the wide FFN projection about a fifth
-/// faster with a row-major right operand than with PyTorch's `[out, in]` (measured with
-/// the `gemm` crate at 2048×4096×1024 on 2 threads: 156 vs 121 GFLOP/s).
-pub struct Linear<B: Backend> {
-    /// Transposed weight `[in, out]`.
-    pub wt: Tensor<B>,
-    /// Bias `[out]`.
-    pub b: Tensor<B>,
-}
+/// A linear layer's weights on a backend.
+pub type LinearWeights<B> = Linear<Tensor<B>>;
 
-/// LayerNorm gain and shift.
-pub struct Norm<B: Backend> {
-    /// Gain `[hidden]`.
-    pub g: Tensor<B>,
-    /// Shift `[hidden]`.
-    pub b: Tensor<B>,
-}
+/// The encoder's weights on a backend.
+pub type EncoderWeights<B> = Encoder<Tensor<B>>;
 
-/// One transformer layer (post-LayerNorm, as BERT and XLM-R).
-pub struct Layer<B: Backend> {
-    /// Query projection.
-    pub q: Linear<B>,
-    /// Key projection.
-    pub k: Linear<B>,
-    /// Value projection.
-    pub v: Linear<B>,
-    /// Attention output projection.
-    pub attn_out: Linear<B>,
-    /// LayerNorm after the attention residual.
-    pub attn_norm: Norm<B>,
-    /// FFN up projection.
-    pub ffn_in: Linear<B>,
-    /// FFN down projection.
-    pub ffn_out: Linear<B>,
-    /// LayerNorm after the FFN residual.
-    pub ffn_norm: Norm<B>,
-}
-
-/// The encoder's weights.
-pub struct EncoderWeights<B: Backend> {
-    /// Word embeddings `[vocab, hidden]`.
-    pub word: Tensor<B>,
-    /// Position embeddings `[max_positions, hidden]`.
-    pub position: Tensor<B>,
-    /// Token-type row 0 `[1, hidden]` (every token is type 0).
-    pub token_type0: Tensor<B>,
-    /// Embedding LayerNorm.
-    pub emb_norm: Norm<B>,
-    /// Transformer layers.
-    pub layers: Vec<Layer<B>>,
-}
-
-struct Loader<'a, B: Backend> {
-    be: &'a B,
-    file: &'a mut TensorFile,
+/// Takes leaf `name` of `file` as `spec` says it is stored and uploads it as m3 holds it,
+/// in `dtype`.
+fn load_leaf<B: Backend>(
+    be: &B,
+    file: &mut TensorFile,
+    name: &str,
+    spec: &Spec,
     dtype: DType,
+) -> anyhow::Result<Tensor<B>> {
+    let t = file.take(name, &spec.stored)?;
+    let t = match spec.held {
+        Held::AsIs => t,
+        Held::Transposed => transpose(t),
+        Held::FirstRow => {
+            let shape = spec.shape();
+            HostTensor {
+                data: t.data[..shape[1]].to_vec(),
+                shape,
+            }
+        }
+    };
+    upload(be, t, dtype).with_context(|| format!("uploading {name}"))
 }
 
-impl<B: Backend> Loader<'_, B> {
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor<B>> {
-        let t = self.file.take(name, shape)?;
-        upload(self.be, t, self.dtype).with_context(|| format!("uploading {name}"))
-    }
-    fn linear(&mut self, name: &str, out: usize, inp: usize) -> anyhow::Result<Linear<B>> {
-        let w = self.file.take(&format!("{name}.weight"), &[out, inp])?;
-        Ok(Linear {
-            wt: upload(self.be, transpose(w), self.dtype)
-                .with_context(|| format!("uploading {name}.weight"))?,
-            b: self.tensor(&format!("{name}.bias"), &[out])?,
-        })
-    }
-    fn norm(&mut self, name: &str, n: usize) -> anyhow::Result<Norm<B>> {
-        Ok(Norm {
-            g: self.tensor(&format!("{name}.weight"), &[n])?,
-            b: self.tensor(&format!("{name}.bias"), &[n])?,
-        })
-    }
+/// Loads every leaf of `spec` from `file` (each named as the tree names it, under
+/// `prefix`), compute weights in `dtype`.
+pub fn load_tree<B: Backend, T: Tree<Spec>>(
+    be: &B,
+    file: &mut TensorFile,
+    spec: &T,
+    prefix: &str,
+    dtype: DType,
+) -> anyhow::Result<T::With<Tensor<B>>> {
+    spec.try_map(prefix, &mut |name, s| load_leaf(be, file, &name, s, dtype))
 }
 
 impl<B: Backend> EncoderWeights<B> {
-    /// Every weight with its HF name (linear weights are stored transposed, `[in, out]`),
-    /// in the order [`crate::model::encoder::EncoderVars::all`] lists their tape values.
-    pub fn named_tensors_mut(&mut self) -> Vec<(String, &mut Tensor<B>)> {
-        let mut v: Vec<(String, &mut Tensor<B>)> = vec![
-            ("embeddings.word_embeddings.weight".into(), &mut self.word),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                &mut self.position,
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                &mut self.token_type0,
-            ),
-            ("embeddings.LayerNorm.weight".into(), &mut self.emb_norm.g),
-            ("embeddings.LayerNorm.bias".into(), &mut self.emb_norm.b),
-        ];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("encoder.layer.{i}");
-            for (name, lin) in [
-                ("attention.self.query", &mut l.q),
-                ("attention.self.key", &mut l.k),
-                ("attention.self.value", &mut l.v),
-                ("attention.output.dense", &mut l.attn_out),
-            ] {
-                v.push((format!("{p}.{name}.weight"), &mut lin.wt));
-                v.push((format!("{p}.{name}.bias"), &mut lin.b));
-            }
-            v.push((
-                format!("{p}.attention.output.LayerNorm.weight"),
-                &mut l.attn_norm.g,
-            ));
-            v.push((
-                format!("{p}.attention.output.LayerNorm.bias"),
-                &mut l.attn_norm.b,
-            ));
-            v.push((format!("{p}.intermediate.dense.weight"), &mut l.ffn_in.wt));
-            v.push((format!("{p}.intermediate.dense.bias"), &mut l.ffn_in.b));
-            v.push((format!("{p}.output.dense.weight"), &mut l.ffn_out.wt));
-            v.push((format!("{p}.output.dense.bias"), &mut l.ffn_out.b));
-            v.push((format!("{p}.output.LayerNorm.weight"), &mut l.ffn_norm.g));
-            v.push((format!("{p}.output.LayerNorm.bias"), &mut l.ffn_norm.b));
-        }
-        v
-    }
-
     /// Loads the encoder from a checkpoint file, compute weights in `dtype`.
     pub fn load(be: &B, file: &mut TensorFile, c: &Config, dtype: DType) -> anyhow::Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mut ld = Loader { be, file, dtype };
-        let word = ld.tensor("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
-        let position = ld.tensor(
-            "embeddings.position_embeddings.weight",
-            &[c.max_position_embeddings, h],
-        )?;
-        let types = ld.file.take(
-            "embeddings.token_type_embeddings.weight",
-            &[c.type_vocab_size, h],
-        )?;
-        let token_type0 = upload(
-            be,
-            HostTensor {
-                shape: vec![1, h],
-                data: types.data[..h].to_vec(),
-            },
-            dtype,
-        )?;
-        let emb_norm = ld.norm("embeddings.LayerNorm", h)?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{l}");
-            layers.push(Layer {
-                q: ld.linear(&format!("{p}.attention.self.query"), h, h)?,
-                k: ld.linear(&format!("{p}.attention.self.key"), h, h)?,
-                v: ld.linear(&format!("{p}.attention.self.value"), h, h)?,
-                attn_out: ld.linear(&format!("{p}.attention.output.dense"), h, h)?,
-                attn_norm: ld.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                ffn_in: ld.linear(&format!("{p}.intermediate.dense"), i, h)?,
-                ffn_out: ld.linear(&format!("{p}.output.dense"), h, i)?,
-                ffn_norm: ld.norm(&format!("{p}.output.LayerNorm"), h)?,
-            });
-        }
-        Ok(EncoderWeights {
-            word,
-            position,
-            token_type0,
-            emb_norm,
-            layers,
-        })
+        load_tree(be, file, &Encoder::spec(c), "", dtype)
     }
 }
 
 /// Loads a head file (`colbert_linear.pt`, `sparse_linear.pt`, or `.safetensors`) as a
-/// [`Linear`] with `out` rows over `hidden`; `None` when neither file exists.
+/// [`Linear`] with `out` outputs over `hidden`; `None` when neither file exists.
 pub fn load_head<B: Backend>(
     be: &B,
     dir: &Path,
@@ -320,7 +199,7 @@ pub fn load_head<B: Backend>(
     out: Option<usize>,
     hidden: usize,
     dtype: DType,
-) -> anyhow::Result<Option<Linear<B>>> {
+) -> anyhow::Result<Option<LinearWeights<B>>> {
     let path = ["pt", "safetensors"]
         .iter()
         .map(|ext| dir.join(format!("{stem}.{ext}")))
@@ -346,16 +225,13 @@ pub fn load_head<B: Backend>(
             }
         }
     };
-    let w = f.take("weight", &[out, hidden])?;
-    let mut ld = Loader {
+    Ok(Some(load_tree(
         be,
-        file: &mut f,
+        &mut f,
+        &Linear::spec(hidden, out),
+        "",
         dtype,
-    };
-    Ok(Some(Linear {
-        wt: upload(be, transpose(w), dtype)?,
-        b: ld.tensor("bias", &[out])?,
-    }))
+    )?))
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::path::Path;
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::model::config::Config;
-use crate::model::encoder::{EncoderVars, LinearVars};
-use crate::model::weights::{load_head, weights_file, EncoderWeights, Linear, TensorFile};
+use crate::model::params::{Heads, Linear, Trainable, Tree};
+use crate::model::weights::{load_head, weights_file, EncoderWeights, LinearWeights, TensorFile};
 use crate::rng::Rng;
 use crate::tensor::{DType, HostData, Tensor};
 
@@ -60,12 +60,8 @@ impl Master {
 pub struct TrainModel<B: Backend> {
     /// `config.json`.
     pub config: Config,
-    /// Encoder weights.
-    pub encoder: EncoderWeights<B>,
-    /// `sparse_linear` (`[hidden, 1]` transposed).
-    pub sparse: Linear<B>,
-    /// `colbert_linear` (`[hidden, d]` transposed).
-    pub colbert: Linear<B>,
+    /// The encoder and both heads.
+    pub params: Trainable<Tensor<B>>,
     /// Rows 1.. of the token-type table, unchanged by training.
     pub token_type_rest: Vec<f32>,
     /// Tensors of the checkpoint m3 does not use (e.g. the pooler), written back unchanged.
@@ -80,7 +76,7 @@ fn random_head<B: Backend>(
     out: usize,
     rng: &mut Rng,
     dtype: DType,
-) -> anyhow::Result<Linear<B>> {
+) -> anyhow::Result<LinearWeights<B>> {
     let bound = 1.0 / (inp as f32).sqrt();
     let wt = rng.vec(inp * out, -bound, bound);
     let b = rng.vec(out, -bound, bound);
@@ -114,22 +110,18 @@ impl<B: Backend> TrainModel<B> {
         };
         Ok(TrainModel {
             config,
-            encoder,
-            sparse,
-            colbert,
+            params: Trainable {
+                encoder,
+                heads: Heads { sparse, colbert },
+            },
             token_type_rest: types,
             untouched,
         })
     }
 
-    /// Every trainable tensor with its HF name, in the order of [`TrainVars::all`].
+    /// Every trainable tensor with its HF name, in the parameter tree's order.
     pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor<B>)> {
-        let mut v = self.encoder.named_tensors_mut();
-        v.push(("sparse_linear.weight".into(), &mut self.sparse.wt));
-        v.push(("sparse_linear.bias".into(), &mut self.sparse.b));
-        v.push(("colbert_linear.weight".into(), &mut self.colbert.wt));
-        v.push(("colbert_linear.bias".into(), &mut self.colbert.b));
-        v
+        self.params.named_mut()
     }
 
     /// The f32 master copy of every trainable tensor.
@@ -156,45 +148,13 @@ impl<B: Backend> TrainModel<B> {
 
     /// Records every weight on a tape as a borrowed parameter.
     pub fn record<'a>(&'a self, t: &mut Tape<'a, B>) -> TrainVars {
-        let encoder = EncoderVars::record(t, &self.encoder);
-        let heads = HeadVars {
-            sparse: LinearVars {
-                wt: t.param(&self.sparse.wt),
-                b: t.param(&self.sparse.b),
-            },
-            colbert: LinearVars {
-                wt: t.param(&self.colbert.wt),
-                b: t.param(&self.colbert.b),
-            },
-        };
-        TrainVars { encoder, heads }
+        self.params.map(|_, x| t.param(x))
     }
 }
 
-/// The model's weights on one tape.
-#[derive(Debug, Clone)]
-pub struct TrainVars {
-    /// Encoder.
-    pub encoder: EncoderVars,
-    /// Heads.
-    pub heads: HeadVars,
-}
-
-impl TrainVars {
-    /// Every tape value, in the order of [`TrainModel::named_mut`].
-    pub fn all(&self) -> Vec<Var> {
-        let mut v = self.encoder.all();
-        let h = &self.heads;
-        v.extend([h.sparse.wt, h.sparse.b, h.colbert.wt, h.colbert.b]);
-        v
-    }
-}
+/// The model's weights on one tape; [`Trainable::all`] lists them in the order of
+/// [`TrainModel::named_mut`].
+pub type TrainVars = Trainable<Var>;
 
 /// The heads' weights on the tape.
-#[derive(Debug, Clone, Copy)]
-pub struct HeadVars {
-    /// `sparse_linear` (`[hidden, 1]` transposed weight).
-    pub sparse: LinearVars,
-    /// `colbert_linear` (`[hidden, d]` transposed weight).
-    pub colbert: LinearVars,
-}
+pub type HeadVars = Heads<Var>;
