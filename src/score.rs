@@ -45,21 +45,49 @@ pub fn dense(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Lexical matching score of two `(id, weight)` lists sorted by id.
-pub fn lexical(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
-    let (mut i, mut j, mut s) = (0, 0, 0f32);
+/// Calls `f(x, y)` for each pair of items of two lists sorted by id (`ka`, `kb`) that share
+/// an id, in id order: the one lexical merge, on the host for pairs and in training.
+pub fn merge_shared<T, U>(
+    a: &[T],
+    b: &[U],
+    ka: impl Fn(&T) -> u32,
+    kb: impl Fn(&U) -> u32,
+    mut f: impl FnMut(&T, &U),
+) {
+    let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
-        match a[i].0.cmp(&b[j].0) {
+        match ka(&a[i]).cmp(&kb(&b[j])) {
             std::cmp::Ordering::Less => i += 1,
             std::cmp::Ordering::Greater => j += 1,
             std::cmp::Ordering::Equal => {
-                s += a[i].1 * b[j].1;
+                f(&a[i], &b[j]);
                 i += 1;
                 j += 1;
             }
         }
     }
+}
+
+/// Lexical matching score of two `(id, weight)` lists sorted by id.
+pub fn lexical(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
+    let mut s = 0f32;
+    merge_shared(a, b, |x| x.0, |y| y.0, |x, y| s += x.1 * y.1);
     s
+}
+
+/// The best match of query vector `q` among `rows`: `(similarity, index)`, the first of
+/// equals, `(-inf, None)` when there is no row (or every similarity is NaN). The one
+/// max-sim inner step, for pairs and in training.
+pub fn best_match<'a>(q: &[f32], rows: impl Iterator<Item = &'a [f32]>) -> (f32, Option<usize>) {
+    let (mut m, mut arg) = (f32::NEG_INFINITY, None);
+    for (j, r) in rows.enumerate() {
+        let s = dense(q, r);
+        if s > m {
+            m = s;
+            arg = Some(j);
+        }
+    }
+    (m, arg)
 }
 
 /// `(1/N) Σ_i max_j <q_i, p_j>` over the passage's real rows (SPEC §4); 0 for an empty
@@ -70,13 +98,68 @@ pub fn colbert(q: &[Vec<f32>], p: &[Vec<f32>]) -> f32 {
     }
     let total: f32 = q
         .iter()
-        .map(|qi| {
-            p.iter()
-                .map(|pj| dense(qi, pj))
-                .fold(f32::NEG_INFINITY, f32::max)
-        })
+        .map(|qi| best_match(qi, p.iter().map(Vec::as_slice)).0)
         .sum();
     total / q.len() as f32
+}
+
+/// One packed lexical side grouped by token id: each sequence's kept rows form "entries",
+/// one per distinct id, sorted by id, rows ascending. The grouping behind every lexical
+/// rule: inference weights, CPU training scores and the device kernels' inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LexicalEntries {
+    /// Token id of each entry `[U]`.
+    pub ids: Vec<u32>,
+    /// Sequence of each entry `[U]`.
+    pub seq: Vec<u32>,
+    /// Rows of all entries, grouped by entry `[R]`.
+    pub rows: Vec<u32>,
+    /// Entry `k`'s rows are `rows[start[k]..start[k+1]]` (`[U + 1]`).
+    pub start: Vec<u32>,
+    /// Sequence `b`'s entries are `seg[b]..seg[b+1]` (`[B + 1]`).
+    pub seg: Vec<u32>,
+}
+
+impl LexicalEntries {
+    /// Groups one side (`ids [T]`, offsets `cu [B + 1]`), rows whose id `skip`s dropped.
+    pub fn build(ids: &[u32], cu: &[u32], skip: impl Fn(u32) -> bool) -> Self {
+        let mut e = LexicalEntries {
+            ids: Vec::new(),
+            seq: Vec::new(),
+            rows: Vec::new(),
+            start: vec![0],
+            seg: vec![0],
+        };
+        for (b, w) in cu.windows(2).enumerate() {
+            let mut rows: Vec<u32> = (w[0]..w[1]).filter(|&r| !skip(ids[r as usize])).collect();
+            rows.sort_by_key(|&r| (ids[r as usize], r));
+            for (i, &r) in rows.iter().enumerate() {
+                if i == 0 || ids[rows[i - 1] as usize] != ids[r as usize] {
+                    if i > 0 {
+                        e.start.push(e.rows.len() as u32);
+                    }
+                    e.ids.push(ids[r as usize]);
+                    e.seq.push(b as u32);
+                }
+                e.rows.push(r);
+            }
+            if !rows.is_empty() {
+                e.start.push(e.rows.len() as u32);
+            }
+            e.seg.push(e.ids.len() as u32);
+        }
+        e
+    }
+
+    /// Entry `k`'s rows, ascending.
+    pub fn rows_of(&self, k: usize) -> &[u32] {
+        &self.rows[self.start[k] as usize..self.start[k + 1] as usize]
+    }
+
+    /// Sequence `b`'s entries.
+    pub fn entries_of(&self, b: usize) -> std::ops::Range<usize> {
+        self.seg[b] as usize..self.seg[b + 1] as usize
+    }
 }
 
 /// The hybrid combinations of three mode scores.
@@ -197,5 +280,40 @@ mod tests {
             lexical_matrix(&[vec![(1, 1.0), (3, 1.0)]], &InvertedIndex::build(&lex)),
             vec![vec![2.0, 1.0]]
         );
+    }
+
+    #[test]
+    fn lexical_entries_group_rows_by_id_per_sequence() {
+        // Two sequences: [5, 9, 5, 0] and [0, 7]; id 0 is excluded; the third is empty.
+        let ids = [5, 9, 5, 0, 0, 7];
+        let e = LexicalEntries::build(&ids, &[0, 4, 6, 6], |id| id == 0);
+        assert_eq!(e.ids, vec![5, 9, 7]);
+        assert_eq!(e.seq, vec![0, 0, 1]);
+        assert_eq!(e.rows, vec![0, 2, 1, 5]);
+        assert_eq!(e.start, vec![0, 2, 3, 4]);
+        assert_eq!(e.seg, vec![0, 2, 3, 3]);
+        assert_eq!(e.rows_of(0), &[0, 2]);
+        assert_eq!(e.entries_of(1), 2..3);
+        assert_eq!(e.entries_of(2), 3..3);
+    }
+
+    #[test]
+    fn best_match_takes_the_first_of_equals_and_nothing_from_no_rows() {
+        let rows = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]];
+        let q = [2.0, 0.5];
+        assert_eq!(best_match(&q, rows.iter().map(|r| &r[..])), (2.0, Some(0)));
+        assert_eq!(
+            best_match(&q, std::iter::empty()),
+            (f32::NEG_INFINITY, None)
+        );
+        let mut seen = Vec::new();
+        merge_shared(
+            &[(1, 'a'), (3, 'b'), (8, 'c')],
+            &[3, 4, 8],
+            |x| x.0,
+            |&y| y,
+            |x, y| seen.push((x.1, *y)),
+        );
+        assert_eq!(seen, vec![('b', 3), ('c', 8)]);
     }
 }

@@ -876,58 +876,6 @@ pub fn sum_squares_host(x: &[f32]) -> f64 {
         .sum()
 }
 
-/// One lexical side grouped by token id on the host, for device kernels: each sequence's
-/// non-excluded rows form "entries", one per distinct id, sorted by id, rows ascending.
-#[cfg(any(feature = "cuda", test))]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LexicalEntries {
-    /// Token id of each entry `[U]`.
-    pub ids: Vec<u32>,
-    /// Sequence of each entry `[U]`.
-    pub seq: Vec<u32>,
-    /// Rows of all entries, grouped by entry `[R]`.
-    pub rows: Vec<u32>,
-    /// Entry `k`'s rows are `rows[start[k]..start[k+1]]` (`[U + 1]`).
-    pub start: Vec<u32>,
-    /// Sequence `b`'s entries are `seg[b]..seg[b+1]` (`[B + 1]`).
-    pub seg: Vec<u32>,
-}
-
-#[cfg(any(feature = "cuda", test))]
-impl LexicalEntries {
-    /// Groups one side (`ids [T]`, offsets `cu [B + 1]`) with `excluded` ids dropped.
-    pub fn build(ids: &[u32], cu: &[u32], excluded: &[u32]) -> Self {
-        let mut e = LexicalEntries {
-            ids: Vec::new(),
-            seq: Vec::new(),
-            rows: Vec::new(),
-            start: vec![0],
-            seg: vec![0],
-        };
-        for (b, w) in cu.windows(2).enumerate() {
-            let mut rows: Vec<u32> = (w[0]..w[1])
-                .filter(|&r| !excluded.contains(&ids[r as usize]))
-                .collect();
-            rows.sort_by_key(|&r| (ids[r as usize], r));
-            for (i, &r) in rows.iter().enumerate() {
-                if i == 0 || ids[rows[i - 1] as usize] != ids[r as usize] {
-                    if i > 0 {
-                        e.start.push(e.rows.len() as u32);
-                    }
-                    e.ids.push(ids[r as usize]);
-                    e.seq.push(b as u32);
-                }
-                e.rows.push(r);
-            }
-            if !rows.is_empty() {
-                e.start.push(e.rows.len() as u32);
-            }
-            e.seg.push(e.ids.len() as u32);
-        }
-        e
-    }
-}
-
 /// The seed whose mask equals `seed`'s mask shifted by `offset` elements:
 /// `dropout_keep(dropout_seed_at(s, o), i, p) == dropout_keep(s, o + i, p)`. A sub-batch
 /// starting `o` elements into a batch draws the same mask as the whole batch would.
@@ -956,22 +904,5 @@ impl<B: Backend> Tensor<B> {
     pub fn clone_ids(&self, be: &B) -> Result<Self> {
         let v = be.to_vec_u32(self)?;
         be.upload(HostData::U32(&v), self.shape())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LexicalEntries;
-
-    #[test]
-    fn lexical_entries_group_rows_by_id_per_sequence() {
-        // Two sequences: [5, 9, 5, 0] and [0, 7]; id 0 is excluded; the third is empty.
-        let ids = [5, 9, 5, 0, 0, 7];
-        let e = LexicalEntries::build(&ids, &[0, 4, 6, 6], &[0]);
-        assert_eq!(e.ids, vec![5, 9, 7]);
-        assert_eq!(e.seq, vec![0, 0, 1]);
-        assert_eq!(e.rows, vec![0, 2, 1, 5]);
-        assert_eq!(e.start, vec![0, 2, 3, 4]);
-        assert_eq!(e.seg, vec![0, 2, 3, 3]);
     }
 }

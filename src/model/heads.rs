@@ -8,6 +8,7 @@ use super::weights::LinearWeights;
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
 use crate::error::Result;
+use crate::score::LexicalEntries;
 use crate::tensor::{HostData, Tensor};
 
 /// torch's `F.normalize` epsilon.
@@ -77,17 +78,20 @@ pub fn lexical<B: Backend>(
     unused: &dyn Fn(u32) -> bool,
 ) -> Result<Vec<Vec<(u32, f32)>>> {
     let w = be.to_vec_f32(&be.relu(&linear(be, hidden, head)?)?)?;
+    let e = LexicalEntries::build(&batch.ids, &batch.cu_seqlens, unused);
     Ok((0..batch.len())
         .map(|i| {
-            let mut best: std::collections::BTreeMap<u32, f32> = Default::default();
-            for row in batch.range(i) {
-                let (id, wt) = (batch.ids[row], w[row]);
-                if wt > 0.0 && !unused(id) {
-                    let e = best.entry(id).or_insert(wt);
-                    *e = e.max(wt);
-                }
-            }
-            best.into_iter().collect()
+            e.entries_of(i)
+                .filter_map(|k| {
+                    let best = e
+                        .rows_of(k)
+                        .iter()
+                        .map(|&r| w[r as usize])
+                        .filter(|&x| x > 0.0)
+                        .reduce(f32::max)?;
+                    Some((e.ids[k], best))
+                })
+                .collect()
         })
         .collect())
 }

@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use crate::score::{best_match, merge_shared, LexicalEntries};
+
 fn ranges(cu: &[u32]) -> Vec<std::ops::Range<usize>> {
     cu.windows(2)
         .map(|w| w[0] as usize..w[1] as usize)
@@ -23,17 +25,9 @@ pub fn maxsim(q: &[f32], q_cu: &[u32], p: &[f32], p_cu: &[u32], d: usize) -> (Ve
             let mut best = vec![0f32; bp];
             let mut arg = vec![u32::MAX; bp];
             for (n, r) in ps.iter().enumerate() {
-                let mut m = f32::NEG_INFINITY;
-                for j in r.clone() {
-                    let s: f32 = qi
-                        .iter()
-                        .zip(&p[j * d..(j + 1) * d])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    if s > m {
-                        m = s;
-                        arg[n] = j as u32;
-                    }
+                let (m, j) = best_match(qi, r.clone().map(|j| &p[j * d..(j + 1) * d]));
+                if let Some(j) = j {
+                    arg[n] = (r.start + j) as u32;
                 }
                 best[n] = if r.is_empty() { 0.0 } else { m };
             }
@@ -94,43 +88,28 @@ type Lexical = Vec<(u32, f32, usize)>;
 
 /// Per sequence: its [`Lexical`] vector.
 fn scatter_max(w: &[f32], ids: &[u32], cu: &[u32], excluded: &[u32]) -> Vec<Lexical> {
-    ranges(cu)
-        .into_iter()
-        .map(|r| {
-            let mut v: Lexical = r
-                .filter(|&row| !excluded.contains(&ids[row]))
-                .map(|row| (ids[row], w[row], row))
-                .collect();
-            // By id, then by row, so the first row of each id comes first among equals.
-            v.sort_by_key(|&(id, _, row)| (id, row));
-            v.dedup_by(|later, first| {
-                if later.0 != first.0 {
-                    return false;
-                }
-                if later.1 > first.1 {
-                    *first = *later;
-                }
-                true
-            });
-            v
+    let e = LexicalEntries::build(ids, cu, |id| excluded.contains(&id));
+    (0..cu.len().saturating_sub(1))
+        .map(|b| {
+            e.entries_of(b)
+                .map(|k| {
+                    let rows = e.rows_of(k);
+                    let mut best = (w[rows[0] as usize], rows[0] as usize);
+                    for &r in &rows[1..] {
+                        if w[r as usize] > best.0 {
+                            best = (w[r as usize], r as usize);
+                        }
+                    }
+                    (e.ids[k], best.0, best.1)
+                })
+                .collect()
         })
         .collect()
 }
 
 /// Calls `f(wa, row_a, wb, row_b)` for each id two sorted vectors share, in id order.
 fn shared(a: &Lexical, b: &Lexical, mut f: impl FnMut(f32, usize, f32, usize)) {
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].0.cmp(&b[j].0) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                f(a[i].1, a[i].2, b[j].1, b[j].2);
-                i += 1;
-                j += 1;
-            }
-        }
-    }
+    merge_shared(a, b, |x| x.0, |y| y.0, |x, y| f(x.1, x.2, y.1, y.2));
 }
 
 /// One side of a lexical score on the host.

@@ -19,9 +19,10 @@ use super::{
     attention_dims, check_adamw, check_at, check_dtype, check_embedding_backward_at, check_float,
     check_ids, check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims,
     embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep,
-    Backend, LayerNormGrads, LayerNormOut, LexicalEntries, LexicalSide,
+    Backend, LayerNormGrads, LayerNormOut, LexicalSide,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
+use crate::score::LexicalEntries;
 use crate::tensor::{DType, Device, HostData, Tensor};
 
 /// ptxas's report for one kernel and architecture, recorded by build.rs.
@@ -1758,7 +1759,7 @@ impl Cuda {
         op: &'static str,
         side: &LexicalSide<'_, Self>,
     ) -> Result<(LexicalEntries, LexicalDevice)> {
-        let e = LexicalEntries::build(side.ids, side.cu, side.excluded);
+        let e = LexicalEntries::build(side.ids, side.cu, |id| side.excluded.contains(&id));
         let u = e.ids.len();
         let up = |v: &[u32]| self.upload(HostData::U32(v), &[v.len()]);
         let mut dev = LexicalDevice {
