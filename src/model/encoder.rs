@@ -1,6 +1,7 @@
-//! The transformer encoder's inference forward on packed batches (no tape, no padding):
-//! embeddings (word + position + type 0) and LayerNorm, then post-LayerNorm layers of
-//! attention and GELU FFN.
+//! The transformer encoder's forward on packed batches (no padding): embeddings (word +
+//! position + type 0) and LayerNorm, then post-LayerNorm layers of attention and GELU FFN.
+//! Written once ([`EncoderOps`] and `run`), run on fused kernels for inference and recorded
+//! on a tape, with dropout, for training.
 
 use super::config::Config;
 use super::params::{Encoder, Layer, Linear, Norm, Tree};
@@ -16,6 +17,122 @@ pub fn linear<B: Backend>(be: &B, x: &Tensor<B>, l: &LinearWeights<B>) -> Result
     be.matmul(x, false, &l.wt, false, Some(&l.b), x.dtype())
 }
 
+/// The operations the encoder is written in, at the granularity of its fused inference
+/// kernels. [`run`] is the one definition of the forward; [`forward`] runs it on a backend's
+/// fused kernels, [`forward_taped`] records it on a tape (unfused, as the backward needs).
+trait EncoderOps {
+    /// What a weight is (a tensor, or a tape value).
+    type W;
+    /// What an activation is.
+    type X;
+    /// `LayerNorm(word[ids] + position[positions] + type0)`, then dropout site 0.
+    fn embed(&mut self, w: &Encoder<Self::W>, batch: &PackedBatch, eps: f32) -> Result<Self::X>;
+    /// `x Wᵀ + b`.
+    fn linear(&mut self, x: &Self::X, l: &Linear<Self::W>) -> Result<Self::X>;
+    /// `gelu(x Wᵀ + b)`.
+    fn linear_gelu(&mut self, x: &Self::X, l: &Linear<Self::W>) -> Result<Self::X>;
+    /// Multi-head attention over the packed sequences.
+    fn attention(
+        &mut self,
+        qkv: [&Self::X; 3],
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Self::X>;
+    /// `LayerNorm(dropout_site(o) + x)`.
+    fn residual_norm(
+        &mut self,
+        o: Self::X,
+        x: &Self::X,
+        n: &Norm<Self::W>,
+        eps: f32,
+        site: u64,
+    ) -> Result<Self::X>;
+}
+
+/// The encoder forward: embeddings, then post-LayerNorm layers of attention and GELU FFN.
+fn run<E: EncoderOps>(
+    e: &mut E,
+    w: &Encoder<E::W>,
+    c: &Config,
+    batch: &PackedBatch,
+) -> Result<E::X> {
+    let eps = c.layer_norm_eps;
+    let mut x = e.embed(w, batch, eps)?;
+    let scale = 1.0 / (c.head_dim() as f32).sqrt();
+    for (i, l) in w.layers.iter().enumerate() {
+        let site = 1 + 2 * i as u64;
+        let q = e.linear(&x, &l.q)?;
+        let k = e.linear(&x, &l.k)?;
+        let v = e.linear(&x, &l.v)?;
+        let a = e.attention(
+            [&q, &k, &v],
+            &batch.cu_seqlens,
+            c.num_attention_heads,
+            scale,
+        )?;
+        let o = e.linear(&a, &l.attn_out)?;
+        x = e.residual_norm(o, &x, &l.attn_norm, eps, site)?;
+        let h = e.linear_gelu(&x, &l.ffn_in)?;
+        let o = e.linear(&h, &l.ffn_out)?;
+        x = e.residual_norm(o, &x, &l.ffn_norm, eps, site + 1)?;
+    }
+    Ok(x)
+}
+
+/// Inference on a backend's fused kernels (no dropout).
+struct Fused<'a, B: Backend>(&'a B);
+
+impl<B: Backend> EncoderOps for Fused<'_, B> {
+    type W = Tensor<B>;
+    type X = Tensor<B>;
+
+    fn embed(&mut self, w: &EncoderWeights<B>, batch: &PackedBatch, eps: f32) -> Result<Tensor<B>> {
+        let (be, t) = (self.0, batch.tokens());
+        let ids = be.upload(HostData::U32(&batch.ids), &[t])?;
+        let pos = be.upload(HostData::U32(&batch.positions), &[t])?;
+        be.embed_layernorm(
+            &w.word,
+            &w.position,
+            &w.token_type0,
+            &ids,
+            &pos,
+            &w.emb_norm.g,
+            &w.emb_norm.b,
+            eps,
+        )
+    }
+
+    fn linear(&mut self, x: &Tensor<B>, l: &LinearWeights<B>) -> Result<Tensor<B>> {
+        linear(self.0, x, l)
+    }
+
+    fn linear_gelu(&mut self, x: &Tensor<B>, l: &LinearWeights<B>) -> Result<Tensor<B>> {
+        self.0.linear_gelu(x, &l.wt, &l.b)
+    }
+
+    fn attention(
+        &mut self,
+        [q, k, v]: [&Tensor<B>; 3],
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Tensor<B>> {
+        Ok(self.0.attention(q, k, v, cu_seqlens, heads, scale)?.0)
+    }
+
+    fn residual_norm(
+        &mut self,
+        o: Tensor<B>,
+        x: &Tensor<B>,
+        n: &Norm<Tensor<B>>,
+        eps: f32,
+        _site: u64,
+    ) -> Result<Tensor<B>> {
+        self.0.add_layernorm(&o, x, &n.g, &n.b, eps)
+    }
+}
+
 /// Last hidden states `[tokens, hidden]` of a packed batch.
 pub fn forward<B: Backend>(
     be: &B,
@@ -23,34 +140,7 @@ pub fn forward<B: Backend>(
     c: &Config,
     batch: &PackedBatch,
 ) -> Result<Tensor<B>> {
-    let t = batch.tokens();
-    let ids = be.upload(HostData::U32(&batch.ids), &[t])?;
-    let pos = be.upload(HostData::U32(&batch.positions), &[t])?;
-    let eps = c.layer_norm_eps;
-    let mut x = be.embed_layernorm(
-        &w.word,
-        &w.position,
-        &w.token_type0,
-        &ids,
-        &pos,
-        &w.emb_norm.g,
-        &w.emb_norm.b,
-        eps,
-    )?;
-    let scale = 1.0 / (c.head_dim() as f32).sqrt();
-    for l in &w.layers {
-        let q = linear(be, &x, &l.q)?;
-        let k = linear(be, &x, &l.k)?;
-        let v = linear(be, &x, &l.v)?;
-        let (a, _lse) =
-            be.attention(&q, &k, &v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
-        let o = linear(be, &a, &l.attn_out)?;
-        x = be.add_layernorm(&o, &x, &l.attn_norm.g, &l.attn_norm.b, eps)?;
-        let h = be.linear_gelu(&x, &l.ffn_in.wt, &l.ffn_in.b)?;
-        let o = linear(be, &h, &l.ffn_out)?;
-        x = be.add_layernorm(&o, &x, &l.ffn_norm.g, &l.ffn_norm.b, eps)?;
-    }
-    Ok(x)
+    run(&mut Fused(be), w, c, batch)
 }
 
 /// Tape values of one linear layer: transposed weight `[in, out]` and bias.
@@ -101,6 +191,60 @@ impl Dropout {
     }
 }
 
+/// The forward recorded on a tape, with hidden-state dropout.
+struct Taped<'t, 'a, B: Backend> {
+    t: &'t mut Tape<'a, B>,
+    drop: Dropout,
+    hidden: usize,
+}
+
+impl<B: Backend> EncoderOps for Taped<'_, '_, B> {
+    type W = Var;
+    type X = Var;
+
+    fn embed(&mut self, w: &EncoderVars, batch: &PackedBatch, eps: f32) -> Result<Var> {
+        let (t, n) = (&mut *self.t, batch.tokens());
+        let be = t.backend();
+        let ids = be.upload(HostData::U32(&batch.ids), &[n])?;
+        let pos = be.upload(HostData::U32(&batch.positions), &[n])?;
+        let zeros = be.upload(HostData::U32(&vec![0; n]), &[n])?;
+        let e = t.embedding(w.word, ids)?;
+        let p = t.embedding(w.position, pos)?;
+        let ty = t.embedding(w.token_type0, zeros)?;
+        let x = t.add(e, p)?;
+        let x = t.add(x, ty)?;
+        let x = t.layernorm(x, w.emb_norm.g, w.emb_norm.b, eps)?;
+        t.dropout(x, self.drop.p, self.drop.site(0, self.hidden))
+    }
+
+    fn linear(&mut self, x: &Var, l: &LinearVars) -> Result<Var> {
+        self.t.matmul(*x, false, l.wt, false, Some(l.b))
+    }
+
+    fn linear_gelu(&mut self, x: &Var, l: &LinearVars) -> Result<Var> {
+        let h = self.linear(x, l)?;
+        self.t.gelu(h)
+    }
+
+    fn attention(
+        &mut self,
+        [q, k, v]: [&Var; 3],
+        cu_seqlens: &[u32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Var> {
+        self.t.attention(*q, *k, *v, cu_seqlens, heads, scale)
+    }
+
+    fn residual_norm(&mut self, o: Var, x: &Var, n: &NormVars, eps: f32, site: u64) -> Result<Var> {
+        let o = self
+            .t
+            .dropout(o, self.drop.p, self.drop.site(site, self.hidden))?;
+        let r = self.t.add(o, *x)?;
+        self.t.layernorm(r, n.g, n.b, eps)
+    }
+}
+
 /// The same forward as [`forward`], recorded on a tape so gradients reach every weight,
 /// with hidden-state dropout `drop`.
 pub fn forward_taped<B: Backend>(
@@ -110,38 +254,10 @@ pub fn forward_taped<B: Backend>(
     batch: &PackedBatch,
     drop: &Dropout,
 ) -> Result<Var> {
-    let n = batch.tokens();
-    let be = t.backend();
-    let ids = be.upload(HostData::U32(&batch.ids), &[n])?;
-    let pos = be.upload(HostData::U32(&batch.positions), &[n])?;
-    let zeros = be.upload(HostData::U32(&vec![0; n]), &[n])?;
-    let e = t.embedding(w.word, ids)?;
-    let p = t.embedding(w.position, pos)?;
-    let ty = t.embedding(w.token_type0, zeros)?;
-    let x = t.add(e, p)?;
-    let x = t.add(x, ty)?;
-    let eps = c.layer_norm_eps;
-    let x = t.layernorm(x, w.emb_norm.g, w.emb_norm.b, eps)?;
-    let hidden = c.hidden_size;
-    let mut x = t.dropout(x, drop.p, drop.site(0, hidden))?;
-    let scale = 1.0 / (c.head_dim() as f32).sqrt();
-    let lin = |t: &mut Tape<'_, B>, x, l: &LinearVars| t.matmul(x, false, l.wt, false, Some(l.b));
-    for (i, l) in w.layers.iter().enumerate() {
-        let site = 1 + 2 * i as u64;
-        let q = lin(t, x, &l.q)?;
-        let k = lin(t, x, &l.k)?;
-        let v = lin(t, x, &l.v)?;
-        let a = t.attention(q, k, v, &batch.cu_seqlens, c.num_attention_heads, scale)?;
-        let o = lin(t, a, &l.attn_out)?;
-        let o = t.dropout(o, drop.p, drop.site(site, hidden))?;
-        let r = t.add(o, x)?;
-        x = t.layernorm(r, l.attn_norm.g, l.attn_norm.b, eps)?;
-        let h = lin(t, x, &l.ffn_in)?;
-        let h = t.gelu(h)?;
-        let o = lin(t, h, &l.ffn_out)?;
-        let o = t.dropout(o, drop.p, drop.site(site + 1, hidden))?;
-        let r = t.add(o, x)?;
-        x = t.layernorm(r, l.ffn_norm.g, l.ffn_norm.b, eps)?;
-    }
-    Ok(x)
+    let mut e = Taped {
+        t,
+        drop: *drop,
+        hidden: c.hidden_size,
+    };
+    run(&mut e, w, c, batch)
 }
