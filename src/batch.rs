@@ -84,11 +84,17 @@ pub fn pack(texts: &[Encoded], budget: usize, position_offset: u32) -> Vec<Packe
 /// Packs `texts` into one batch in the given order (training: each query's group of
 /// passages must stay contiguous, positive first).
 pub fn pack_in_order(texts: &[Encoded], position_offset: u32) -> PackedBatch {
+    let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
+    pack_ids_in_order(&ids, position_offset)
+}
+
+/// [`pack_in_order`] from token id sequences.
+pub fn pack_ids_in_order(seqs: &[&[u32]], position_offset: u32) -> PackedBatch {
     let mut b = empty();
-    for (i, t) in texts.iter().enumerate() {
-        b.ids.extend_from_slice(&t.ids);
+    for (i, ids) in seqs.iter().enumerate() {
+        b.ids.extend_from_slice(ids);
         b.positions
-            .extend((0..t.ids.len() as u32).map(|p| p + position_offset));
+            .extend((0..ids.len() as u32).map(|p| p + position_offset));
         b.cu_seqlens.push(b.ids.len() as u32);
         b.origin.push(i);
     }

@@ -276,13 +276,52 @@ pub fn plan_epoch(
     plans
 }
 
-/// One rank's training batch: B queries and B·G passages (each query's positive first).
+/// One text of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Text {
+    /// The query.
+    Query,
+    /// Positive `p`.
+    Pos(usize),
+    /// Negative `n`.
+    Neg(usize),
+}
+
+impl Record {
+    /// Its texts in a fixed order: the query, the positives, the negatives.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.query.as_str())
+            .chain(self.pos.iter().map(String::as_str))
+            .chain(self.neg.iter().map(String::as_str))
+    }
+
+    /// Where `t` comes in [`Record::texts`].
+    pub fn text_index(&self, t: Text) -> usize {
+        match t {
+            Text::Query => 0,
+            Text::Pos(p) => 1 + p,
+            Text::Neg(n) => 1 + self.pos.len() + n,
+        }
+    }
+
+    /// Text `t`.
+    pub fn text(&self, t: Text) -> &str {
+        match t {
+            Text::Query => &self.query,
+            Text::Pos(p) => &self.pos[p],
+            Text::Neg(n) => &self.neg[n],
+        }
+    }
+}
+
+/// One rank's training batch: B queries and B·G passages (each query's positive first),
+/// as `(record, text)` picks from one dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainBatch {
     /// Queries.
-    pub queries: Vec<String>,
+    pub queries: Vec<(usize, Text)>,
     /// Passages, G per query: positive, then G-1 negatives.
-    pub passages: Vec<String>,
+    pub passages: Vec<(usize, Text)>,
     /// Teacher scores per passage when the data has them.
     pub teacher: Option<Vec<f32>>,
     /// Per passage: a stand-in filling the group of a record with too few negatives (no
@@ -292,6 +331,24 @@ pub struct TrainBatch {
     pub group: usize,
     /// Whether queries are scored only against their own group.
     pub no_in_batch_neg: bool,
+}
+
+impl TrainBatch {
+    /// The queries' texts in `ds`, the dataset the batch was drawn from.
+    pub fn query_texts<'d>(&self, ds: &'d Dataset) -> Vec<&'d str> {
+        self.queries
+            .iter()
+            .map(|&(i, t)| ds.records[i].text(t))
+            .collect()
+    }
+
+    /// The passages' texts in `ds`.
+    pub fn passage_texts<'d>(&self, ds: &'d Dataset) -> Vec<&'d str> {
+        self.passages
+            .iter()
+            .map(|&(i, t)| ds.records[i].text(t))
+            .collect()
+    }
 }
 
 /// Rank `rank`'s contiguous share of a global batch of `records`: `⌈n / world⌉` each, the
@@ -347,7 +404,7 @@ pub fn make_batch(
     };
     for &i in mine {
         let r = &ds.records[i];
-        batch.queries.push(r.query.clone());
+        batch.queries.push((i, Text::Query));
         let p = if shuffle_data {
             rng.below(r.pos.len() as u32) as usize
         } else {
@@ -372,13 +429,13 @@ pub fn make_batch(
             all.truncate(want);
             all
         };
-        batch.passages.push(r.pos[p].clone());
+        batch.passages.push((i, Text::Pos(p)));
         batch.filler.push(false);
         if let (Some(t), Some(ps)) = (&mut batch.teacher, &r.pos_scores) {
             t.push(ps[p]);
         }
         for &n in &negs {
-            batch.passages.push(r.neg[n].clone());
+            batch.passages.push((i, Text::Neg(n)));
             batch.filler.push(false);
             if let (Some(t), Some(ns)) = (&mut batch.teacher, &r.neg_scores) {
                 t.push(ns[n]);
@@ -388,7 +445,7 @@ pub fn make_batch(
         // group has G passages; the loss masks them, so the record is trained against the
         // in-batch negatives only (FlagEmbedding divides by zero here).
         for _ in negs.len()..want {
-            batch.passages.push(r.pos[p].clone());
+            batch.passages.push((i, Text::Pos(p)));
             batch.filler.push(true);
             if let (Some(t), Some(ps)) = (&mut batch.teacher, &r.pos_scores) {
                 t.push(ps[p]);
@@ -535,9 +592,10 @@ mod tests {
             records: vec![0, 1, 2],
         };
         let b = make_batch(&ds, &plan, 0, 1, 4, 7, 0, 0, true);
-        assert_eq!(b.queries, vec!["q10", "q2", "q0"]);
-        assert_eq!(b.passages.len(), 12);
-        for (g, chunk) in b.passages.chunks(4).enumerate() {
+        assert_eq!(b.query_texts(&ds), vec!["q10", "q2", "q0"]);
+        let passages = b.passage_texts(&ds);
+        assert_eq!(passages.len(), 12);
+        for (g, chunk) in passages.chunks(4).enumerate() {
             let n = [10, 2, 0][g];
             assert!(chunk[0].starts_with(&format!("p{n}")));
             if n > 0 {
@@ -548,7 +606,7 @@ mod tests {
             }
         }
         // Enough negatives: sampled without replacement.
-        let mut first: Vec<&String> = b.passages[1..4].iter().collect();
+        let mut first: Vec<&str> = passages[1..4].to_vec();
         first.sort();
         first.dedup();
         assert_eq!(first.len(), 3);
@@ -561,11 +619,12 @@ mod tests {
             make_batch(&ds, &plan, 0, 1, 4, 7, 0, 0, true)
         );
         let r1 = make_batch(&ds, &plan, 1, 2, 4, 7, 0, 0, true);
-        assert_eq!(r1.queries, vec!["q0"]);
+        assert_eq!(r1.query_texts(&ds), vec!["q0"]);
         // No shuffle: first positive, negatives in file order.
         let b = make_batch(&ds, &plan, 0, 1, 3, 7, 0, 0, false);
-        assert_eq!(&b.passages[..3], &["p10a", "n10-0", "n10-1"]);
-        assert_eq!(&b.passages[3..6], &["p2a", "n2-0", "n2-1"]);
+        let passages = b.passage_texts(&ds);
+        assert_eq!(&passages[..3], &["p10a", "n10-0", "n10-1"]);
+        assert_eq!(&passages[3..6], &["p2a", "n2-0", "n2-1"]);
     }
 
     #[test]

@@ -1,24 +1,24 @@
-//! The feed: training data validated and bucketed up front, and for each step the batch of
-//! the seeded plan (SPEC §6) sampled, tokenized and packed, with the loss settings that go
+//! The feed: training data validated, tokenized once and bucketed up front, and for each
+//! step the batch of the seeded plan (SPEC §6) sampled and packed from those tokens, with the loss settings that go
 //! with it (teacher scores, stand-in columns, in-batch negatives or not).
 
 use anyhow::{bail, Context};
 use rayon::prelude::*;
 
-use super::data::{global_queries, load_all, make_batch, plan_epoch, BatchPlan, Dataset};
+use super::data::{global_queries, load_all, make_batch, plan_epoch, BatchPlan, Dataset, Text};
 use super::forward::StepBatch;
 use super::loss::LossConfig;
 use super::options::{TrainOptions, BUCKET_BATCH};
-use crate::batch::pack_in_order;
+use crate::batch::pack_ids_in_order;
 use crate::model::config::Config;
-use crate::text::{Encoded, TextTokenizer};
+use crate::text::TextTokenizer;
 
 /// Datasets, their lengths, and the current epoch's plan, for one rank of `world`.
 pub struct Feed {
     rank: usize,
     world: usize,
-    tokenizer: TextTokenizer,
     datasets: Vec<Dataset>,
+    tokens: Vec<Tokens>,
     max_lens: Vec<Vec<usize>>,
     plan: Vec<BatchPlan>,
     plan_epoch: u64,
@@ -26,22 +26,28 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Loads and validates `opts.data`, measures every record's length for the buckets and
-    /// plans `epoch` (global batches of `world` ranks' batches; this rank takes slice
+    /// Loads and validates `opts.data`, tokenizes every text once (as training truncates
+    /// it; the lengths fill the buckets) and plans `epoch` (global batches of `world` ranks' batches; this rank takes slice
     /// `rank`); what the user should know goes to `warnings`.
     pub fn new(
         opts: &TrainOptions,
         tokenizer: TextTokenizer,
+        max_tokens: usize,
         epoch: u64,
         (rank, world): (usize, usize),
         warnings: &mut Vec<String>,
     ) -> anyhow::Result<Self> {
         let datasets = load_all(&opts.data)?;
         check_group_size(&datasets, opts.group, warnings)?;
+        let tokens = datasets
+            .iter()
+            .map(|d| Tokens::of(&tokenizer, d, opts, max_tokens))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let max_lens = datasets
             .iter()
-            .map(|d| lengths(&tokenizer, d, opts))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .zip(&tokens)
+            .map(|(d, t)| t.max_lens(d))
+            .collect();
         let ignored: usize = datasets
             .iter()
             .map(|d| {
@@ -65,8 +71,8 @@ impl Feed {
         let mut feed = Feed {
             rank,
             world: world.max(1),
-            tokenizer,
             datasets,
+            tokens,
             max_lens,
             plan: Vec::new(),
             plan_epoch: 0,
@@ -132,19 +138,13 @@ impl Feed {
         let weight =
             (world * tb.queries.len()) as f32 / global_queries(plan.records.len(), world) as f32;
         let offset = config.position_offset();
-        let max_tokens = config.max_tokens();
-        let enc = |texts: &[String], max: usize| -> anyhow::Result<Vec<Encoded>> {
-            texts
-                .iter()
-                .map(|t| self.tokenizer.encode(t, max, false))
-                .collect()
+        let tokens = &self.tokens[plan.dataset];
+        let ids = |picks: &[(usize, Text)]| -> Vec<&[u32]> {
+            picks.iter().map(|&(i, t)| tokens.ids(ds, i, t)).collect()
         };
         let batch = StepBatch {
-            q: pack_in_order(&enc(&tb.queries, o.query_max_len.min(max_tokens))?, offset),
-            p: pack_in_order(
-                &enc(&tb.passages, o.passage_max_len.min(max_tokens))?,
-                offset,
-            ),
+            q: pack_ids_in_order(&ids(&tb.queries), offset),
+            p: pack_ids_in_order(&ids(&tb.passages), offset),
         };
         let cfg = LossConfig {
             temperature: o.temperature,
@@ -213,22 +213,140 @@ fn batch_size_fn<'o>(
     }
 }
 
-/// Token length of each record's longest text (query, positives, negatives), truncated as
-/// training will; a text the tokenizer rejects is an error naming file and record.
-fn lengths(tok: &TextTokenizer, d: &Dataset, o: &TrainOptions) -> anyhow::Result<Vec<usize>> {
-    d.records
-        .par_iter()
-        .map(|r| {
-            let q = tok.encode(&r.query, o.query_max_len, false)?.ids.len();
-            let mut m = q;
-            for p in r.pos.iter().chain(&r.neg) {
-                m = m.max(tok.encode(p, o.passage_max_len, false)?.ids.len());
+/// Every text of one dataset tokenized once, truncated as training truncates it (queries
+/// to `query_max_len`, passages to `passage_max_len`, both within the model's maximum),
+/// the ids of all texts in one flat array.
+struct Tokens {
+    ids: Vec<u32>,
+    /// Text `k`'s ids are `ids[start[k]..start[k + 1]]`.
+    start: Vec<usize>,
+    /// Record `i`'s texts ([`super::data::Record::texts`] order) begin at text `first[i]`.
+    first: Vec<usize>,
+}
+
+impl Tokens {
+    /// Tokenizes `d`; a text the tokenizer rejects is an error naming file and record.
+    fn of(
+        tok: &TextTokenizer,
+        d: &Dataset,
+        o: &TrainOptions,
+        max_tokens: usize,
+    ) -> anyhow::Result<Self> {
+        let (q_max, p_max) = (
+            o.query_max_len.min(max_tokens),
+            o.passage_max_len.min(max_tokens),
+        );
+        let per_record: Vec<Vec<Vec<u32>>> = d
+            .records
+            .par_iter()
+            .map(|r| {
+                r.texts()
+                    .enumerate()
+                    .map(|(k, t)| {
+                        let max = if k == 0 { q_max } else { p_max };
+                        Ok(tok.encode(t, max, false)?.ids)
+                    })
+                    .collect::<anyhow::Result<Vec<Vec<u32>>>>()
+            })
+            .collect::<Vec<anyhow::Result<_>>>()
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.with_context(|| d.source(i)))
+            .collect::<anyhow::Result<_>>()?;
+        let total = per_record.iter().flatten().map(Vec::len).sum();
+        let mut t = Tokens {
+            ids: Vec::with_capacity(total),
+            start: vec![0],
+            first: Vec::with_capacity(per_record.len()),
+        };
+        for texts in per_record {
+            t.first.push(t.start.len() - 1);
+            for ids in texts {
+                t.ids.extend_from_slice(&ids);
+                t.start.push(t.ids.len());
             }
-            Ok(m)
-        })
-        .collect::<Vec<anyhow::Result<usize>>>()
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| r.with_context(|| d.source(i)))
-        .collect()
+        }
+        Ok(t)
+    }
+
+    /// The ids of text `t` of record `i` of `d`.
+    fn ids(&self, d: &Dataset, i: usize, t: Text) -> &[u32] {
+        let k = self.first[i] + d.records[i].text_index(t);
+        &self.ids[self.start[k]..self.start[k + 1]]
+    }
+
+    /// Each record's longest text in tokens (for the length buckets).
+    fn max_lens(&self, d: &Dataset) -> Vec<usize> {
+        (0..d.records.len())
+            .map(|i| {
+                let n = d.records[i].texts().count();
+                (self.first[i]..self.first[i] + n)
+                    .map(|k| self.start[k + 1] - self.start[k])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::pack_in_order;
+    use std::path::PathBuf;
+
+    #[test]
+    fn batches_hold_what_a_fresh_tokenization_of_their_texts_would() {
+        let dir = std::env::temp_dir().join(format!("m3-feed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = "a rather long text that the truncation has to cut short somewhere";
+        let mut lines = String::new();
+        for i in 0..7 {
+            let rec = serde_json::json!({
+                "query": format!("query {i} {}", if i % 2 == 0 { long } else { "" }),
+                "pos": [format!("positive {i}"), format!("other positive {i} {long}")],
+                "neg": (0..i % 4).map(|n| format!("negative {n} of {i}")).collect::<Vec<_>>(),
+            });
+            lines += &format!("{rec}\n");
+        }
+        let data = dir.join("data.jsonl");
+        std::fs::write(&data, lines).unwrap();
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3");
+        let tok = TextTokenizer::from_dir(&model).unwrap();
+        let config = Config::from_file(&model.join("config.json")).unwrap();
+        let mut o = TrainOptions::new(model, vec![data], dir.join("out"));
+        o.batch_size = 2;
+        o.group = 3;
+        o.query_max_len = 6;
+        o.passage_max_len = 9;
+        let mut feed = Feed::new(
+            &o,
+            tok.clone(),
+            config.max_tokens(),
+            0,
+            (0, 1),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let enc = |texts: Vec<&str>, max: usize| -> Vec<crate::text::Encoded> {
+            texts
+                .iter()
+                .map(|t| tok.encode(t, max, false).unwrap())
+                .collect()
+        };
+        let off = config.position_offset();
+        let mut cut = 0;
+        for index in 0..feed.epoch_len(&o) {
+            let (b, _, _) = feed.batch(&o, &config, 0, index, index as u64).unwrap();
+            let plan = &feed.plan[index];
+            let ds = &feed.datasets[plan.dataset];
+            let tb = make_batch(ds, plan, 0, 1, o.group, o.seed, 0, index as u64, o.shuffle);
+            let (q, p) = (enc(tb.query_texts(ds), 6), enc(tb.passage_texts(ds), 9));
+            cut += q.iter().chain(&p).filter(|e| e.truncated).count();
+            assert_eq!(b.q, pack_in_order(&q, off), "queries of batch {index}");
+            assert_eq!(b.p, pack_in_order(&p, off), "passages of batch {index}");
+        }
+        assert!(cut > 0, "no text was long enough to be truncated");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -161,7 +161,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let tokenizer = TextTokenizer::from_dir(&source)?;
         tokenizer.check_vocab(model.config.vocab_size, &source.join("config.json"))?;
         let side_files = checkpoint::read_side_files(&source, &opts.model)?;
-        let feed = Feed::new(&opts, tokenizer, state.epoch, (rank, world), &mut warnings)?;
+        let feed = Feed::new(
+            &opts,
+            tokenizer,
+            model.config.max_tokens(),
+            state.epoch,
+            (rank, world),
+            &mut warnings,
+        )?;
         let epoch_len = feed.epoch_len(&opts) as u64;
         let total = match opts.max_steps {
             Some(n) => n,
