@@ -178,6 +178,7 @@ fn loss_and_gradients_match_flagembedding() {
                 name: m.name.clone(),
                 shape: m.shape.clone(),
                 data: gr.clone().unwrap(),
+                held: m.held,
             };
             let (shape, data) = ours.torch_layout();
             let wshape: Vec<usize> = w["shape"]

@@ -311,6 +311,21 @@ impl Encoder<Spec> {
     }
 }
 
+impl Trainable<Spec> {
+    /// Everything fine-tuning updates, for the encoder `c` describes and a colbert head of
+    /// `colbert_dim` outputs (the sparse head has one).
+    pub fn spec(c: &Config, colbert_dim: usize) -> Self {
+        let h = c.hidden_size;
+        Trainable {
+            encoder: Encoder::spec(c),
+            heads: Heads {
+                sparse: Linear::spec(h, 1),
+                colbert: Linear::spec(h, colbert_dim),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

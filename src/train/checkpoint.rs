@@ -15,6 +15,7 @@ use super::options::TrainOptions;
 use crate::atomic::{sync_dir_files, sync_path, StagedDir};
 use crate::backend::Backend;
 use crate::model::checkpoint::{read_checkpoint, write_safetensors};
+use crate::model::params::Held;
 use crate::model::torch_save::write_torch_state_dict;
 use crate::tensor::DType;
 
@@ -201,7 +202,7 @@ pub fn write_model<B: Backend>(
     let mut heads: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for m in masters {
         let (shape, data) = m.torch_layout();
-        if m.name == "embeddings.token_type_embeddings.weight" {
+        if m.held == Held::FirstRow {
             let mut all = data;
             all.extend_from_slice(&model.token_type_rest);
             let rows = all.len() / h;

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::model::config::Config;
-use crate::model::params::{Heads, Linear, Trainable, Tree};
+use crate::model::params::{Heads, Held, Linear, Spec, Trainable, Tree};
 use crate::model::weights::{load_head, weights_file, EncoderWeights, LinearWeights, TensorFile};
 use crate::rng::Rng;
 use crate::tensor::{DType, HostData, Tensor};
@@ -30,18 +30,14 @@ pub struct Master {
     pub shape: Vec<usize>,
     /// Values.
     pub data: Vec<f32>,
+    /// How m3 holds it relative to the checkpoint (from the parameter tree's declaration).
+    pub held: Held,
 }
 
 impl Master {
-    /// Whether m3 holds this weight transposed relative to PyTorch (`[in, out]`): every
-    /// linear layer's weight, but not embeddings or LayerNorm gains.
-    pub fn transposed(&self) -> bool {
-        self.shape.len() == 2 && !self.name.starts_with("embeddings.")
-    }
-
     /// Shape and values in PyTorch's layout.
     pub fn torch_layout(&self) -> (Vec<usize>, Vec<f32>) {
-        if !self.transposed() {
+        if self.held != Held::Transposed {
             return (self.shape.clone(), self.data.clone());
         }
         let (r, c) = (self.shape[0], self.shape[1]);
@@ -124,15 +120,33 @@ impl<B: Backend> TrainModel<B> {
         self.params.named_mut()
     }
 
+    /// The parameter tree's declaration for this model (checkpoint shapes, how each is held).
+    pub fn spec(&self) -> Trainable<Spec> {
+        let colbert_dim = self.params.heads.colbert.b.shape()[0];
+        Trainable::spec(&self.config, colbert_dim)
+    }
+
+    /// How each trainable tensor is held, in the parameter tree's order.
+    pub fn held(&self) -> Vec<Held> {
+        self.spec()
+            .named()
+            .into_iter()
+            .map(|(_, s)| s.held)
+            .collect()
+    }
+
     /// The f32 master copy of every trainable tensor.
     pub fn masters(&mut self, be: &B) -> anyhow::Result<Vec<Master>> {
+        let held = self.held();
         self.named_mut()
             .into_iter()
-            .map(|(name, t)| {
+            .zip(held)
+            .map(|((name, t), held)| {
                 Ok(Master {
                     shape: t.shape().to_vec(),
                     data: be.to_vec_f32(t)?,
                     name,
+                    held,
                 })
             })
             .collect()
@@ -158,3 +172,52 @@ pub type TrainVars = Trainable<Var>;
 
 /// The heads' weights on the tape.
 pub type HeadVars = Heads<Var>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::model::random::write_random_model;
+
+    #[test]
+    fn the_declared_spec_matches_the_loaded_tensors_and_gives_torch_shapes_back() {
+        let json = serde_json::json!({
+            "model_type": "xlm-roberta", "vocab_size": 11, "hidden_size": 4,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 6,
+            "max_position_embeddings": 12, "type_vocab_size": 2, "layer_norm_eps": 1e-5,
+            "pad_token_id": 1, "hidden_act": "gelu"
+        });
+        let c: Config = serde_json::from_value(json.clone()).unwrap();
+        let dir = std::env::temp_dir().join(format!("m3-train-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+        write_random_model(&dir, &c, 7).unwrap();
+        let mut model = TrainModel::load(&Cpu, &dir, DType::F32, 1).unwrap();
+        let spec = model.spec();
+        let masters = model.masters(&Cpu).unwrap();
+        let declared = spec.named();
+        assert_eq!(declared.len(), masters.len());
+        let mut transposed = 0;
+        for ((name, s), m) in declared.iter().zip(&masters) {
+            assert_eq!(name, &m.name);
+            assert_eq!(s.shape(), m.shape, "{name}: held shape");
+            let (torch_shape, data) = m.torch_layout();
+            let want = match s.held {
+                Held::FirstRow => vec![1, s.stored[1]],
+                _ => s.stored.clone(),
+            };
+            assert_eq!(torch_shape, want, "{name}: PyTorch shape");
+            if s.held == Held::Transposed {
+                transposed += 1;
+                let (inp, out) = (m.shape[0], m.shape[1]);
+                for (o, i) in [(0, inp - 1), (out - 1, 0), (out - 1, inp - 1)] {
+                    let torch = data[o * inp + i];
+                    assert_eq!(torch, m.data[i * out + o], "{name}: torch [{o}][{i}]");
+                }
+            }
+        }
+        // Six linear layers per encoder layer, plus the two heads.
+        assert_eq!(transposed, 6 * 2 + 2);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -170,6 +170,7 @@ impl<B: Backend> Optimizer<B> {
 
     /// The f32 master weights with their names, copied to the host.
     pub fn masters_host(&self, be: &B, model: &mut TrainModel<B>) -> anyhow::Result<Vec<Master>> {
+        let held = model.held();
         let data = match &self.master {
             Some(flat) => self.layout.split(&be.to_vec_f32(flat)?),
             None => model
@@ -183,10 +184,12 @@ impl<B: Backend> Optimizer<B> {
             .slots()
             .iter()
             .zip(data)
-            .map(|(s, data)| Master {
+            .zip(held)
+            .map(|((s, data), held)| Master {
                 name: s.name.clone(),
                 shape: s.shape.clone(),
                 data,
+                held,
             })
             .collect())
     }
