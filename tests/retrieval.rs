@@ -367,3 +367,60 @@ fn a_run_killed_while_writing_the_marker_leaves_a_directory_the_rerun_takes() {
         "keep me"
     );
 }
+
+#[test]
+fn on_random_embeddings_both_engines_return_the_same_passages_and_scores() {
+    // Random vectors have no exact ties, so the two engines must agree on every id and
+    // every score bit; log-uniform token ids make the lexical candidate sets overlap
+    // heavily, as text does.
+    let d = tmp("retrieval-bench-search");
+    let dir = d.join("b");
+    let dir = dir.to_str().unwrap();
+    let args = [
+        "bench",
+        "search",
+        "--dir",
+        dir,
+        "--passages",
+        "400",
+        "--dense-dim",
+        "16",
+        "--colbert-dim",
+        "8",
+        "--colbert-tokens",
+        "3",
+        "--terms",
+        "6",
+        "--vocab",
+        "500",
+        "--queries",
+        "30",
+        "--query-tokens",
+        "4",
+        "--top-k",
+        "5",
+        "--batch",
+        "64",
+    ];
+    let out = m3(&args, b"");
+    ok(&out);
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let agreement = lines.iter().find(|l| l["what"] == "agreement").unwrap();
+    assert_eq!(agreement["queries"], 30);
+    assert_eq!(agreement["same_ids"], 30, "{agreement}");
+    assert_eq!(agreement["same_scores"], 30, "{agreement}");
+    for engine in ["m3", "qdrant"] {
+        let index = lines
+            .iter()
+            .find(|l| l["engine"] == engine && l["what"] == "index")
+            .unwrap();
+        assert_eq!(index["passages"], 400);
+    }
+    // Indexes are not reused: a second run into the same directory is refused.
+    let again = m3(&args, b"");
+    assert!(!again.status.success() && stderr(&again).contains("exists"));
+}

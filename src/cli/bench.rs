@@ -38,6 +38,9 @@ pub enum BenchCommand {
     /// The CPU's f32 FMA peak and each matrix-product implementation's GFLOP/s on the
     /// encoder's shapes (m3's AVX-512 / AVX2 kernels, the `gemm` crate).
     Gemm(super::bench_gemm::GemmBenchArgs),
+    /// Indexing throughput and query latency of the search engines (Qdrant's in-process
+    /// engine, m3's own index) on random embeddings of BGE-M3's sizes.
+    Search(super::bench_search::SearchBenchArgs),
 }
 
 /// `m3 bench train` flags.
@@ -337,5 +340,6 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
         }
         BenchCommand::Memory(a) => on_device(a.device, a),
         BenchCommand::Gemm(a) => super::bench_gemm::run(a),
+        BenchCommand::Search(a) => super::bench_search::run(a),
     }
 }

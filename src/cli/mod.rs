@@ -4,6 +4,7 @@ mod bench;
 mod bench_gemm;
 mod bench_inputs;
 mod bench_memory;
+mod bench_search;
 mod clobber;
 mod demo;
 mod device;
