@@ -20,18 +20,21 @@ pub(super) fn soft_ce_dims(op: &'static str, logits: &T, targets: &T) -> Result<
     Ok(logits.rows_cols())
 }
 
-pub(super) fn softmax_cross_entropy(be: &Cuda, logits: &T, targets: &T) -> Result<(T, T)> {
-    const OP: &str = "softmax_cross_entropy";
-    let (rows, cols) = cross_entropy_dims(logits, targets)?;
-    be.check_ids_device(OP, targets, cols)?;
+/// Both forwards: per-row loss and log-sum-exp `[rows]` f32, one block per row.
+fn row_forward(
+    be: &Cuda,
+    op: &'static str,
+    (module, kernel): (&str, &str),
+    logits: &T,
+    targets: &T,
+    rows: usize,
+    cols: usize,
+) -> Result<(T, T)> {
     let mut loss = be.alloc(&[rows], DType::F32)?;
     let mut lse = be.alloc(&[rows], DType::F32)?;
     if rows > 0 {
-        let f = be.func(
-            "crossentropy",
-            &format!("softmax_ce_fwd_{}", sfx(logits.dtype())),
-        )?;
-        let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+        let f = be.func(module, &format!("{kernel}_{}", sfx(logits.dtype())))?;
+        let (r, c) = (to_i32(op, "rows", rows)?, to_i32(op, "cols", cols)?);
         launch!(
             be,
             f,
@@ -40,6 +43,29 @@ pub(super) fn softmax_cross_entropy(be: &Cuda, logits: &T, targets: &T) -> Resul
         )?;
     }
     Ok((loss, lse))
+}
+
+/// Both backwards take the forward's `[rows]` f32 upstream gradient and log-sum-exp.
+fn check_backward_inputs(op: &'static str, dloss: &T, lse: &T, rows: usize) -> Result<()> {
+    check_vec(op, "dloss", dloss, rows)?;
+    check_vec(op, "lse", lse, rows)?;
+    check_dtype(op, "dloss", dloss, DType::F32)?;
+    check_dtype(op, "lse", lse, DType::F32)
+}
+
+pub(super) fn softmax_cross_entropy(be: &Cuda, logits: &T, targets: &T) -> Result<(T, T)> {
+    const OP: &str = "softmax_cross_entropy";
+    let (rows, cols) = cross_entropy_dims(logits, targets)?;
+    be.check_ids_device(OP, targets, cols)?;
+    row_forward(
+        be,
+        OP,
+        ("crossentropy", "softmax_ce_fwd"),
+        logits,
+        targets,
+        rows,
+        cols,
+    )
 }
 
 pub(super) fn softmax_cross_entropy_backward(
@@ -51,10 +77,7 @@ pub(super) fn softmax_cross_entropy_backward(
 ) -> Result<T> {
     const OP: &str = "softmax_cross_entropy_backward";
     let (rows, cols) = cross_entropy_dims(logits, targets)?;
-    check_vec(OP, "dloss", dloss, rows)?;
-    check_vec(OP, "lse", lse, rows)?;
-    check_dtype(OP, "dloss", dloss, DType::F32)?;
-    check_dtype(OP, "lse", lse, DType::F32)?;
+    check_backward_inputs(OP, dloss, lse, rows)?;
     be.check_ids_device(OP, targets, cols)?;
     let mut d = be.alloc(logits.shape(), logits.dtype())?;
     if rows > 0 {
@@ -76,19 +99,15 @@ pub(super) fn softmax_cross_entropy_backward(
 pub(super) fn soft_cross_entropy(be: &Cuda, logits: &T, targets: &T) -> Result<(T, T)> {
     const OP: &str = "soft_cross_entropy";
     let (rows, cols) = soft_ce_dims(OP, logits, targets)?;
-    let mut loss = be.alloc(&[rows], DType::F32)?;
-    let mut lse = be.alloc(&[rows], DType::F32)?;
-    if rows > 0 {
-        let f = be.func("distill", &format!("soft_ce_fwd_{}", sfx(logits.dtype())))?;
-        let (r, c) = (to_i32(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
-        launch!(
-            be,
-            f,
-            grid_rows(rows),
-            [logits, targets, &mut loss, &mut lse, &r, &c]
-        )?;
-    }
-    Ok((loss, lse))
+    row_forward(
+        be,
+        OP,
+        ("distill", "soft_ce_fwd"),
+        logits,
+        targets,
+        rows,
+        cols,
+    )
 }
 
 pub(super) fn soft_cross_entropy_backward(
@@ -100,10 +119,7 @@ pub(super) fn soft_cross_entropy_backward(
 ) -> Result<T> {
     const OP: &str = "soft_cross_entropy_backward";
     let (rows, cols) = soft_ce_dims(OP, logits, targets)?;
-    check_vec(OP, "dloss", dloss, rows)?;
-    check_vec(OP, "lse", lse, rows)?;
-    check_dtype(OP, "dloss", dloss, DType::F32)?;
-    check_dtype(OP, "lse", lse, DType::F32)?;
+    check_backward_inputs(OP, dloss, lse, rows)?;
     let mut d = be.alloc(logits.shape(), logits.dtype())?;
     if rows > 0 {
         let f = be.func("distill", &format!("soft_ce_bwd_{}", sfx(logits.dtype())))?;
