@@ -160,28 +160,28 @@ fn index_qdrant(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Box<dyn Retri
     use m3::retrieval::qdrant::{Passage, QdrantIndex};
     let t = Instant::now();
     let index = QdrantIndex::create_or_resume(dir, &fingerprint(a), &[])?;
-    let (mut upsert, mut batch) = (0f64, Vec::with_capacity(a.batch));
+    let mut upsert = 0f64;
     let mut corpus = corpus(a).enumerate().peekable();
     while corpus.peek().is_some() {
-        batch.clear();
-        batch.extend(corpus.by_ref().take(a.batch).map(|(i, e)| Passage {
+        let batch = corpus.by_ref().take(a.batch).map(|(i, e)| Passage {
             id: Value::from(i),
             pos: i as u64,
             embedding: e,
             fields: Default::default(),
-        }));
+        });
+        let batch: Vec<Passage> = batch.collect();
         let s = Instant::now();
-        index.upsert(std::mem::take(&mut batch))?;
+        index.upsert(batch)?;
         upsert += s.elapsed().as_secs_f64();
     }
     let s = Instant::now();
     index.flush();
     upsert += s.elapsed().as_secs_f64();
     let wall = t.elapsed().as_secs_f64();
+    let held = index.count()?;
     ensure!(
-        index.count()? == a.passages,
-        "qdrant holds {} points, {} upserted",
-        index.count()?,
+        held == a.passages,
+        "qdrant holds {held} points, {} upserted",
         a.passages
     );
     drop(index);
