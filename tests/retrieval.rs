@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 
-use common::{assert_same, fixture, m3, ranked, search_index, stderr, tmp, Ranked};
+use common::{assert_same, fixture, m3, narrower_model, ranked, search_index, stderr, tmp, Ranked};
 use m3::backend::cpu::Cpu;
 use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
 use m3::retrieval::qdrant::QdrantIndex;
@@ -268,35 +268,7 @@ fn another_model_or_a_foreign_directory_is_refused() {
     let idx = d.join("idx");
     ok(&search_index(&fixture("tiny-m3"), &c, &idx, "qdrant"));
     // A model of another width: indexing into the same directory and querying are refused.
-    let other = d.join("other");
-    ok(&m3(
-        &[
-            "bench",
-            "make-model",
-            "--out",
-            other.to_str().unwrap(),
-            "--layers",
-            "1",
-            "--hidden",
-            "16",
-            "--heads",
-            "2",
-            "--intermediate",
-            "32",
-            "--vocab",
-            "481",
-            "--positions",
-            "1026",
-        ],
-        b"",
-    ));
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        std::fs::copy(fixture("tiny-m3").join(f), other.join(f)).unwrap();
-    }
+    let other = narrower_model(&d.join("other"));
     let out = search_index(&other, &c, &idx, "qdrant");
     let err = stderr(&out);
     assert!(

@@ -157,7 +157,8 @@ fn index_m3(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Index> {
 
 #[cfg(feature = "qdrant")]
 fn index_qdrant(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Box<dyn Retriever>> {
-    use m3::retrieval::qdrant::{Passage, QdrantIndex};
+    use m3::retrieval::qdrant::QdrantIndex;
+    use m3::retrieval::{Collection, Passage};
     let t = Instant::now();
     let index = QdrantIndex::create_or_resume(dir, &fingerprint(a), &[])?;
     let mut upsert = 0f64;
@@ -175,7 +176,7 @@ fn index_qdrant(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Box<dyn Retri
         upsert += s.elapsed().as_secs_f64();
     }
     let s = Instant::now();
-    index.flush();
+    index.flush()?;
     upsert += s.elapsed().as_secs_f64();
     let wall = t.elapsed().as_secs_f64();
     let held = index.count()?;

@@ -1,10 +1,12 @@
 //! `m3 search index | query`: embed a corpus once (dense matrix, inverted lexical index,
 //! colbert rows), then retrieve candidates by dense and by lexical top-k, take their union
 //! and re-rank by the weighted hybrid including colbert (SPEC §4 "Hybrid retrieval"). The
-//! index is held by Qdrant's in-process engine ([`m3::retrieval::qdrant`], the default) or
-//! by m3's own files ([`m3::index`]); queries go through [`m3::retrieval`] either way.
+//! index is held by Qdrant's in-process engine ([`m3::retrieval::qdrant`], the default),
+//! by m3's own files ([`m3::index`]), or by a Qdrant server or cluster
+//! (`--qdrant-url --collection`, [`m3::retrieval`]'s `qdrant_server`); queries go through
+//! [`m3::retrieval`] whichever it is.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use m3::atomic::ensure_replaceable;
 use m3::backend::Backend;
 use m3::index::{self, IndexWriter, ModelFingerprint};
 use m3::model::embedder::{Embedder, EncodeOptions};
+use m3::retrieval::{Collection, Retriever};
 use m3::score::Weights;
 use m3::DType;
 use serde::Serialize;
@@ -46,6 +49,67 @@ pub enum Engine {
     M3,
 }
 
+/// Flags naming a Qdrant server or cluster that holds the index instead of a directory.
+#[derive(Args, Debug, Clone)]
+pub struct QdrantServerArgs {
+    /// A Qdrant server or cluster holding the index instead of a directory: its gRPC URL,
+    /// e.g. http://localhost:6334 (needs --collection).
+    #[arg(long, requires = "collection", conflicts_with = "index")]
+    pub qdrant_url: Option<String>,
+    /// The collection on --qdrant-url.
+    #[arg(long, requires = "qdrant_url")]
+    pub collection: Option<String>,
+    /// Qdrant API key, if the server asks for one (default: $QDRANT_API_KEY).
+    #[arg(long, requires = "qdrant_url")]
+    pub qdrant_api_key: Option<String>,
+    /// Seconds each request to the Qdrant server may take.
+    #[arg(long, default_value_t = 60, requires = "qdrant_url")]
+    pub qdrant_timeout: u64,
+    /// Queries: dense candidates by exact search instead of the server's HNSW graph
+    /// (slower at scale; the in-process engine's candidates exactly).
+    #[arg(long, requires = "qdrant_url")]
+    pub exact: bool,
+}
+
+impl QdrantServerArgs {
+    /// The server and collection, if `--qdrant-url` was given.
+    #[cfg(feature = "qdrant-server")]
+    pub fn server(&self) -> Option<m3::retrieval::qdrant_server::Server> {
+        let url = self.qdrant_url.clone()?;
+        Some(m3::retrieval::qdrant_server::Server {
+            url,
+            collection: self.collection.clone().unwrap_or_default(),
+            api_key: self.qdrant_api_key.clone().or_else(|| {
+                std::env::var("QDRANT_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+            }),
+            timeout: Duration::from_secs(self.qdrant_timeout.max(1)),
+            exact: self.exact,
+        })
+    }
+
+    /// Opens the index for queries: the collection if `--qdrant-url` was given, else the
+    /// directory `index` (`flag` names it in messages).
+    pub fn open(&self, index: Option<&Path>, flag: &str) -> anyhow::Result<Box<dyn Retriever>> {
+        if self.qdrant_url.is_some() {
+            #[cfg(feature = "qdrant-server")]
+            {
+                let server = self.server().expect("--qdrant-url was given");
+                return Ok(Box::new(m3::retrieval::qdrant_server::QdrantServer::open(
+                    &server,
+                )?));
+            }
+            #[cfg(not(feature = "qdrant-server"))]
+            bail!("--qdrant-url: this m3 was built without the qdrant-server feature");
+        }
+        match index {
+            Some(dir) => m3::retrieval::open(dir),
+            None => bail!("{flag} DIR or --qdrant-url URL --collection NAME is needed"),
+        }
+    }
+}
+
 /// `m3 search index` flags.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
@@ -57,8 +121,16 @@ pub struct IndexArgs {
     corpus: PathBuf,
     /// Index directory. With the qdrant engine, an existing index of the same model is
     /// resumed: passages it holds already are skipped.
-    #[arg(long)]
-    index: PathBuf,
+    #[arg(long, required_unless_present = "qdrant_url")]
+    index: Option<PathBuf>,
+    #[command(flatten)]
+    server: QdrantServerArgs,
+    /// Shards of a new collection on --qdrant-url (default: the server's).
+    #[arg(long, requires = "qdrant_url")]
+    shards: Option<u32>,
+    /// Copies of each shard of a new collection on --qdrant-url (default: the server's).
+    #[arg(long, requires = "qdrant_url")]
+    replicas: Option<u32>,
     /// Engine holding the index.
     #[arg(long, value_enum, default_value_t = default_engine())]
     engine: Engine,
@@ -85,8 +157,10 @@ pub struct QueryArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Index directory made by `m3 search index` (either engine).
-    #[arg(long)]
-    index: PathBuf,
+    #[arg(long, required_unless_present = "qdrant_url")]
+    index: Option<PathBuf>,
+    #[command(flatten)]
+    server: QdrantServerArgs,
     /// Query JSONL: each line a JSON string or {"text": ..., "id"?: ...} ("-" = stdin).
     #[arg(long, default_value = "-")]
     input: PathBuf,
@@ -108,16 +182,20 @@ pub struct QueryArgs {
 impl IndexArgs {
     /// Refuses an index directory that holds an input or files other than an index's.
     fn check_paths(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.index else {
+            // A collection on a server: nothing local to clobber.
+            return Ok(());
+        };
         let mut inputs = files_in("--model", &self.model.model);
         inputs.push(named("--model", &self.model.model));
         inputs.push(named("--corpus", &self.corpus));
-        refuse_dir_holding_input(&named("--index", &self.index), &inputs)?;
+        refuse_dir_holding_input(&named("--index", dir), &inputs)?;
         match self.engine {
             Engine::M3 => {
                 if !self.keep.is_empty() {
                     bail!("--keep needs --engine qdrant (m3's own index keeps ids only)");
                 }
-                ensure_replaceable(&self.index, &index::FILES, "an m3 index")
+                ensure_replaceable(dir, &index::FILES, "an m3 index")
             }
             // The engine checks the directory itself: empty, or an index to resume.
             Engine::Qdrant => Ok(()),
@@ -147,16 +225,28 @@ impl Job for IndexArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         self.check_paths()?;
         let model = Embedder::load(be, &self.model.model, dtype)?;
+        if self.server.qdrant_url.is_some() {
+            return self.server_index(be, &model);
+        }
+        let dir = self
+            .index
+            .clone()
+            .expect("clap requires --index without --qdrant-url");
         match self.engine {
-            Engine::M3 => self.own_index(be, &model),
-            Engine::Qdrant => self.qdrant_index(be, &model),
+            Engine::M3 => self.own_index(be, &model, &dir),
+            Engine::Qdrant => self.qdrant_index(be, &model, &dir),
         }
     }
 }
 
 impl IndexArgs {
     /// m3's own index: every passage encoded, then the files written whole.
-    fn own_index<B: Backend>(&self, be: &B, model: &Embedder<B>) -> anyhow::Result<ExitCode> {
+    fn own_index<B: Backend>(
+        &self,
+        be: &B,
+        model: &Embedder<B>,
+        dir: &Path,
+    ) -> anyhow::Result<ExitCode> {
         let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.corpus)?;
         let pb = progress("passages");
@@ -187,9 +277,9 @@ impl IndexArgs {
             bail!("{}: the corpus has no passages", self.corpus.display());
         }
         let count = writer.len();
-        writer.write(&self.index)?;
+        writer.write(dir)?;
         self.warn_truncated(truncated, model);
-        eprintln!("indexed {count} passages into {}", self.index.display());
+        eprintln!("indexed {count} passages into {}", dir.display());
         Ok(ExitCode::SUCCESS)
     }
 
@@ -198,14 +288,64 @@ impl IndexArgs {
         warn_truncated(n, &limit, "");
     }
 
-    /// Qdrant: chunks encoded and upserted as they come, each chunk's upsert running while
-    /// the next one is encoded; passages the index holds already are skipped, so a run cut
-    /// short (crash, bad line) goes on where it stopped when run again.
+    /// Qdrant in process, in `dir`.
     #[cfg(feature = "qdrant")]
-    fn qdrant_index<B: Backend>(&self, be: &B, model: &Embedder<B>) -> anyhow::Result<ExitCode> {
-        use m3::retrieval::qdrant::{Passage, QdrantIndex};
+    fn qdrant_index<B: Backend>(
+        &self,
+        be: &B,
+        model: &Embedder<B>,
+        dir: &Path,
+    ) -> anyhow::Result<ExitCode> {
         let fp = ModelFingerprint::of_model(model)?;
-        let index = QdrantIndex::create_or_resume(&self.index, &fp, &self.keep)?;
+        let index = m3::retrieval::qdrant::QdrantIndex::create_or_resume(dir, &fp, &self.keep)?;
+        self.stream_into(be, model, &index, "qdrant")
+    }
+
+    #[cfg(not(feature = "qdrant"))]
+    fn qdrant_index<B: Backend>(
+        &self,
+        _: &B,
+        _: &Embedder<B>,
+        _: &Path,
+    ) -> anyhow::Result<ExitCode> {
+        bail!("--engine qdrant: this m3 was built without the qdrant feature; use --engine m3")
+    }
+
+    /// A Qdrant server or cluster: the collection created (laid out by --shards and
+    /// --replicas) or resumed.
+    #[cfg(feature = "qdrant-server")]
+    fn server_index<B: Backend>(&self, be: &B, model: &Embedder<B>) -> anyhow::Result<ExitCode> {
+        use m3::retrieval::qdrant_server::{Layout, QdrantServer};
+        let server = self.server.server().expect("--qdrant-url was given");
+        let fp = ModelFingerprint::of_model(model)?;
+        let layout = Layout {
+            shards: self.shards,
+            replicas: self.replicas,
+        };
+        let index = QdrantServer::create_or_resume(&server, &fp, &self.keep, layout)?;
+        self.stream_into(be, model, &index, "qdrant server")
+    }
+
+    #[cfg(not(feature = "qdrant-server"))]
+    fn server_index<B: Backend>(&self, _: &B, _: &Embedder<B>) -> anyhow::Result<ExitCode> {
+        bail!("--qdrant-url: this m3 was built without the qdrant-server feature")
+    }
+
+    /// Chunks encoded and upserted as they come, each chunk's upsert running while the
+    /// next one is encoded; passages the index holds already are skipped, so a run cut
+    /// short (crash, bad line) goes on where it stopped when run again.
+    #[cfg_attr(
+        not(any(feature = "qdrant", feature = "qdrant-server")),
+        allow(dead_code)
+    )]
+    fn stream_into<B: Backend>(
+        &self,
+        be: &B,
+        model: &Embedder<B>,
+        index: &dyn Collection,
+        engine: &str,
+    ) -> anyhow::Result<ExitCode> {
+        use m3::retrieval::Passage;
         let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);
         let mut lines = Lines::open(&self.corpus)?;
         let pb = progress("passages");
@@ -265,8 +405,9 @@ impl IndexArgs {
                 seen += records.len() as u64;
                 if let Some(e) = err {
                     let done = wait(&mut pending);
-                    index.flush();
+                    let flushed = index.flush();
                     done.map_err(|e| kept(e, added))?;
+                    flushed.map_err(|e| kept(e, added))?;
                     return Err(kept(e, added));
                 }
                 if records.len() < CHUNK {
@@ -275,27 +416,23 @@ impl IndexArgs {
                 }
             }
         });
-        index.flush();
+        let flushed = index.flush();
         pb.finish_and_clear();
         result?;
+        flushed?;
         if seen == 0 {
             bail!("{}: the corpus has no passages", self.corpus.display());
         }
         self.warn_truncated(truncated, model);
         eprintln!(
-            "indexed {added} new passages ({} held in all) into {} (qdrant; encode {:.1} s, \
+            "indexed {added} new passages ({} held in all) into {} ({engine}; encode {:.1} s, \
              upsert {:.1} s)",
-            index.count()?,
-            self.index.display(),
+            index.passages()?,
+            index.place(),
             encode_s.as_secs_f64(),
             upsert_s.as_secs_f64()
         );
         Ok(ExitCode::SUCCESS)
-    }
-
-    #[cfg(not(feature = "qdrant"))]
-    fn qdrant_index<B: Backend>(&self, _: &B, _: &Embedder<B>) -> anyhow::Result<ExitCode> {
-        bail!("--engine qdrant: this m3 was built without the qdrant feature; use --engine m3")
     }
 }
 
@@ -309,10 +446,12 @@ struct QueryLine<'a> {
 impl Job for QueryArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let mut inputs = files_in("--model", &self.model.model);
-        inputs.extend(files_in("--index", &self.index));
+        if let Some(dir) = &self.index {
+            inputs.extend(files_in("--index", dir));
+        }
         inputs.push(named("--input", &self.input));
         refuse_same_file(&[named("--output", &self.output)], &inputs)?;
-        let index = m3::retrieval::open(&self.index)?;
+        let index = self.server.open(self.index.as_deref(), "--index")?;
         let model = Embedder::load(be, &self.model.model, dtype)?;
         index.check_model(&self.model.model, &ModelFingerprint::of_model(&model)?)?;
         let opts = EncodeOptions::all_outputs(self.max_length, self.model.batch_tokens);

@@ -1,12 +1,18 @@
-//! Hybrid retrieval over an index directory, whichever engine holds it: m3's own verified
-//! files ([`crate::index`]) or Qdrant's in-process engine ([`qdrant`], cargo feature
-//! `qdrant`, on by default). Both answer SPEC §4's query the same way: candidates from
-//! dense top-k ∪ lexical top-k (the passages sharing a token with the query), ranked by
-//! the weighted dense + lexical + colbert score of [`crate::score`]. The CLI, the server
-//! and the bindings go through [`open`] and [`Retriever`].
+//! Hybrid retrieval, whichever engine holds the index: m3's own verified files
+//! ([`crate::index`]), Qdrant's in-process engine in a directory ([`qdrant`], cargo feature
+//! `qdrant`), or a Qdrant server or cluster ([`qdrant_server`], feature `qdrant-server`;
+//! both on by default). All answer SPEC §4's query the same way: candidates from dense
+//! top-k ∪ lexical top-k (the passages sharing a token with the query), ranked by the
+//! weighted dense + lexical + colbert score of [`crate::score`]. The CLI, the server and
+//! the bindings go through [`open`] and [`Retriever`]; indexing into Qdrant through
+//! [`Collection`].
 
 #[cfg(feature = "qdrant")]
 pub mod qdrant;
+#[cfg(feature = "qdrant-server")]
+pub mod qdrant_server;
+#[cfg(any(feature = "qdrant", feature = "qdrant-server"))]
+pub mod schema;
 
 use std::path::Path;
 
@@ -52,6 +58,31 @@ impl serde::Serialize for Found {
         }
         .serialize(s)
     }
+}
+
+/// One passage to index.
+pub struct Passage {
+    /// The corpus line's id, else its 0-based position.
+    pub id: Value,
+    /// Its 0-based position in the corpus (ranks ties, as m3's own index does).
+    pub pos: u64,
+    /// Its embedding (dense, lexical and colbert).
+    pub embedding: Embedding,
+    /// The corpus fields to keep.
+    pub fields: Map<String, Value>,
+}
+
+/// An index that takes passages as they are encoded, keyed by passage id: upserting a
+/// held id replaces it, so a rerun after a crash never duplicates.
+pub trait Collection: Retriever {
+    /// Which of `ids` the index already holds.
+    fn holds(&self, ids: &[Value]) -> anyhow::Result<Vec<bool>>;
+    /// Writes `passages` (a passage already held is replaced whole).
+    fn upsert(&self, passages: Vec<Passage>) -> anyhow::Result<()>;
+    /// Makes everything upserted so far durable.
+    fn flush(&self) -> anyhow::Result<()>;
+    /// Where the index is, for messages (a directory, or a collection at a URL).
+    fn place(&self) -> String;
 }
 
 /// An index that answers hybrid queries.

@@ -1,19 +1,13 @@
-//! An index held by Qdrant's in-process engine (`qdrant-edge`) in the index directory:
-//! one point per passage with three named vectors, `dense` (dot product of unit vectors,
-//! i.e. cosine), `sparse` (token id → weight, dot product) and `colbert` (multivector,
-//! MAX_SIM), and a payload of the passage id, its corpus position and the corpus fields
-//! asked to be kept. `m3-qdrant.json` beside Qdrant's files records the model's
-//! fingerprint. Points are keyed by a UUID derived from the passage id, so indexing the
-//! same corpus again (after a crash) overwrites or skips, never duplicates.
-//!
-//! Vectors are stored with the dot product rather than Qdrant's cosine: m3's dense and
-//! colbert vectors are unit length already, so the scores are the cosine's, and the stored
-//! vectors stay bit-identical to what the model produced (cosine would renormalise them).
+//! An index held by Qdrant's in-process engine (`qdrant-edge`) in the index directory, in
+//! the schema of [`super::schema`]; `m3-qdrant.json` beside Qdrant's files is m3's record
+//! of it (format, model fingerprint, kept fields). Points are keyed by a UUID derived from
+//! the passage id, so indexing the same corpus again (after a crash) overwrites or skips,
+//! never duplicates.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use qdrant_edge::{
     Distance, EdgeConfig, EdgeConfigBuilder, EdgeShard, EdgeSparseVectorParamsBuilder,
     EdgeVectorParamsBuilder, Expression, Formula, MultiVectorComparator, MultiVectorConfig,
@@ -21,45 +15,16 @@ use qdrant_edge::{
     QueryRequest, ScoringQuery, UpdateOperation, Vector, VectorInternal, VectorStructInternal,
     Vectors, WithPayloadInterface, WithVector,
 };
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::{Found, Retriever};
+use super::schema::{self, Meta, Mode, Parts};
+use super::{Collection, Found, Passage, Retriever};
 use crate::index::ModelFingerprint;
 use crate::model::embedder::Embedding;
-use crate::score::{self, Weights};
+use crate::score::Weights;
 
 /// The file that marks a directory as an m3 index held by Qdrant.
 pub const META: &str = "m3-qdrant.json";
-/// The format this code writes and reads.
-pub const FORMAT: &str = "m3-qdrant/1";
-/// Payload keys m3 itself writes (a kept corpus field may not use them).
-pub const RESERVED: [&str; 2] = ["id", "pos"];
-
-// Passage ids become UUIDs under this namespace (v5: SHA-1 of the id's JSON), so the same
-// id is the same point in every run and on every engine.
-const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d33_2d71_6472_616e_742d_7061_7373_6167);
-
-/// `m3-qdrant.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Meta {
-    format: String,
-    model: ModelFingerprint,
-    /// Corpus fields kept in each point's payload.
-    keep: Vec<String>,
-}
-
-/// One passage to upsert.
-pub struct Passage {
-    /// The corpus line's id, else its 0-based position.
-    pub id: Value,
-    /// Its 0-based position in the corpus (ranks ties, as m3's own index does).
-    pub pos: u64,
-    /// Its embedding (dense, lexical and colbert).
-    pub embedding: Embedding,
-    /// The corpus fields to keep.
-    pub fields: Map<String, Value>,
-}
 
 /// An m3 index in Qdrant's in-process engine.
 pub struct QdrantIndex {
@@ -74,8 +39,7 @@ fn qerr(dir: &Path, e: impl std::fmt::Display) -> anyhow::Error {
 
 /// The Qdrant point id of passage id `id`.
 pub fn point_id(id: &Value) -> PointId {
-    let key = serde_json::to_string(id).expect("a JSON value serialises");
-    PointId::Uuid(uuid::Uuid::new_v5(&NAMESPACE, key.as_bytes()))
+    PointId::Uuid(schema::point_uuid(id))
 }
 
 fn config(model: &ModelFingerprint) -> EdgeConfig {
@@ -86,11 +50,14 @@ fn config(model: &ModelFingerprint) -> EdgeConfig {
         .build();
     EdgeConfigBuilder::new()
         .vector(
-            "dense",
+            Mode::Dense.name(),
             EdgeVectorParamsBuilder::new(model.dense_dim, Distance::Dot).build(),
         )
-        .vector("colbert", colbert)
-        .sparse_vector("sparse", EdgeSparseVectorParamsBuilder::new().build())
+        .vector(Mode::Colbert.name(), colbert)
+        .sparse_vector(
+            Mode::Sparse.name(),
+            EdgeSparseVectorParamsBuilder::new().build(),
+        )
         .build()
 }
 
@@ -99,13 +66,7 @@ fn read_meta(dir: &Path) -> anyhow::Result<Meta> {
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let v: Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed", path.display()))?;
-    let format = v.get("format").and_then(Value::as_str).unwrap_or("");
-    ensure!(
-        format == FORMAT,
-        "{}: index format {format:?}, this m3 reads {FORMAT:?}: rebuild it with m3 search index",
-        path.display()
-    );
-    serde_json::from_value(v).with_context(|| format!("{}: malformed", path.display()))
+    Meta::from_json(v, &path.display().to_string())
 }
 
 impl QdrantIndex {
@@ -121,29 +82,9 @@ impl QdrantIndex {
         model: &ModelFingerprint,
         keep: &[String],
     ) -> anyhow::Result<Self> {
-        for k in keep {
-            ensure!(
-                !RESERVED.contains(&k.as_str()),
-                "--keep {k}: m3 writes that payload key itself"
-            );
-        }
         let meta = if Self::is_one(dir) {
             let meta = read_meta(dir)?;
-            let d = meta.model.differences(model);
-            ensure!(
-                d.is_empty(),
-                "{}: the index was built with another model: {}; index into a new directory \
-                 or use that model",
-                dir.display(),
-                d.join(", ")
-            );
-            ensure!(
-                meta.keep == keep,
-                "{}: the index keeps the fields {:?}, not {keep:?}; index with the same --keep \
-                 or into a new directory",
-                dir.display(),
-                meta.keep
-            );
+            meta.check_resume(model, keep, &dir.display().to_string())?;
             meta
         } else {
             if dir.exists() {
@@ -168,11 +109,7 @@ impl QdrantIndex {
             }
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create", dir.display()))?;
-            let meta = Meta {
-                format: FORMAT.into(),
-                model: model.clone(),
-                keep: keep.to_vec(),
-            };
+            let meta = Meta::new(model, keep)?;
             // The marker first: a crash before the engine's files exist leaves a directory
             // that the next run resumes (the engine creates its files on load).
             crate::atomic::write_file(&dir.join(META), &serde_json::to_vec_pretty(&meta)?)?;
@@ -196,9 +133,10 @@ impl QdrantIndex {
             meta,
         })
     }
+}
 
-    /// Which of `ids` the index already holds.
-    pub fn holds(&self, ids: &[Value]) -> anyhow::Result<Vec<bool>> {
+impl Collection for QdrantIndex {
+    fn holds(&self, ids: &[Value]) -> anyhow::Result<Vec<bool>> {
         let points: Vec<PointId> = ids.iter().map(point_id).collect();
         let found: HashSet<PointId> = self
             .shard
@@ -214,44 +152,32 @@ impl QdrantIndex {
         Ok(points.iter().map(|p| found.contains(p)).collect())
     }
 
-    /// Writes `passages` (a passage already held is replaced whole).
-    pub fn upsert(&self, passages: Vec<Passage>) -> anyhow::Result<()> {
-        let (dd, cd) = (self.meta.model.dense_dim, self.meta.model.colbert_dim);
+    fn upsert(&self, passages: Vec<Passage>) -> anyhow::Result<()> {
         let mut points = Vec::with_capacity(passages.len());
-        for p in passages {
-            let e = &p.embedding;
-            let (Some(d), Some(l), Some(c)) = (&e.dense, &e.lexical, &e.colbert) else {
-                bail!("passage {}: needs dense, lexical and colbert outputs", p.id);
-            };
-            ensure!(
-                d.len() == dd && c.iter().all(|r| r.len() == cd),
-                "passage {}: vectors are not the index's sizes (dense {dd}, colbert {cd})",
-                p.id
-            );
-            let mut named: Vec<(&str, Vector)> = vec![("dense", Vector::new_dense(d.clone()))];
+        for p in &passages {
+            let v = self.meta.passage_vectors(p)?;
+            let mut named: Vec<(&str, Vector)> =
+                vec![(Mode::Dense.name(), Vector::new_dense(v.dense.to_vec()))];
             // An empty sparse or colbert side is left out: the engine then scores it 0,
             // as m3's own scoring does.
-            if !l.is_empty() {
-                let (i, w): (Vec<u32>, Vec<f32>) = l.iter().copied().unzip();
+            if !v.lexical.is_empty() {
+                let (i, w): (Vec<u32>, Vec<f32>) = v.lexical.iter().copied().unzip();
                 named.push((
-                    "sparse",
+                    Mode::Sparse.name(),
                     Vector::new_sparse(i, w).map_err(|e| qerr(&self.dir, e))?,
                 ));
             }
-            if !c.is_empty() {
+            if !v.colbert.is_empty() {
                 named.push((
-                    "colbert",
-                    Vector::new_multi(c.clone()).map_err(|e| qerr(&self.dir, e))?,
+                    Mode::Colbert.name(),
+                    Vector::new_multi(v.colbert.to_vec()).map_err(|e| qerr(&self.dir, e))?,
                 ));
             }
-            let mut payload = p.fields;
-            payload.insert("id".into(), p.id.clone());
-            payload.insert("pos".into(), Value::from(p.pos));
             points.push(
                 PointStruct::new(
                     point_id(&p.id),
                     Vectors::new_named(named),
-                    Value::Object(payload),
+                    Value::Object(schema::payload(p)),
                 )
                 .into(),
             );
@@ -263,25 +189,20 @@ impl QdrantIndex {
             .map_err(|e| qerr(&self.dir, e))
     }
 
-    /// Writes everything upserted so far to disk.
-    pub fn flush(&self) {
+    fn flush(&self) -> anyhow::Result<()> {
         self.shard.flush();
+        Ok(())
     }
 
-    /// Passages held.
-    pub fn count(&self) -> anyhow::Result<usize> {
-        self.shard
-            .count(qdrant_edge::CountRequest {
-                filter: None,
-                exact: true,
-            })
-            .map_err(|e| qerr(&self.dir, e))
+    fn place(&self) -> String {
+        self.dir.display().to_string()
     }
 }
 
-fn nearest(name: &str, v: Vector) -> Option<ScoringQuery> {
+fn nearest(mode: Mode, v: Vector) -> Option<ScoringQuery> {
     Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::new(
-        v.0, name,
+        v.0,
+        mode.name(),
     ))))
 }
 
@@ -302,85 +223,89 @@ fn unpack(v: Option<VectorStructInternal>) -> Embedding {
         Some(VectorStructInternal::Named(m)) => m,
         _ => HashMap::new(),
     };
-    let dense = match named.remove("dense") {
+    let dense = match named.remove(Mode::Dense.name()) {
         Some(VectorInternal::Dense(d)) => d,
         _ => Vec::new(),
     };
-    let lexical = match named.remove("sparse") {
+    let lexical = match named.remove(Mode::Sparse.name()) {
         Some(VectorInternal::Sparse(s)) => s.indices.into_iter().zip(s.values).collect(),
         _ => Vec::new(),
     };
-    let colbert = match named.remove("colbert") {
+    let colbert = match named.remove(Mode::Colbert.name()) {
         Some(VectorInternal::MultiDense(m)) => m.into_multi_vectors(),
         _ => Vec::new(),
     };
-    Embedding {
-        dense: Some(dense),
-        lexical: Some(lexical),
-        colbert: Some(colbert),
-    }
+    schema::embedding(dense, lexical, colbert)
 }
 
 impl QdrantIndex {
+    /// Passages held.
+    pub fn count(&self) -> anyhow::Result<usize> {
+        self.shard
+            .count(qdrant_edge::CountRequest {
+                filter: None,
+                exact: true,
+            })
+            .map_err(|e| qerr(&self.dir, e))
+    }
+
     /// SPEC §4 in the engine: dense top-k and sparse top-k, their union (at most 2k points)
-    /// rescored by each mode and ranked by the weighted formula (colbert's MAX_SIM is a sum
-    /// over query rows, m3's score their mean, hence the 1/rows). The whole union comes
+    /// rescored by each mode and ranked by [`schema::formula_terms`]. The whole union comes
     /// back with its vectors; each point with the engine's score, its corpus position and
-    /// m3's scores computed by [`score`] on its vectors.
+    /// m3's scores computed on its vectors.
     fn union(
         &self,
         q: &Embedding,
         top_k: usize,
         w: Weights,
     ) -> anyhow::Result<Vec<(f32, u64, Found)>> {
-        let (Some(qd), Some(ql), Some(qc)) = (&q.dense, &q.lexical, &q.colbert) else {
-            bail!("a query needs dense, lexical and colbert outputs");
-        };
-        let (dd, cd) = (self.meta.model.dense_dim, self.meta.model.colbert_dim);
-        ensure!(
-            qd.len() == dd && qc.iter().all(|r| r.len() == cd),
-            "query vectors do not have the index's sizes (dense {dd}, colbert {cd})"
-        );
+        let qv = self.meta.query_vectors(q)?;
         if top_k == 0 {
             return Ok(Vec::new());
         }
-        let dense = || Vector::new_dense(qd.clone());
-        let (qi, qw): (Vec<u32>, Vec<f32>) = ql.iter().copied().unzip();
-        let sparse = || Vector::new_sparse(qi.clone(), qw.clone());
-        let mut leaves = vec![prefetch(Vec::new(), nearest("dense", dense()), top_k)];
-        if !ql.is_empty() {
-            let s = sparse().map_err(|e| qerr(&self.dir, e))?;
-            leaves.push(prefetch(Vec::new(), nearest("sparse", s), top_k));
-        }
-        let union = 2 * top_k;
-        let total = w.dense + w.sparse + w.colbert;
-        let mut modes = vec![(nearest("dense", dense()), w.dense / total)];
-        if !ql.is_empty() {
-            let s = sparse().map_err(|e| qerr(&self.dir, e))?;
-            modes.push((nearest("sparse", s), w.sparse / total));
-        }
-        if !qc.is_empty() {
-            let c = Vector::new_multi(qc.clone()).map_err(|e| qerr(&self.dir, e))?;
-            modes.push((nearest("colbert", c), w.colbert / total / qc.len() as f32));
-        }
-        let terms = (0..modes.len())
-            .map(|i| {
-                Expression::Mult(vec![
-                    Expression::Constant(modes[i].1),
-                    Expression::Variable(format!("$score[{i}]")),
-                ])
+        let vector = |mode: Mode, v: Parts<'_>| -> anyhow::Result<Vector> {
+            Ok(match mode {
+                Mode::Dense => Vector::new_dense(v.dense.to_vec()),
+                Mode::Sparse => {
+                    let (i, w): (Vec<u32>, Vec<f32>) = v.lexical.iter().copied().unzip();
+                    Vector::new_sparse(i, w).map_err(|e| qerr(&self.dir, e))?
+                }
+                Mode::Colbert => {
+                    Vector::new_multi(v.colbert.to_vec()).map_err(|e| qerr(&self.dir, e))?
+                }
             })
-            .collect();
+        };
+        let mut leaves = vec![prefetch(
+            Vec::new(),
+            nearest(Mode::Dense, vector(Mode::Dense, qv)?),
+            top_k,
+        )];
+        if !qv.lexical.is_empty() {
+            let s = vector(Mode::Sparse, qv)?;
+            leaves.push(prefetch(Vec::new(), nearest(Mode::Sparse, s), top_k));
+        }
+        let union = schema::union_limit(top_k);
+        let terms = schema::formula_terms(qv, w);
         let formula = Formula {
-            formula: Expression::Sum(terms),
+            formula: Expression::Sum(
+                (0..terms.len())
+                    .map(|i| {
+                        Expression::Mult(vec![
+                            Expression::Constant(terms[i].1),
+                            Expression::Variable(format!("$score[{i}]")),
+                        ])
+                    })
+                    .collect(),
+            ),
             defaults: HashMap::new(),
         }
         .try_into()
         .map_err(|e| qerr(&self.dir, e))?;
-        let prefetches = modes
-            .into_iter()
-            .map(|(query, _)| prefetch(leaves.clone(), query, union))
-            .collect();
+        let mut prefetches = Vec::with_capacity(terms.len());
+        for &(mode, _) in &terms {
+            let query = nearest(mode, vector(mode, qv)?);
+            prefetches.push(prefetch(leaves.clone(), query, union));
+        }
         let points = self
             .shard
             .query(QueryRequest {
@@ -395,51 +320,24 @@ impl QdrantIndex {
                 with_payload: WithPayloadInterface::Bool(true),
             })
             .map_err(|e| qerr(&self.dir, e))?;
+        let what = self.dir.display().to_string();
         let mut found = Vec::with_capacity(points.len());
         for p in points {
-            let mut payload = p.payload.map(|p| p.0).unwrap_or_default();
-            let (Some(id), Some(pos)) = (
-                payload.remove("id"),
-                payload.remove("pos").and_then(|v| v.as_u64()),
-            ) else {
-                bail!(
-                    "{}: a point without its m3 id and position",
-                    self.dir.display()
-                );
-            };
-            let e = unpack(p.vector);
-            let (pd, pl, pc) = (e.dense.unwrap(), e.lexical.unwrap(), e.colbert.unwrap());
-            let scores = score::combine(
-                score::dense(qd, &pd),
-                score::lexical(ql, &pl),
-                score::colbert(qc, &pc),
-                w,
-            );
-            found.push((
-                p.score,
-                pos,
-                Found {
-                    id,
-                    scores,
-                    fields: payload,
-                },
-            ));
+            let payload = p.payload.map(|p| p.0).unwrap_or_default();
+            let (pos, f) = schema::candidate(qv, payload, &unpack(p.vector), w, &what)?;
+            found.push((p.score, pos, f));
         }
         Ok(found)
     }
 }
 
 impl Retriever for QdrantIndex {
-    /// The union's order by m3's own arithmetic (ties by corpus position), so results
-    /// equal m3's own index on the same corpus; the engine's formula ranks the same way up
-    /// to rounding.
     fn search(&self, q: &Embedding, top_k: usize, w: Weights) -> anyhow::Result<Vec<Found>> {
-        let mut found = self.union(q, top_k, w)?;
-        found.sort_by(|(_, pa, a), (_, pb, b)| {
-            b.scores.all.total_cmp(&a.scores.all).then(pa.cmp(pb))
-        });
-        found.truncate(top_k);
-        Ok(found.into_iter().map(|(_, _, f)| f).collect())
+        let found = self.union(q, top_k, w)?;
+        Ok(schema::rank(
+            found.into_iter().map(|(_, pos, f)| (pos, f)).collect(),
+            top_k,
+        ))
     }
 
     fn model(&self) -> &ModelFingerprint {
@@ -454,6 +352,7 @@ impl Retriever for QdrantIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
     use std::collections::BTreeMap;
 
     fn unit(v: &[f32]) -> Vec<f32> {

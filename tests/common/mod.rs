@@ -97,3 +97,36 @@ pub fn assert_same(a: &Ranked, b: &Ranked, what: &str) {
         }
     }
 }
+
+/// A random model in `dir` with the tiny fixture's tokenizer and vocabulary but half its
+/// width (dense size 16 where the fixture's is 32): one an index of the fixture refuses.
+pub fn narrower_model(dir: &Path) -> PathBuf {
+    let args = [
+        "bench",
+        "make-model",
+        "--out",
+        dir.to_str().unwrap(),
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--intermediate",
+        "32",
+        "--vocab",
+        "481",
+        "--positions",
+        "1026",
+    ];
+    let out = m3(&args, b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(fixture("tiny-m3").join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}

@@ -937,7 +937,7 @@ pub async fn search(
     body: Result<Json<SearchRequest>, JsonRejection>,
 ) -> ApiResult<Vec<Vec<Found>>> {
     let Json(r) = body.map_err(ApiError::body)?;
-    let Some(index) = &app.index else {
+    if app.index.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "validation",
@@ -950,14 +950,18 @@ pub async fn search(
     let out = app
         .embed(r.inputs.into_vec(), "inputs", limits, outputs)
         .await?;
-    let mut results = Vec::new();
-    for q in &out {
-        results.push(
-            index
-                .search(q, r.top_k, w)
-                .map_err(|e| ApiError::backend(format!("{e:#}")))?,
-        );
-    }
+    // Off the async workers: an index search is blocking work (scoring, or a round trip
+    // to a Qdrant server on that engine's own runtime).
+    let top_k = r.top_k;
+    let results = tokio::task::spawn_blocking(move || {
+        let index = app.index.as_ref().expect("checked above");
+        out.iter()
+            .map(|q| index.search(q, top_k, w))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ApiError::backend(format!("the search task failed: {e}")))?
+    .map_err(|e| ApiError::backend(format!("{e:#}")))?;
     Ok(Json(results))
 }
 

@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// A search index (from `m3 search index`, same model) for `POST /search`.
     #[arg(long)]
     index: Option<PathBuf>,
+    /// Or a collection on a Qdrant server or cluster (from `m3 search index --qdrant-url`).
+    #[command(flatten)]
+    server: super::search::QdrantServerArgs,
 }
 
 /// Counts every request by route and status, with its latency.
@@ -132,13 +135,12 @@ fn router(app: Arc<App>, payload_limit: usize) -> Router {
 impl Job for ServeArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let model = Embedder::load(be, &self.model, dtype)?;
-        let index = match &self.index {
-            Some(dir) => {
-                let index = m3::retrieval::open(dir)?;
-                index.check_model(&self.model, &ModelFingerprint::of_model(&model)?)?;
-                Some(index)
-            }
-            None => None,
+        let index = if self.index.is_some() || self.server.qdrant_url.is_some() {
+            let index = self.server.open(self.index.as_deref(), "--index")?;
+            index.check_model(&self.model, &ModelFingerprint::of_model(&model)?)?;
+            Some(index)
+        } else {
+            None
         };
         let max_input = self
             .max_input_length
