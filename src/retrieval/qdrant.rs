@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context};
 use qdrant_edge::{
-    Distance, EdgeConfig, EdgeConfigBuilder, EdgeShard, EdgeSparseVectorParamsBuilder,
-    EdgeVectorParamsBuilder, Expression, Formula, MultiVectorComparator, MultiVectorConfig,
-    NamedQuery, PointId, PointInsertOperations, PointOperations, PointStruct, Prefetch, QueryEnum,
-    QueryRequest, ScoringQuery, UpdateOperation, Vector, VectorInternal, VectorStructInternal,
-    Vectors, WithPayloadInterface, WithVector,
+    Distance, EdgeConfig, EdgeConfigBuilder, EdgeOptimizersConfig, EdgeShard,
+    EdgeSparseVectorParamsBuilder, EdgeVectorParamsBuilder, Expression, Formula, HnswIndexConfig,
+    MultiVectorComparator, MultiVectorConfig, NamedQuery, PointId, PointInsertOperations,
+    PointOperations, PointStruct, Prefetch, QueryEnum, QueryRequest, ScoringQuery, UpdateOperation,
+    Vector, VectorInternal, VectorStructInternal, Vectors, WithPayloadInterface, WithVector,
 };
 use serde_json::Value;
 
@@ -42,22 +42,57 @@ pub fn point_id(id: &Value) -> PointId {
     PointId::Uuid(schema::point_uuid(id))
 }
 
-fn config(model: &ModelFingerprint) -> EdgeConfig {
+/// No HNSW graph for either dense vector: segments the optimizer seals are searched
+/// exactly, as m3's own index is (and the fixture-size tests compare against brute force).
+fn no_graph() -> HnswIndexConfig {
+    HnswIndexConfig {
+        m: 0,
+        ef_construct: 100,
+        full_scan_threshold: 10_000,
+        max_indexing_threads: 0,
+        on_disk: None,
+        payload_m: None,
+        inline_storage: None,
+    }
+}
+
+/// Segments sealed at a fixed size and not merged afterwards. The appendable segment's
+/// in-memory sparse posting lists cost O(list length) per insert (qdrant-edge 0.7 rewrites
+/// every earlier entry's max-next-weight), so one segment of 10⁶ passages indexed in
+/// quadratic time; sealed segments hold the compressed immutable index. Merging sealed
+/// segments would rewrite them again and again, and exact search gains nothing from it.
+fn sealing(segment_kb: usize) -> EdgeOptimizersConfig {
+    EdgeOptimizersConfig {
+        indexing_threshold: Some(segment_kb),
+        max_segment_size: Some(segment_kb),
+        default_segment_number: Some(16),
+        ..Default::default()
+    }
+}
+
+/// Size at which a segment is sealed.
+const SEGMENT_KB: usize = 100_000;
+
+fn config(model: &ModelFingerprint, segment_kb: usize) -> EdgeConfig {
     let colbert = EdgeVectorParamsBuilder::new(model.colbert_dim.max(1), Distance::Dot)
         .multivector_config(MultiVectorConfig {
             comparator: MultiVectorComparator::MaxSim,
         })
+        .hnsw_config(no_graph())
         .build();
     EdgeConfigBuilder::new()
         .vector(
             Mode::Dense.name(),
-            EdgeVectorParamsBuilder::new(model.dense_dim, Distance::Dot).build(),
+            EdgeVectorParamsBuilder::new(model.dense_dim, Distance::Dot)
+                .hnsw_config(no_graph())
+                .build(),
         )
         .vector(Mode::Colbert.name(), colbert)
         .sparse_vector(
             Mode::Sparse.name(),
             EdgeSparseVectorParamsBuilder::new().build(),
         )
+        .optimizers(sealing(segment_kb))
         .build()
 }
 
@@ -81,6 +116,16 @@ impl QdrantIndex {
         dir: &Path,
         model: &ModelFingerprint,
         keep: &[String],
+    ) -> anyhow::Result<Self> {
+        Self::create_or_resume_sealing_at(dir, model, keep, SEGMENT_KB)
+    }
+
+    /// [`Self::create_or_resume`] with segments sealed at `segment_kb`.
+    fn create_or_resume_sealing_at(
+        dir: &Path,
+        model: &ModelFingerprint,
+        keep: &[String],
+        segment_kb: usize,
     ) -> anyhow::Result<Self> {
         let meta = if Self::is_one(dir) {
             let meta = read_meta(dir)?;
@@ -115,7 +160,8 @@ impl QdrantIndex {
             crate::atomic::write_file(&dir.join(META), &serde_json::to_vec_pretty(&meta)?)?;
             meta
         };
-        let shard = EdgeShard::load(dir, Some(config(&meta.model))).map_err(|e| qerr(dir, e))?;
+        let shard = EdgeShard::load(dir, Some(config(&meta.model, segment_kb)))
+            .map_err(|e| qerr(dir, e))?;
         Ok(QdrantIndex {
             dir: dir.to_path_buf(),
             shard,
@@ -126,7 +172,8 @@ impl QdrantIndex {
     /// Opens the index in `dir` for queries.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let meta = read_meta(dir)?;
-        let shard = EdgeShard::load(dir, Some(config(&meta.model))).map_err(|e| qerr(dir, e))?;
+        let shard = EdgeShard::load(dir, Some(config(&meta.model, SEGMENT_KB)))
+            .map_err(|e| qerr(dir, e))?;
         Ok(QdrantIndex {
             dir: dir.to_path_buf(),
             shard,
@@ -186,7 +233,10 @@ impl Collection for QdrantIndex {
             .update(UpdateOperation::PointOperation(
                 PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
             ))
-            .map_err(|e| qerr(&self.dir, e))
+            .map_err(|e| qerr(&self.dir, e))?;
+        // Seals the appendable segment once it is full (see `sealing`).
+        self.shard.optimize().map_err(|e| qerr(&self.dir, e))?;
+        Ok(())
     }
 
     fn flush(&self) -> anyhow::Result<()> {
@@ -392,6 +442,74 @@ mod tests {
             })
             .collect();
         ix.upsert(passages).unwrap();
+    }
+
+    #[test]
+    fn sealed_segments_answer_as_m3_s_own_index() {
+        use crate::index::{Index, IndexWriter};
+        use crate::rng::Rng;
+        let dir = std::env::temp_dir().join(format!("m3-qdrant-{}-sealed", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model = ModelFingerprint {
+            dense_dim: 16,
+            colbert_dim: 8,
+            vocab_size: 40,
+            files: BTreeMap::new(),
+        };
+        let ix = QdrantIndex::create_or_resume_sealing_at(&dir, &model, &[], 8).unwrap();
+        let mut rng = Rng::new(7);
+        let mut random = |terms: usize, rows: usize| {
+            let mut l: Vec<(u32, f32)> = (0..terms)
+                .map(|_| (rng.below(40), rng.uniform(0.01, 1.0)))
+                .collect();
+            l.sort_by_key(|e| e.0);
+            l.dedup_by_key(|e| e.0);
+            let rows: Vec<Vec<f32>> = (0..rows).map(|_| unit(&rng.vec(8, -1.0, 1.0))).collect();
+            Embedding {
+                dense: Some(unit(&rng.vec(16, -1.0, 1.0))),
+                lexical: Some(l),
+                colbert: Some(rows),
+            }
+        };
+        let passages: Vec<Embedding> = (0..1200).map(|_| random(6, 3)).collect();
+        let mut own = IndexWriter::new(model.clone());
+        for (i, chunk) in passages.chunks(100).enumerate() {
+            let batch = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, e)| Passage {
+                    id: Value::from(i * 100 + j),
+                    pos: (i * 100 + j) as u64,
+                    embedding: e.clone(),
+                    fields: Map::new(),
+                })
+                .collect();
+            ix.upsert(batch).unwrap();
+        }
+        for (i, e) in passages.iter().enumerate() {
+            own.add(Value::from(i), e, "p").unwrap();
+        }
+        ix.flush().unwrap();
+        // Vectors of 1200 passages fill ~100 KB: the engine sealed several segments.
+        let segments = std::fs::read_dir(dir.join("segments")).unwrap().count();
+        assert!(segments > 3, "{segments} segments");
+        let own_dir = dir.with_extension("own");
+        let _ = std::fs::remove_dir_all(&own_dir);
+        own.write(&own_dir).unwrap();
+        let own = Index::load(&own_dir).unwrap();
+        assert_eq!(ix.count().unwrap(), 1200);
+        for _ in 0..20 {
+            let q = random(4, 2);
+            let (a, b) = (
+                Retriever::search(&ix, &q, 10, Weights::default()).unwrap(),
+                Retriever::search(&own, &q, 10, Weights::default()).unwrap(),
+            );
+            let key = |f: &Found| (f.id.clone(), f.scores.all.to_bits());
+            assert_eq!(
+                a.iter().map(key).collect::<Vec<_>>(),
+                b.iter().map(key).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]
