@@ -2,6 +2,7 @@
 //! (`sgemm`) where the CPU has AVX2 or AVX-512, the `gemm` crate elsewhere.
 
 use super::sgemm;
+pub use super::sgemm::Epilogue;
 
 /// A read-only strided matrix view over a slice: element (r, c) is `data[r*rs + c*cs]`.
 #[derive(Clone, Copy)]
@@ -27,6 +28,16 @@ impl<'a> View<'a> {
             cols,
             rs: cols,
             cs: 1,
+        }
+    }
+
+    /// `op(X)` as a `[rows, cols]` operand: `X` row-major `[rows, cols]`, or, when
+    /// `trans`, the transpose of a row-major `[cols, rows]` `X` (BLAS's `op`).
+    pub fn op(data: &'a [f32], rows: usize, cols: usize, trans: bool) -> Self {
+        if trans {
+            View::rows(data, cols, rows).t()
+        } else {
+            View::rows(data, rows, cols)
         }
     }
 
@@ -155,8 +166,63 @@ pub fn gemm_using(
         return;
     }
     match imp {
-        GemmImpl::Packed(kern) => sgemm::sgemm(kern, dst, dst_rs, a, b, alpha, accumulate, threads),
+        GemmImpl::Packed(kern) => {
+            let ep = Epilogue::default();
+            sgemm::sgemm(kern, dst, dst_rs, a, b, alpha, accumulate, ep, threads)
+        }
         GemmImpl::Crate => crate_gemm(dst, dst_rs, a, b, alpha, accumulate, threads),
+    }
+}
+
+/// `dst[i*dst_rs + j] = ep.map(Σ_p a(i,p)·b(p,j) + ep.bias[j])` (a layer's `x Wᵀ + b`, and
+/// its activation) with the implementation `gemm` uses: m3's kernels apply the epilogue to
+/// each tile as it is finished; the `gemm` crate gets a destination pre-filled with the
+/// bias and a pass of `map` afterwards, with the same result bits.
+pub fn gemm_epilogue(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: View,
+    b: View,
+    ep: Epilogue,
+    threads: usize,
+) {
+    gemm_epilogue_using(default_impl(), dst, dst_rs, a, b, ep, threads)
+}
+
+/// `gemm_epilogue` with a chosen implementation; same contract.
+pub fn gemm_epilogue_using(
+    imp: GemmImpl,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: View,
+    b: View,
+    ep: Epilogue,
+    threads: usize,
+) {
+    let (m, n) = (a.rows, b.cols);
+    if let Some(bias) = ep.bias {
+        assert_eq!(bias.len(), n, "gemm bias length");
+    }
+    match imp {
+        GemmImpl::Packed(kern) if b.in_bounds() && a.cols > 0 => {
+            if check(dst, dst_rs, a, b.rows, n, false) {
+                sgemm::sgemm(kern, dst, dst_rs, a, b, 1.0, false, ep, threads);
+            }
+        }
+        _ => {
+            // No inner dimension (the result is the bias alone), or the `gemm` crate.
+            if let Some(bias) = ep.bias {
+                for i in 0..m {
+                    dst[i * dst_rs..i * dst_rs + n].copy_from_slice(bias);
+                }
+            }
+            gemm_using(imp, dst, dst_rs, a, b, 1.0, ep.bias.is_some(), threads);
+            if let Some(f) = ep.map {
+                use rayon::prelude::*;
+                let rows = dst.par_chunks_mut(dst_rs.max(1)).take(m);
+                rows.for_each(|row| f(&mut row[..n]));
+            }
+        }
     }
 }
 
@@ -209,7 +275,10 @@ pub fn gemm_rhs(
         return;
     }
     match b {
-        Rhs::Packed(p) => sgemm::sgemm_packed(dst, dst_rs, a, p, alpha, accumulate, threads),
+        Rhs::Packed(p) => {
+            let ep = Epilogue::default();
+            sgemm::sgemm_packed(dst, dst_rs, a, p, alpha, accumulate, ep, threads)
+        }
         Rhs::View(v) => crate_gemm(dst, dst_rs, a, *v, alpha, accumulate, threads),
     }
 }
@@ -317,16 +386,8 @@ mod tests {
                 for (ta, tb, acc) in cases {
                     let av = rng.vec(m * k, -1.0, 1.0);
                     let bv = rng.vec(k * n, -1.0, 1.0);
-                    let a = if ta {
-                        View::rows(&av, k, m).t()
-                    } else {
-                        View::rows(&av, m, k)
-                    };
-                    let b = if tb {
-                        View::rows(&bv, n, k).t()
-                    } else {
-                        View::rows(&bv, k, n)
-                    };
+                    let a = View::op(&av, m, k, ta);
+                    let b = View::op(&bv, k, n, tb);
                     let ld = n + 3;
                     let init = rng.vec(m * ld, -1.0, 1.0);
                     let alpha = 0.75;
@@ -374,6 +435,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The epilogue (bias with the first slice, the map on finished tiles) gives the bits
+    /// of the plain product into a bias-filled destination followed by a pass of the map,
+    /// for every implementation, on `SHAPES` plus an empty inner dimension, leaving the
+    /// padding columns alone.
+    fn check_epilogue(threads: usize) {
+        let mut rng = Rng::new(29);
+        let map = |row: &mut [f32]| row.iter_mut().for_each(|v| *v = (*v * 0.5).tanh() + *v);
+        for imp in gemm_impls() {
+            for &(m, k, n) in SHAPES.iter().chain(&[(3, 0, 5), (30, 600, 70)]) {
+                for tb in [false, true] {
+                    let av = rng.vec(m * k, -1.0, 1.0);
+                    let bv = rng.vec(k * n, -1.0, 1.0);
+                    let bias = rng.vec(n, -1.0, 1.0);
+                    let a = View::rows(&av, m, k);
+                    let b = View::op(&bv, k, n, tb);
+                    let ld = n + 2;
+                    let init = rng.vec(m * ld, -1.0, 1.0);
+                    let mut plain = init.clone();
+                    for i in 0..m {
+                        plain[i * ld..i * ld + n].copy_from_slice(&bias);
+                    }
+                    gemm_using(imp, &mut plain, ld, a, b, 1.0, true, threads);
+                    let mut mapped = plain.clone();
+                    for i in 0..m {
+                        map(&mut mapped[i * ld..i * ld + n]);
+                    }
+                    for (with_map, want) in [(false, &plain), (true, &mapped)] {
+                        let mut got = init.clone();
+                        let ep = Epilogue {
+                            bias: Some(&bias),
+                            map: if with_map { Some(&map) } else { None },
+                        };
+                        gemm_epilogue_using(imp, &mut got, ld, a, b, ep, threads);
+                        let what = format!("{} m{m} k{k} n{n} tb{tb} map{with_map}", imp.name());
+                        for (at, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                            let (i, j) = (at / ld, at % ld);
+                            assert_eq!(g.to_bits(), w.to_bits(), "{what} ({i},{j}): {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_epilogue_matches_a_filled_product_and_a_pass_on_one_thread() {
+        check_epilogue(1);
+    }
+
+    #[test]
+    fn the_epilogue_matches_a_filled_product_and_a_pass_on_two_threads() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| check_epilogue(2));
     }
 
     #[test]

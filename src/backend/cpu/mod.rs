@@ -12,7 +12,7 @@ mod retrieval;
 pub mod sgemm;
 
 use half::bf16;
-use linalg::{gemm, View};
+use linalg::{gemm_epilogue, Epilogue, View};
 use rayon::prelude::*;
 
 use super::{
@@ -107,6 +107,39 @@ where
 
 impl Device for Cpu {
     type Storage = CpuStorage;
+}
+
+/// `op(a) op(b) + bias`, then GELU when `gelu` (`Backend::matmul`, `Backend::linear_gelu`):
+/// the bias and the activation are applied to each tile of the result as the product
+/// finishes it, not in passes of their own.
+fn product(
+    a: &T,
+    trans_a: bool,
+    b: &T,
+    trans_b: bool,
+    bias: Option<&T>,
+    out: DType,
+    gelu: bool,
+) -> Result<T> {
+    const OP: &str = "matmul";
+    let (m, k, n) = matmul_dims(a, trans_a, b, trans_b, bias, out)?;
+    if out != DType::F32 {
+        return dtype_err(OP, "the CPU backend computes in f32; output must be f32");
+    }
+    let av = f32s(OP, "A", a)?;
+    let bv = f32s(OP, "B", b)?;
+    let bias = bias.map(|t| f32s(OP, "bias", t)).transpose()?;
+    let a_view = View::op(av, m, k, trans_a);
+    let b_view = View::op(bv, k, n, trans_b);
+    let mut c = vec![0.0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let act = |row: &mut [f32]| fastmath::map_in_place(row, fastmath::gelu);
+    let ep = Epilogue {
+        bias,
+        map: if gelu { Some(&act) } else { None },
+    };
+    gemm_epilogue(&mut c, n, a_view, b_view, ep, threads);
+    Ok(tensor(&[m, n], c))
 }
 
 impl Backend for Cpu {
@@ -212,45 +245,11 @@ impl Backend for Cpu {
         bias: Option<&T>,
         out: DType,
     ) -> Result<T> {
-        const OP: &str = "matmul";
-        let (m, k, n) = matmul_dims(a, trans_a, b, trans_b, bias, out)?;
-        if out != DType::F32 {
-            return dtype_err(OP, "the CPU backend computes in f32; output must be f32");
-        }
-        let av = f32s(OP, "A", a)?;
-        let bv = f32s(OP, "B", b)?;
-        let mut c = match bias {
-            Some(bias) => {
-                let bias = f32s(OP, "bias", bias)?;
-                // Row by row: `cycle().take()` fills element by element (3% of an encode).
-                let mut c = Vec::with_capacity(m * n);
-                for _ in 0..m {
-                    c.extend_from_slice(bias);
-                }
-                c
-            }
-            None => vec![0.0f32; m * n],
-        };
-        let a_view = if trans_a {
-            View::rows(av, k, m).t()
-        } else {
-            View::rows(av, m, k)
-        };
-        let b_view = if trans_b {
-            View::rows(bv, n, k).t()
-        } else {
-            View::rows(bv, k, n)
-        };
-        gemm(
-            &mut c,
-            n,
-            a_view,
-            b_view,
-            1.0,
-            bias.is_some(),
-            rayon::current_num_threads(),
-        );
-        Ok(tensor(&[m, n], c))
+        product(a, trans_a, b, trans_b, bias, out, false)
+    }
+
+    fn linear_gelu(&self, x: &T, w: &T, bias: &T) -> Result<T> {
+        product(x, false, w, false, Some(bias), x.dtype(), true)
     }
 
     fn add(&self, a: &T, b: &T) -> Result<T> {
@@ -877,4 +876,34 @@ fn lexical_side<'a>(s: &'a LexicalSide<'a, Cpu>) -> Result<retrieval::Side<'a>> 
         cu: s.cu,
         excluded: s.excluded,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The fused `linear_gelu` (bias and GELU in the product's epilogue) gives the bits of
+    /// the trait's reference composition, `gelu(matmul(x, w, bias))`, on a shape with edge
+    /// tiles in both dimensions and more than one `KC` slice.
+    #[test]
+    fn linear_gelu_is_the_composition_bit_for_bit() {
+        let (m, k, n) = (37, 300, 70);
+        let mut rng = Rng::new(5);
+        let up = |v: Vec<f32>, s: &[usize]| Cpu.upload(HostData::F32(&v), s).unwrap();
+        let x = up(rng.vec(m * k, -1.0, 1.0), &[m, k]);
+        let w = up(rng.vec(k * n, -0.2, 0.2), &[k, n]);
+        let b = up(rng.vec(n, -1.0, 1.0), &[n]);
+        let fused = Cpu
+            .to_vec_f32(&Cpu.linear_gelu(&x, &w, &b).unwrap())
+            .unwrap();
+        let product = Cpu
+            .matmul(&x, false, &w, false, Some(&b), DType::F32)
+            .unwrap();
+        let composed = Cpu.to_vec_f32(&Cpu.gelu(&product).unwrap()).unwrap();
+        assert_eq!(fused.len(), m * n);
+        for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
+            assert_eq!(f.to_bits(), c.to_bits(), "element {i}: {f} vs {c}");
+        }
+    }
 }

@@ -23,10 +23,10 @@ const KC: usize = 256;
 /// Column panels per work item at most.
 const GROUP: usize = 8;
 
-/// A microkernel: `c[i*ldc + j] = alpha · Σ_p a(i, p)·b[p*nr + j] (+ c[i*ldc + j] when
-/// `add`)` for `i < mr`, `j < nr`, over `kc` steps, where `a(i, p)` is `a[p*mr + i]` (a
-/// packed panel) when `lda == 0` and `a[i*lda + p]` (rows of a row-major operand, read in
-/// place) otherwise.
+/// A microkernel: `c[i*ldc + j] = alpha · Σ_p a(i, p)·b[p*nr + j] + (c[i*ldc + j] when
+/// `add`, else `bias[j]` when `bias` is not null)` for `i < mr`, `j < nr`, over `kc` steps,
+/// where `a(i, p)` is `a[p*mr + i]` (a packed panel) when `lda == 0` and `a[i*lda + p]`
+/// (rows of a row-major operand, read in place) otherwise.
 type KernelFn = unsafe fn(
     kc: usize,
     a: *const f32,
@@ -36,7 +36,23 @@ type KernelFn = unsafe fn(
     ldc: usize,
     alpha: f32,
     add: bool,
+    bias: *const f32,
 );
+
+/// A function applied in place to a piece of a result row.
+pub type RowMap = dyn Fn(&mut [f32]) + Sync;
+
+/// What is done to a product's result on its way out, while each tile is still in cache:
+/// a bias row added with the first slice (where a destination pre-filled with it cost a
+/// pass over the whole result), then a function applied to each finished row piece (the
+/// FFN's GELU, which otherwise reads and writes the `[tokens, 4096]` result once more).
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added to every row (`n` values); only for products that do not accumulate.
+    pub bias: Option<&'a [f32]>,
+    /// Applied in place to pieces of finished rows.
+    pub map: Option<&'a RowMap>,
+}
 
 /// One microkernel and its tile shape.
 #[derive(Clone, Copy)]
@@ -166,8 +182,9 @@ impl PackedB {
     }
 }
 
-/// `dst[i*dst_rs + j] = alpha · Σ_p a(i,p)·b(p,j) (+ dst[..] when accumulate)` with kernel
-/// `kern`; the views are bounds-checked by the caller. `threads` caps the tiles in flight.
+/// `dst[i*dst_rs + j] = ep.map(alpha · Σ_p a(i,p)·b(p,j) + (dst[..] when accumulate, else
+/// ep.bias[j]))` with kernel `kern`; the views are bounds-checked by the caller. `threads`
+/// caps the tiles in flight.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     kern: &'static Kernel,
@@ -177,6 +194,7 @@ pub fn sgemm(
     b: View,
     alpha: f32,
     accumulate: bool,
+    ep: Epilogue,
     threads: usize,
 ) {
     let mut pb = PACK_B
@@ -191,7 +209,7 @@ pub fn sgemm(
             1
         },
     );
-    sgemm_packed(dst, dst_rs, a, &pb, alpha, accumulate, threads);
+    sgemm_packed(dst, dst_rs, a, &pb, alpha, accumulate, ep, threads);
     PACK_B.with(|c| c.replace(Some(pb)));
 }
 
@@ -201,6 +219,7 @@ fn parallel(m: usize, k: usize, n: usize, threads: usize) -> bool {
 }
 
 /// `sgemm` with the right operand packed already (its kernel is the one used).
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm_packed(
     dst: &mut [f32],
     dst_rs: usize,
@@ -208,11 +227,16 @@ pub fn sgemm_packed(
     b: &PackedB,
     alpha: f32,
     accumulate: bool,
+    ep: Epilogue,
     threads: usize,
 ) {
     let kern = b.kern;
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert_eq!(k, b.k, "sgemm inner dimensions");
+    if let Some(bias) = ep.bias {
+        assert!(!accumulate, "sgemm: a bias with an accumulating product");
+        assert_eq!(bias.len(), n, "sgemm bias length");
+    }
     let (mr, nr) = (kern.mr, kern.nr);
     let m_panels = m.div_ceil(mr);
     let n_panels = n.div_ceil(nr);
@@ -260,6 +284,7 @@ pub fn sgemm_packed(
         while pc < k {
             let kc = KC.min(k - pc);
             let add = accumulate || pc > 0;
+            let last = pc + kc == k;
             let pb = b.slice(pc, kc);
             for jp in jps.clone() {
                 let bp = &pb[jp * nr * kc..(jp + 1) * nr * kc];
@@ -288,7 +313,20 @@ pub fn sgemm_packed(
                             n,
                             alpha,
                             add,
-                        )
+                            ep.bias,
+                        );
+                        if last {
+                            if let Some(f) = ep.map {
+                                let (i0, j0) = (ip * mr, jp * nr);
+                                let w = nr.min(n - j0);
+                                for i in i0..(i0 + mr).min(m) {
+                                    f(std::slice::from_raw_parts_mut(
+                                        out.0.add(i * dst_rs + j0),
+                                        w,
+                                    ));
+                                }
+                            }
+                        }
                     };
                 }
             }
@@ -369,8 +407,8 @@ unsafe impl Send for SyncPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SyncPtr {}
 
-/// One `mr × nr` tile at `(i0, j0)` from left panel `a` (`lda` as in `KernelFn`); edge
-/// tiles go through a register-sized scratch tile.
+/// One `mr × nr` tile at `(i0, j0)` from left panel `a` (`lda` as in `KernelFn`), plus
+/// `bias[j0..]` when not `add`; edge tiles go through a register-sized scratch tile.
 ///
 /// # Safety
 /// `a` must hold the panel's `kc` steps, and the tile's in-range part must lie inside the
@@ -390,11 +428,16 @@ unsafe fn tile(
     n: usize,
     alpha: f32,
     add: bool,
+    bias: Option<&[f32]>,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let c = out.0.add(i0 * ldc + j0);
     if i0 + mr <= m && j0 + nr <= n {
-        (kern.f)(kc, a, lda, bp.as_ptr(), c, ldc, alpha, add);
+        let bias = match bias {
+            Some(b) if !add => b[j0..].as_ptr(),
+            _ => std::ptr::null(),
+        };
+        (kern.f)(kc, a, lda, bp.as_ptr(), c, ldc, alpha, add, bias);
         return;
     }
     let mut scratch = [0.0f32; 32 * 32];
@@ -407,12 +450,17 @@ unsafe fn tile(
         nr,
         alpha,
         false,
+        std::ptr::null(),
     );
     for i in 0..mr.min(m - i0) {
         for j in 0..nr.min(n - j0) {
             let d = c.add(i * ldc + j);
             let s = scratch[i * nr + j];
-            *d = if add { *d + s } else { s };
+            *d = match bias {
+                _ if add => *d + s,
+                Some(b) => s + b[j0 + j],
+                None => s,
+            };
         }
     }
 }
@@ -497,7 +545,8 @@ mod x86 {
             ///
             /// # Safety
             /// The CPU has the instruction set; `a` holds the panel's `kc` steps, `b`
-            /// `kc × nr` floats, and `c` an `mr × nr` tile with row stride `ldc`.
+            /// `kc × nr` floats, `c` an `mr × nr` tile with row stride `ldc`, and `bias`
+            /// is null or `nr` floats.
             #[target_feature(enable = $feature)]
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn $kernel(
@@ -509,6 +558,7 @@ mod x86 {
                 ldc: usize,
                 alpha: f32,
                 add: bool,
+                bias: *const f32,
             ) {
                 // The tile's rows are a power-of-two stride apart in the encoder's shapes, so
                 // they share L1 sets: fetch them while the FMAs run instead of stalling on
@@ -530,6 +580,8 @@ mod x86 {
                         let mut r = $mul(*v, al);
                         if add {
                             r = $add(r, $load(cp.add($lanes * j)));
+                        } else if !bias.is_null() {
+                            r = $add(r, $load(bias.add($lanes * j)));
                         }
                         $store(cp.add($lanes * j), r);
                     }
@@ -633,7 +685,17 @@ mod tests {
             let run = |threads| {
                 let mut c = vec![0.0; m * n];
                 let (a, b) = (View::rows(&av, m, k), View::rows(&bv, k, n));
-                sgemm(kern, &mut c, n, a, b, 1.0, false, threads);
+                sgemm(
+                    kern,
+                    &mut c,
+                    n,
+                    a,
+                    b,
+                    1.0,
+                    false,
+                    Epilogue::default(),
+                    threads,
+                );
                 c
             };
             let one = run(1);
