@@ -8,10 +8,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 
-use common::{assert_same, fixture, m3, narrower_model, ranked, search_index, stderr, tmp};
+use common::{
+    assert_same, demo_corpus, demo_queries, fixture, json_lines, m3, narrower_model, ranked,
+    search_index, stderr, tmp,
+};
 use serde_json::Value;
 
 fn model() -> String {
@@ -39,52 +41,18 @@ fn index_into(model: &str, corpus: &Path, url: &str, name: &str) -> std::process
     )
 }
 
-fn queries(n: usize) -> Vec<u8> {
-    let all = std::fs::read_to_string(fixture("demo/queries.jsonl")).unwrap();
-    let mut input = Vec::new();
-    for (i, l) in all.lines().take(n).enumerate() {
-        let q = serde_json::from_str::<Value>(l).unwrap()["query"].clone();
-        writeln!(input, "{}", serde_json::json!({"id": i, "text": q})).unwrap();
-    }
-    input
-}
-
 fn query(where_: &[&str], top_k: usize, input: &[u8]) -> Vec<Value> {
     let k = top_k.to_string();
     let model = model();
     let mut args = vec!["search", "query", "--model", &model, "--top-k", &k];
     args.extend_from_slice(where_);
-    let out = m3(&args, input);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The first `n` passages of the demo corpus, with a field to keep.
-fn corpus(dir: &Path, n: usize, name: &str) -> std::path::PathBuf {
-    let all = std::fs::read_to_string(fixture("demo/corpus.jsonl")).unwrap();
-    let mut out = Vec::new();
-    for l in all.lines().take(n) {
-        let v: Value = serde_json::from_str(l).unwrap();
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"id": v["id"], "text": v["text"]})
-        )
-        .unwrap();
-    }
-    let p = dir.join(name);
-    std::fs::write(&p, out).unwrap();
-    p
+    json_lines(&args, input)
 }
 
 #[test]
 fn a_server_that_does_not_answer_is_named_and_flags_are_checked() {
     let d = tmp("qdrant-server-refuse");
-    let c = corpus(&d, 3, "c.jsonl");
+    let (c, _) = demo_corpus(&d, 3, "c.jsonl");
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -178,7 +146,8 @@ fn a_real_server_answers_as_the_in_process_engine_and_holds_each_passage_once() 
         url: url.clone(),
         name: name.clone(),
     };
-    let (part, full) = (corpus(&d, 40, "part.jsonl"), corpus(&d, 120, "full.jsonl"));
+    let (part, _) = demo_corpus(&d, 40, "part.jsonl");
+    let (full, _) = demo_corpus(&d, 120, "full.jsonl");
     let local = d.join("local");
     assert!(search_index(&fixture("tiny-m3"), &full, &local, "qdrant")
         .status
@@ -201,7 +170,7 @@ fn a_real_server_answers_as_the_in_process_engine_and_holds_each_passage_once() 
         stderr(&out)
     );
 
-    let input = queries(12);
+    let input = demo_queries(12);
     let server = [
         "--qdrant-url",
         url.as_str(),

@@ -4,10 +4,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 
-use common::{assert_same, fixture, m3, narrower_model, ranked, search_index, stderr, tmp, Ranked};
+use common::{
+    assert_same, demo_corpus, demo_queries, fixture, json_lines, m3, narrower_model, ranked,
+    search_index, stderr, tmp, Ranked,
+};
 use m3::backend::cpu::Cpu;
 use m3::model::embedder::{Embedder, Embedding, EncodeOptions};
 use m3::retrieval::qdrant::QdrantIndex;
@@ -17,33 +19,13 @@ use serde_json::Value;
 
 const MODEL: &str = "--model";
 
-/// The first `n` passages of the demo corpus (ids "doc00000"…), as a corpus file.
-fn corpus(dir: &Path, n: usize, name: &str) -> (std::path::PathBuf, Vec<(String, String)>) {
-    let all = std::fs::read_to_string(fixture("demo/corpus.jsonl")).unwrap();
-    let mut out = Vec::new();
-    let mut rows = Vec::new();
-    for l in all.lines().take(n) {
-        let v: Value = serde_json::from_str(l).unwrap();
-        let (id, text) = (v["id"].as_str().unwrap(), v["text"].as_str().unwrap());
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"id": id, "text": text, "lang": format!("l{}", text.len() % 3)})
-        )
-        .unwrap();
-        rows.push((id.to_string(), text.to_string()));
-    }
-    let p = dir.join(name);
-    std::fs::write(&p, out).unwrap();
-    (p, rows)
-}
-
+/// The first 12 demo queries' texts.
 fn queries() -> Vec<String> {
-    let all = std::fs::read_to_string(fixture("demo/queries.jsonl")).unwrap();
-    all.lines()
-        .take(12)
+    String::from_utf8(demo_queries(12))
+        .unwrap()
+        .lines()
         .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["query"]
+            serde_json::from_str::<Value>(l).unwrap()["text"]
                 .as_str()
                 .unwrap()
                 .into()
@@ -52,10 +34,6 @@ fn queries() -> Vec<String> {
 }
 
 fn query(index: &Path, top_k: usize) -> Vec<Value> {
-    let mut input = Vec::new();
-    for (i, q) in queries().iter().enumerate() {
-        writeln!(input, "{}", serde_json::json!({"id": i, "text": q})).unwrap();
-    }
     let (k, model) = (top_k.to_string(), fixture("tiny-m3"));
     let args = [
         "search",
@@ -67,13 +45,7 @@ fn query(index: &Path, top_k: usize) -> Vec<Value> {
         "--top-k",
         &k,
     ];
-    let out = m3(&args, &input);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&args, &demo_queries(12))
 }
 
 fn ok(out: &std::process::Output) {
@@ -133,7 +105,7 @@ fn brute_force(q: &Embedding, passages: &[Embedding], ids: &[String], k: usize) 
 #[test]
 fn qdrant_answers_as_m3_s_own_index_and_the_brute_force_hybrid() {
     let d = tmp("retrieval-alike");
-    let (c, rows) = corpus(&d, 120, "corpus.jsonl");
+    let (c, rows) = demo_corpus(&d, 120, "corpus.jsonl");
     let (qi, mi) = (d.join("qdrant"), d.join("own"));
     let out = search_index(&fixture("tiny-m3"), &c, &qi, "qdrant");
     ok(&out);
@@ -166,8 +138,8 @@ fn qdrant_answers_as_m3_s_own_index_and_the_brute_force_hybrid() {
 #[test]
 fn an_interrupted_index_resumes_without_duplicates_and_keeps_fields() {
     let d = tmp("retrieval-resume");
-    let (part, _) = corpus(&d, 40, "part.jsonl");
-    let (full, _) = corpus(&d, 90, "full.jsonl");
+    let (part, _) = demo_corpus(&d, 40, "part.jsonl");
+    let (full, _) = demo_corpus(&d, 90, "full.jsonl");
     let idx = d.join("idx");
     let keep = |c: &Path| {
         m3(
@@ -237,7 +209,7 @@ fn an_interrupted_index_resumes_without_duplicates_and_keeps_fields() {
 #[test]
 fn a_bad_line_keeps_what_was_indexed_and_a_rerun_goes_on() {
     let d = tmp("retrieval-bad-line");
-    let (full, rows) = corpus(&d, 30, "full.jsonl");
+    let (full, rows) = demo_corpus(&d, 30, "full.jsonl");
     let text = std::fs::read_to_string(&full).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
     lines.insert(20, "{\"id\": \"broken\"");
@@ -264,7 +236,7 @@ fn a_bad_line_keeps_what_was_indexed_and_a_rerun_goes_on() {
 #[test]
 fn another_model_or_a_foreign_directory_is_refused() {
     let d = tmp("retrieval-refuse");
-    let (c, _) = corpus(&d, 10, "c.jsonl");
+    let (c, _) = demo_corpus(&d, 10, "c.jsonl");
     let idx = d.join("idx");
     ok(&search_index(&fixture("tiny-m3"), &c, &idx, "qdrant"));
     // A model of another width: indexing into the same directory and querying are refused.
@@ -314,7 +286,7 @@ fn a_run_killed_while_writing_the_marker_leaves_a_directory_the_rerun_takes() {
     // the directory with only `m3-qdrant.json.m3-tmp` in it (seen once in the hostile
     // kill test, whose timing rarely lands there).
     let d = tmp("retrieval-half-marker");
-    let (c, _) = corpus(&d, 10, "c.jsonl");
+    let (c, _) = demo_corpus(&d, 10, "c.jsonl");
     let idx = d.join("idx");
     std::fs::create_dir_all(&idx).unwrap();
     std::fs::write(idx.join("m3-qdrant.json.m3-tmp"), b"{\"form").unwrap();

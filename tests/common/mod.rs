@@ -64,6 +64,46 @@ pub fn search_index(model: &Path, corpus: &Path, index: &Path, engine: &str) -> 
     )
 }
 
+/// The first `n` passages of the demo corpus written to `dir/name` as `{"id", "text",
+/// "lang"}` lines (`lang` a field for the index to keep), and their (id, text) pairs.
+pub fn demo_corpus(dir: &Path, n: usize, name: &str) -> (PathBuf, Vec<(String, String)>) {
+    let all = std::fs::read_to_string(fixture("demo/corpus.jsonl")).unwrap();
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
+    for l in all.lines().take(n) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let (id, text) = (v["id"].as_str().unwrap(), v["text"].as_str().unwrap());
+        let lang = format!("l{}", text.len() % 3);
+        let line = serde_json::json!({"id": id, "text": text, "lang": lang});
+        writeln!(out, "{line}").unwrap();
+        rows.push((id.to_string(), text.to_string()));
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, out).unwrap();
+    (p, rows)
+}
+
+/// The first `n` demo queries as `m3 search query` input lines `{"id": i, "text"}`.
+pub fn demo_queries(n: usize) -> Vec<u8> {
+    let all = std::fs::read_to_string(fixture("demo/queries.jsonl")).unwrap();
+    let mut input = Vec::new();
+    for (i, l) in all.lines().take(n).enumerate() {
+        let q = serde_json::from_str::<serde_json::Value>(l).unwrap()["query"].clone();
+        writeln!(input, "{}", serde_json::json!({"id": i, "text": q})).unwrap();
+    }
+    input
+}
+
+/// Runs `m3 args` on `input`, which must succeed, and parses each output line as JSON.
+pub fn json_lines(args: &[&str], input: &[u8]) -> Vec<serde_json::Value> {
+    let out = m3(args, input);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// (id, hybrid, dense, sparse, colbert) per result.
 pub type Ranked = Vec<(String, f32, f32, f32, f32)>;
 

@@ -941,7 +941,8 @@ pub async fn search(
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "validation",
-            "no index: start m3 serve with --index DIR (made by m3 search index)",
+            "no index: start m3 serve with --index DIR (made by m3 search index) \
+             or --qdrant-url URL --collection NAME",
         ));
     };
     let w = weights(r.weights)?;
