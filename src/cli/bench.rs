@@ -83,8 +83,9 @@ pub struct TrainBenchArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// CPU matrix-product implementation (default: the widest kernel this CPU has; `m3
-    /// bench gemm` lists them), for comparing them in one binary.
+    /// CPU matrix-product implementation (default: the kernel that runs a sample product
+    /// fastest on this CPU, timed at start; `m3 bench gemm` lists them), for comparing
+    /// them in one binary.
     #[arg(long)]
     cpu_gemm: Option<String>,
 }
@@ -145,8 +146,9 @@ pub struct EncodeBenchArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// CPU matrix-product implementation (default: the widest kernel this CPU has; `m3
-    /// bench gemm` lists them), for comparing them in one binary.
+    /// CPU matrix-product implementation (default: the kernel that runs a sample product
+    /// fastest on this CPU, timed at start; `m3 bench gemm` lists them), for comparing
+    /// them in one binary.
     #[arg(long)]
     cpu_gemm: Option<String>,
 }

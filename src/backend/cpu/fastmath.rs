@@ -22,18 +22,6 @@ pub(super) fn has_avx2() -> bool {
     false
 }
 
-/// Whether the CPU has AVX-512F, for the loops that are compiled for it as well: GELU's
-/// sixteen lanes instead of eight (plain IEEE operations per lane, so the same bits).
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `exp(x)` for `x <= 0` (scores minus their row max), Cephes' expf: relative error about
 /// 1e-7, and straight-line code the compiler vectorises, unlike a libm call per element.
 #[inline(always)]
@@ -105,90 +93,128 @@ pub fn gelu_grad(x: f32) -> f32 {
     cdf + x * pdf
 }
 
+/// A pointwise function for the vector loops below, as a type: its `#[inline(always)]`
+/// body is always inlined into their AVX2 compilations. A closure passed in was not
+/// always (it depends on how the crate is split into codegen units): each element then
+/// cost a call, unvectorised, 7–15% of a CPU training step (BENCHMARKS.md).
+pub(super) trait Unary: Sync {
+    /// The value at `x`.
+    fn at(x: f32) -> f32;
+}
+
+/// A two-argument pointwise function, as `Unary`.
+pub(super) trait Binary: Sync {
+    /// The value at `(a, b)`.
+    fn at(a: f32, b: f32) -> f32;
+}
+
+/// Exact GELU.
+pub(super) struct Gelu;
+
+impl Unary for Gelu {
+    #[inline(always)]
+    fn at(x: f32) -> f32 {
+        gelu(x)
+    }
+}
+
+/// GELU's backward, `dy · gelu'(x)` at `(dy, x)`.
+pub(super) struct GeluBackward;
+
+impl Binary for GeluBackward {
+    #[inline(always)]
+    fn at(d: f32, x: f32) -> f32 {
+        d * gelu_grad(x)
+    }
+}
+
+/// ReLU's backward, `dy` where `x > 0`, else 0, at `(dy, x)`.
+pub(super) struct ReluBackward;
+
+impl Binary for ReluBackward {
+    #[inline(always)]
+    fn at(d: f32, x: f32) -> f32 {
+        if x > 0.0 {
+            d
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Elements per parallel chunk of the loops below.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(x[i])`, in parallel chunks, vectorised (see `map1`).
-pub(super) fn map_into(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+/// `out[i] = F(x[i])`, in parallel chunks, vectorised (see `map1`).
+pub(super) fn map_into<F: Unary>(x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| map1(x, o, &f));
+        .for_each(|(o, x)| map1::<F>(x, o));
 }
 
-/// `out[i] = f(a[i], b[i])`, in parallel chunks, vectorised (see `map2`).
-pub(super) fn map2_into(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+/// `out[i] = F(a[i], b[i])`, in parallel chunks, vectorised (see `map2`).
+pub(super) fn map2_into<F: Binary>(a: &[f32], b: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| map2(a, b, o, &f));
+        .for_each(|(o, (a, b))| map2::<F>(a, b, o));
 }
 
-/// `x[i] = f(x[i])` in place (a product's epilogue, on finished pieces of rows), in the
-/// AVX-512 or AVX2 + FMA compilation where the CPU has it.
+/// `x[i] = F(x[i])` in place (a product's epilogue, on finished pieces of rows), in the
+/// AVX2 + FMA compilation where the CPU has it.
 #[inline(always)]
-pub(super) fn map_in_place(x: &mut [f32], f: impl Fn(f32) -> f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx512() {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn wide512(x: &mut [f32], f: impl Fn(f32) -> f32) {
-                x.iter_mut().for_each(|v| *v = f(*v));
-            }
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { wide512(x, f) };
-        }
-        if has_avx2() {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide(x: &mut [f32], f: impl Fn(f32) -> f32) {
-                x.iter_mut().for_each(|v| *v = f(*v));
-            }
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { wide(x, f) };
-        }
-    }
-    x.iter_mut().for_each(|v| *v = f(*v));
-}
-
-/// `out[i] = f(x[i])`, in the AVX-512 or AVX2 + FMA compilation where the CPU has it.
-#[inline(always)]
-fn map1(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn wide512(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-            out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
-        }
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { wide512(x, out, f) };
-    }
+pub(super) fn map_in_place<F: Unary>(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-            out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+        unsafe fn wide<F: Unary>(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                *v = F::at(*v);
+            }
         }
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { wide(x, out, f) };
+        return unsafe { wide::<F>(x) };
     }
-    out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+    for v in x.iter_mut() {
+        *v = F::at(*v);
+    }
 }
 
-/// `out[i] = f(a[i], b[i])`, in the AVX2 + FMA compilation where the CPU has it.
+/// `out[i] = F(x[i])`, in the AVX2 + FMA compilation where the CPU has it.
 #[inline(always)]
-fn map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+fn map1<F: Unary>(x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
-            out.iter_mut()
-                .zip(a.iter().zip(b))
-                .for_each(|(o, (&u, &v))| *o = f(u, v));
+        unsafe fn wide<F: Unary>(x: &[f32], out: &mut [f32]) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = F::at(v);
+            }
         }
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { wide(a, b, out, f) };
+        return unsafe { wide::<F>(x, out) };
     }
-    out.iter_mut()
-        .zip(a.iter().zip(b))
-        .for_each(|(o, (&u, &v))| *o = f(u, v));
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = F::at(v);
+    }
+}
+
+/// `out[i] = F(a[i], b[i])`, in the AVX2 + FMA compilation where the CPU has it.
+#[inline(always)]
+fn map2<F: Binary>(a: &[f32], b: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide<F: Binary>(a: &[f32], b: &[f32], out: &mut [f32]) {
+            for (o, (&u, &v)) in out.iter_mut().zip(a.iter().zip(b)) {
+                *o = F::at(u, v);
+            }
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { wide::<F>(a, b, out) };
+    }
+    for (o, (&u, &v)) in out.iter_mut().zip(a.iter().zip(b)) {
+        *o = F::at(u, v);
+    }
 }
 
 #[cfg(test)]
@@ -247,10 +273,10 @@ mod tests {
         let xs: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 7e-4).collect();
         let dy: Vec<f32> = xs.iter().map(|v| 1.0 - v * 0.01).collect();
         let (mut y, mut dx) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
-        map_into(&xs, &mut y, gelu);
-        map2_into(&dy, &xs, &mut dx, |d, v| d * gelu_grad(v));
+        map_into::<Gelu>(&xs, &mut y);
+        map2_into::<GeluBackward>(&dy, &xs, &mut dx);
         let mut inplace = xs.clone();
-        map_in_place(&mut inplace, gelu);
+        map_in_place::<Gelu>(&mut inplace);
         for i in 0..xs.len() {
             assert_eq!(y[i].to_bits(), gelu(xs[i]).to_bits(), "gelu({})", xs[i]);
             assert_eq!(

@@ -110,8 +110,11 @@ pub fn gemm_impls() -> Vec<GemmImpl> {
     v
 }
 
-/// Index into `gemm_impls()` of the implementation `gemm` uses (0: the widest kernel).
-static CHOSEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// `CHOSEN` before `choose_gemm` names an implementation: the fastest packed kernel.
+const AUTO: usize = usize::MAX;
+
+/// Index into `gemm_impls()` of the implementation `gemm` uses, or `AUTO`.
+static CHOSEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(AUTO);
 
 /// Makes `gemm` use the implementation named `name` (one of `gemm_impls()`' names) for the
 /// rest of the process, so benchmarks can compare them inside one binary; the error lists
@@ -139,14 +142,46 @@ pub fn gemm_in_use() -> &'static str {
     default_impl().name()
 }
 
-/// The implementation `gemm` uses: the widest packed kernel unless `choose_gemm` said
+/// The implementation `gemm` uses: the fastest packed kernel unless `choose_gemm` said
 /// otherwise, else the `gemm` crate.
 fn default_impl() -> GemmImpl {
     let kernels = sgemm::kernels();
-    match kernels.get(CHOSEN.load(std::sync::atomic::Ordering::Relaxed)) {
+    let chosen = match CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        AUTO => fastest_kernel(kernels),
+        i => i,
+    };
+    match kernels.get(chosen) {
         Some(k) => GemmImpl::Packed(k),
         None => GemmImpl::Crate,
     }
+}
+
+/// Index of the kernel that runs a sample of the encoder's products fastest here, timed
+/// once per process (~40 ms). The widest is not always it: on a 2-vCPU AMD EPYC with
+/// AVX-512 the AVX2 kernel ran them 1.2–1.5× faster (BENCHMARKS.md). Every kernel gives
+/// the same bits (tested), so the choice never changes a result.
+fn fastest_kernel(kernels: &'static [sgemm::Kernel]) -> usize {
+    static FASTEST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FASTEST.get_or_init(|| {
+        if kernels.len() < 2 {
+            return 0;
+        }
+        // One thread, so the timing is the kernel's and not the pool's; big enough that a
+        // product is milliseconds, small enough that the whole choice stays unnoticed.
+        let (m, k, n) = (512, 1024, 512);
+        let av: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+        let bv: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.125 - 0.25).collect();
+        let mut c = vec![0.0f32; m * n];
+        let (a, b) = (View::rows(&av, m, k), View::rows(&bv, k, n));
+        let time = |kern: &'static sgemm::Kernel, c: &mut [f32]| {
+            let t = std::time::Instant::now();
+            sgemm::sgemm(kern, c.into(), n, a, b, 1.0, false, Epilogue::default(), 1);
+            t.elapsed()
+        };
+        let best = |kern| (0..3).map(|_| time(kern, &mut c)).min().unwrap_or_default();
+        let times: Vec<_> = kernels.iter().map(best).collect();
+        (0..kernels.len()).min_by_key(|&i| times[i]).unwrap_or(0)
+    })
 }
 
 /// `gemm` with a chosen implementation (benchmarks compare them); same contract.
@@ -168,28 +203,26 @@ pub fn gemm_using(
     match imp {
         GemmImpl::Packed(kern) => {
             let ep = Epilogue::default();
-            sgemm::sgemm(kern, dst, dst_rs, a, b, alpha, accumulate, ep, threads)
+            sgemm::sgemm(
+                kern,
+                dst.into(),
+                dst_rs,
+                a,
+                b,
+                alpha,
+                accumulate,
+                ep,
+                threads,
+            )
         }
         GemmImpl::Crate => crate_gemm(dst, dst_rs, a, b, alpha, accumulate, threads),
     }
 }
 
 /// `dst[i*dst_rs + j] = ep.map(Σ_p a(i,p)·b(p,j) + ep.bias[j])` (a layer's `x Wᵀ + b`, and
-/// its activation) with the implementation `gemm` uses: m3's kernels apply the epilogue to
-/// each tile as it is finished; the `gemm` crate gets a destination pre-filled with the
-/// bias and a pass of `map` afterwards, with the same result bits.
-pub fn gemm_epilogue(
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: View,
-    b: View,
-    ep: Epilogue,
-    threads: usize,
-) {
-    gemm_epilogue_using(default_impl(), dst, dst_rs, a, b, ep, threads)
-}
-
-/// `gemm_epilogue` with a chosen implementation; same contract.
+/// its activation) with implementation `imp`: m3's kernels apply the epilogue to each tile
+/// as it is finished; the `gemm` crate gets a destination pre-filled with the bias and a
+/// pass of `map` afterwards, with the same result bits.
 pub fn gemm_epilogue_using(
     imp: GemmImpl,
     dst: &mut [f32],
@@ -206,7 +239,7 @@ pub fn gemm_epilogue_using(
     match imp {
         GemmImpl::Packed(kern) if b.in_bounds() && a.cols > 0 => {
             if check(dst, dst_rs, a, b.rows, n, false) {
-                sgemm::sgemm(kern, dst, dst_rs, a, b, 1.0, false, ep, threads);
+                sgemm::sgemm(kern, dst.into(), dst_rs, a, b, 1.0, false, ep, threads);
             }
         }
         _ => {
@@ -222,6 +255,47 @@ pub fn gemm_epilogue_using(
                 let rows = dst.par_chunks_mut(dst_rs.max(1)).take(m);
                 rows.for_each(|row| f(&mut row[..n]));
             }
+        }
+    }
+}
+
+/// `out` replaced by the `[a.rows, b.cols]` result of `gemm_epilogue_using` with the
+/// implementation `gemm` uses (row stride `b.cols`), written straight into its capacity: m3's kernels write every element of a
+/// product that does not accumulate, so the result is not zeroed first.
+pub fn gemm_epilogue_fresh(out: &mut Vec<f32>, a: View, b: View, ep: Epilogue, threads: usize) {
+    gemm_epilogue_fresh_using(default_impl(), out, a, b, ep, threads)
+}
+
+/// `gemm_epilogue_fresh` with a chosen implementation; same contract.
+pub fn gemm_epilogue_fresh_using(
+    imp: GemmImpl,
+    out: &mut Vec<f32>,
+    a: View,
+    b: View,
+    ep: Epilogue,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    out.clear();
+    match imp {
+        GemmImpl::Packed(kern) if m > 0 && k > 0 && n > 0 => {
+            assert_eq!(b.rows, k, "gemm inner dimensions");
+            assert!(
+                a.in_bounds() && b.in_bounds(),
+                "gemm operand view out of bounds"
+            );
+            if let Some(bias) = ep.bias {
+                assert_eq!(bias.len(), n, "gemm bias length");
+            }
+            out.reserve(m * n);
+            let room = &mut out.spare_capacity_mut()[..m * n];
+            sgemm::sgemm(kern, room.into(), n, a, b, 1.0, false, ep, threads);
+            // SAFETY: the product above wrote all `m * n` elements (`sgemm`'s contract).
+            unsafe { out.set_len(m * n) };
+        }
+        _ => {
+            out.resize(m * n, 0.0);
+            gemm_epilogue_using(imp, out, n, a, b, ep, threads);
         }
     }
 }
@@ -277,7 +351,7 @@ pub fn gemm_rhs(
     match b {
         Rhs::Packed(p) => {
             let ep = Epilogue::default();
-            sgemm::sgemm_packed(dst, dst_rs, a, p, alpha, accumulate, ep, threads)
+            sgemm::sgemm_packed(dst.into(), dst_rs, a, p, alpha, accumulate, ep, threads)
         }
         Rhs::View(v) => crate_gemm(dst, dst_rs, a, *v, alpha, accumulate, threads),
     }
@@ -440,7 +514,7 @@ mod tests {
     /// The epilogue (bias with the first slice, the map on finished tiles) gives the bits
     /// of the plain product into a bias-filled destination followed by a pass of the map,
     /// for every implementation, on `SHAPES` plus an empty inner dimension, leaving the
-    /// padding columns alone.
+    /// padding columns alone; so does a fresh result written into unzeroed room.
     fn check_epilogue(threads: usize) {
         let mut rng = Rng::new(29);
         let map = |row: &mut [f32]| row.iter_mut().for_each(|v| *v = (*v * 0.5).tanh() + *v);
@@ -475,6 +549,21 @@ mod tests {
                             let (i, j) = (at / ld, at % ld);
                             assert_eq!(g.to_bits(), w.to_bits(), "{what} ({i},{j}): {g} vs {w}");
                         }
+                        // Into room that holds NaNs: an element the product failed to
+                        // write would show.
+                        let mut fresh = vec![f32::NAN; m * n + 7];
+                        fresh.clear();
+                        gemm_epilogue_fresh_using(imp, &mut fresh, a, b, ep, threads);
+                        assert_eq!(fresh.len(), m * n, "{what}: fresh length");
+                        for (at, g) in fresh.iter().enumerate() {
+                            let (i, j) = (at / n, at % n);
+                            let w = want[i * ld + j];
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{what} fresh ({i},{j}): {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }
@@ -493,6 +582,53 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| check_epilogue(2));
+    }
+
+    /// Every packed kernel gives the bits of the first (the run-time choice among them
+    /// must not change a result, or a resumed training run), on `SHAPES` and shapes with
+    /// several `KC` slices, transposed or not, accumulating or not, with a bias.
+    #[test]
+    fn every_packed_kernel_gives_the_same_bits() {
+        let mut rng = Rng::new(31);
+        let kernels: Vec<GemmImpl> = gemm_impls()
+            .into_iter()
+            .filter(|i| matches!(i, GemmImpl::Packed(_)))
+            .collect();
+        let shapes = SHAPES.iter().chain(&[(64, 1100, 96), (33, 600, 70)]);
+        for &(m, k, n) in shapes {
+            for (ta, tb, acc) in [
+                (false, false, false),
+                (true, true, true),
+                (false, true, true),
+            ] {
+                let av = rng.vec(m * k, -1.0, 1.0);
+                let bv = rng.vec(k * n, -1.0, 1.0);
+                let bias = rng.vec(n, -1.0, 1.0);
+                let init = rng.vec(m * n, -1.0, 1.0);
+                let (a, b) = (View::op(&av, m, k, ta), View::op(&bv, k, n, tb));
+                let run = |imp: GemmImpl| {
+                    let mut c = init.clone();
+                    if acc {
+                        gemm_using(imp, &mut c, n, a, b, 0.75, true, 1);
+                    } else {
+                        let ep = Epilogue {
+                            bias: Some(&bias),
+                            map: None,
+                        };
+                        gemm_epilogue_using(imp, &mut c, n, a, b, ep, 1);
+                    }
+                    c
+                };
+                let first = run(kernels[0]);
+                for &imp in &kernels[1..] {
+                    let got = run(imp);
+                    for (at, (g, w)) in got.iter().zip(&first).enumerate() {
+                        let what = format!("{} m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}", imp.name());
+                        assert_eq!(g.to_bits(), w.to_bits(), "{what} at {at}: {g} vs {w}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

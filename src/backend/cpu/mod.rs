@@ -12,7 +12,7 @@ mod retrieval;
 pub mod sgemm;
 
 use half::bf16;
-use linalg::{gemm_epilogue, Epilogue, View};
+use linalg::{gemm_epilogue_fresh, Epilogue, View};
 use rayon::prelude::*;
 
 use super::{
@@ -72,17 +72,12 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + s.ln() as f32
 }
 
-/// `dx[i] = f(dy[i], x[i])` for the pointwise activations' backward passes.
-fn pointwise_backward(
-    op: &'static str,
-    dy: &T,
-    x: &T,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) -> Result<T> {
+/// `dx[i] = F(dy[i], x[i])` for the pointwise activations' backward passes.
+fn pointwise_backward<F: fastmath::Binary>(op: &'static str, dy: &T, x: &T) -> Result<T> {
     check_same(op, ("dy", dy), ("x", x))?;
     let (dyv, xv) = (f32s(op, "dy", dy)?, f32s(op, "x", x)?);
     let mut dx = vec![0.0; xv.len()];
-    fastmath::map2_into(dyv, xv, &mut dx, f);
+    fastmath::map2_into::<F>(dyv, xv, &mut dx);
     Ok(tensor(x.shape(), dx))
 }
 
@@ -131,14 +126,14 @@ fn product(
     let bias = bias.map(|t| f32s(OP, "bias", t)).transpose()?;
     let a_view = View::op(av, m, k, trans_a);
     let b_view = View::op(bv, k, n, trans_b);
-    let mut c = vec![0.0f32; m * n];
+    let mut c = Vec::new();
     let threads = rayon::current_num_threads();
-    let act = |row: &mut [f32]| fastmath::map_in_place(row, fastmath::gelu);
+    let act = |row: &mut [f32]| fastmath::map_in_place::<fastmath::Gelu>(row);
     let ep = Epilogue {
         bias,
         map: if gelu { Some(&act) } else { None },
     };
-    gemm_epilogue(&mut c, n, a_view, b_view, ep, threads);
+    gemm_epilogue_fresh(&mut c, a_view, b_view, ep, threads);
     Ok(tensor(&[m, n], c))
 }
 
@@ -448,12 +443,12 @@ impl Backend for Cpu {
     fn gelu(&self, x: &T) -> Result<T> {
         let xv = f32s("gelu", "x", x)?;
         let mut y = vec![0.0; xv.len()];
-        fastmath::map_into(xv, &mut y, fastmath::gelu);
+        fastmath::map_into::<fastmath::Gelu>(xv, &mut y);
         Ok(tensor(x.shape(), y))
     }
 
     fn gelu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        pointwise_backward("gelu_backward", dy, x, |d, v| d * fastmath::gelu_grad(v))
+        pointwise_backward::<fastmath::GeluBackward>("gelu_backward", dy, x)
     }
 
     fn relu(&self, x: &T) -> Result<T> {
@@ -462,7 +457,7 @@ impl Backend for Cpu {
     }
 
     fn relu_backward(&self, dy: &T, x: &T) -> Result<T> {
-        pointwise_backward("relu_backward", dy, x, |d, v| if v > 0.0 { d } else { 0.0 })
+        pointwise_backward::<fastmath::ReluBackward>("relu_backward", dy, x)
     }
 
     fn embedding(&self, table: &T, ids: &T) -> Result<T> {
