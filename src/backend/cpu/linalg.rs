@@ -158,8 +158,9 @@ fn default_impl() -> GemmImpl {
 
 /// Index of the kernel that runs a sample of the encoder's products fastest here, timed
 /// once per process (~40 ms). The widest is not always it: on a 2-vCPU AMD EPYC with
-/// AVX-512 the AVX2 kernel ran them 1.2–1.5× faster (BENCHMARKS.md). Every kernel gives
-/// the same bits (tested), so the choice never changes a result.
+/// AVX-512 the AVX2 kernel ran 2048-row products 1.2–1.5× faster, and the encoder 1.2×
+/// (BENCHMARKS.md). Every kernel gives the same bits (tested), so the choice never changes
+/// a result.
 fn fastest_kernel(kernels: &'static [sgemm::Kernel]) -> usize {
     static FASTEST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *FASTEST.get_or_init(|| {
@@ -260,8 +261,9 @@ pub fn gemm_epilogue_using(
 }
 
 /// `out` replaced by the `[a.rows, b.cols]` result of `gemm_epilogue_using` with the
-/// implementation `gemm` uses (row stride `b.cols`), written straight into its capacity: m3's kernels write every element of a
-/// product that does not accumulate, so the result is not zeroed first.
+/// implementation `gemm` uses (row stride `b.cols`), written straight into its capacity:
+/// m3's kernels write every element of a product that does not accumulate, so the result
+/// is not zeroed first.
 pub fn gemm_epilogue_fresh(out: &mut Vec<f32>, a: View, b: View, ep: Epilogue, threads: usize) {
     gemm_epilogue_fresh_using(default_impl(), out, a, b, ep, threads)
 }
