@@ -103,6 +103,16 @@ pub trait Backend: Device + Sized + Send + Sync {
     fn to_vec_u32(&self, t: &Tensor<Self>) -> Result<Vec<u32>>;
     /// A tensor of zeros.
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// Makes `w` (`[k, n]`, a weight that many products take as their untransposed right
+    /// operand, as inference does) ready for them, in place: the CPU packs it into its
+    /// matrix-product panels once instead of once per product. Afterwards `w` is read only
+    /// that way or as a whole (`to_vec_f32`), and `write_f32` makes it plain again. Results
+    /// are unchanged, bit for bit. The default does nothing.
+    fn pack_weight(&self, w: &mut Tensor<Self>) -> Result<()> {
+        let _ = w;
+        Ok(())
+    }
+
     /// Converts a float tensor to another float dtype (round to nearest even into bf16).
     fn cast(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>>;
 

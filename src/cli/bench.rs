@@ -36,7 +36,8 @@ pub enum BenchCommand {
     /// device memory of steps at batch 1 and 2 (the question of the paper's Table 10).
     Memory(super::bench_memory::MemoryBenchArgs),
     /// The CPU's f32 FMA peak and each matrix-product implementation's GFLOP/s on the
-    /// encoder's shapes (m3's AVX-512 / AVX2 kernels, the `gemm` crate).
+    /// encoder's shapes (m3's AVX-512 / AVX2 kernels, also with the right operand packed
+    /// beforehand, and the `gemm` crate).
     Gemm(super::bench_gemm::GemmBenchArgs),
     /// Indexing throughput and query latency of the search engines (Qdrant's in-process
     /// engine, m3's own index) on random embeddings of BGE-M3's sizes.
@@ -183,7 +184,8 @@ impl Job for EncodeBenchArgs {
     fn run<B: Backend>(self, be: &B, dtype: DType) -> anyhow::Result<ExitCode> {
         let config = Config::from_file(&self.model.join("config.json"))?;
         let mut file = TensorFile::open(&self.model.join("model.safetensors"))?;
-        let weights = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        let mut weights = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        weights.pack_for_inference(be)?;
         drop(file);
         let seqs = inputs(
             &self.lengths,

@@ -103,9 +103,13 @@ impl<B: Backend> Embedder<B> {
         tokenizer.check_vocab(config.vocab_size, &dir.join("config.json"))?;
         let weights = weights_file(dir)?;
         let mut file = TensorFile::open(&weights)?;
-        let encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        let mut encoder = EncoderWeights::load(be, &mut file, &config, dtype)?;
+        encoder.pack_for_inference(be)?;
         let h = config.hidden_size;
-        let colbert_head = load_head(be, dir, "colbert_linear", None, h, dtype)?;
+        let mut colbert_head = load_head(be, dir, "colbert_linear", None, h, dtype)?;
+        if let Some(head) = &mut colbert_head {
+            be.pack_weight(&mut head.wt)?;
+        }
         let sparse_head = load_head(be, dir, "sparse_linear", Some(1), h, dtype)?;
         Ok(Embedder {
             config,

@@ -188,6 +188,24 @@ impl<B: Backend> EncoderWeights<B> {
     pub fn load(be: &B, file: &mut TensorFile, c: &Config, dtype: DType) -> anyhow::Result<Self> {
         load_tree(be, file, &Encoder::spec(c), "", dtype)
     }
+
+    /// Readies every projection's weight for inference (`Backend::pack_weight`), so that
+    /// batch after batch reuses it as it is instead of packing it for every product.
+    pub fn pack_for_inference(&mut self, be: &B) -> crate::error::Result<()> {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.attn_out,
+                &mut l.ffn_in,
+                &mut l.ffn_out,
+            ] {
+                be.pack_weight(&mut lin.wt)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Loads a head file (`colbert_linear.pt`, `sparse_linear.pt`, or `.safetensors`) as a

@@ -302,6 +302,54 @@ pub fn gemm_epilogue_fresh_using(
     }
 }
 
+/// `b` (`[k, n]`) packed once for the kernel `gemm` uses, for a weight that many products
+/// take as their right operand; `None` where that is the `gemm` crate (it packs per call), or
+/// where the panels would need padding (`n` not a multiple of the tile's width).
+pub fn pack_weight(b: View, threads: usize) -> Option<sgemm::PackedB> {
+    assert!(b.in_bounds(), "gemm operand view out of bounds");
+    match default_impl() {
+        GemmImpl::Packed(kern)
+            if b.rows > 0 && b.cols > 0 && b.cols.is_multiple_of(kern.tile_cols()) =>
+        {
+            Some(sgemm::PackedB::new(kern, b, threads))
+        }
+        _ => None,
+    }
+}
+
+/// `gemm_epilogue_fresh` with a weight packed by `pack_weight`: its panels are used as they
+/// are when it was packed for the kernel `gemm` uses now, else (`choose_gemm` changed the
+/// choice since) it is unpacked for this product, so the result's bits are always those of
+/// `gemm_epilogue_fresh` on the unpacked weight.
+pub fn gemm_epilogue_fresh_packed(
+    out: &mut Vec<f32>,
+    a: View,
+    b: &sgemm::PackedB,
+    ep: Epilogue,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    match default_impl() {
+        GemmImpl::Packed(kern) if std::ptr::eq(kern, b.kernel()) && m > 0 => {
+            assert_eq!(b.rows(), k, "gemm inner dimensions");
+            assert!(a.in_bounds(), "gemm operand view out of bounds");
+            if let Some(bias) = ep.bias {
+                assert_eq!(bias.len(), n, "gemm bias length");
+            }
+            out.clear();
+            out.reserve(m * n);
+            let room = &mut out.spare_capacity_mut()[..m * n];
+            sgemm::sgemm_packed(room.into(), n, a, b, 1.0, false, ep, threads);
+            // SAFETY: the product above wrote all `m * n` elements (`sgemm`'s contract).
+            unsafe { out.set_len(m * n) };
+        }
+        _ => {
+            let w = b.unpack();
+            gemm_epilogue_fresh(out, a, View::rows(&w, b.rows(), n), ep, threads);
+        }
+    }
+}
+
 /// A right operand made ready for many products with different left operands (attention's
 /// keys and values across query blocks): packed once for m3's kernel, or kept as a view for
 /// the `gemm` crate, which packs per call.

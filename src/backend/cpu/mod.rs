@@ -33,6 +33,9 @@ pub enum CpuStorage {
     BF16(Vec<bf16>),
     /// u32 elements.
     U32(Vec<u32>),
+    /// An f32 weight `[k, n]` packed into the matrix product's panels once
+    /// (`Backend::pack_weight`); read as the right operand of a product, or unpacked.
+    Packed(Box<sgemm::PackedB>),
 }
 
 /// The CPU reference backend.
@@ -47,6 +50,10 @@ const PAR_MIN: usize = 1 << 14;
 fn f32s<'a>(op: &'static str, name: &str, t: &'a T) -> Result<&'a [f32]> {
     match t.storage() {
         CpuStorage::F32(v) => Ok(v),
+        CpuStorage::Packed(_) => dtype_err(
+            op,
+            format!("{name} is a weight packed for products; only matmul's untransposed right operand reads it"),
+        ),
         _ => dtype_err(
             op,
             format!("the CPU backend computes in f32; {name} is {}", t.dtype()),
@@ -122,10 +129,8 @@ fn product(
         return dtype_err(OP, "the CPU backend computes in f32; output must be f32");
     }
     let av = f32s(OP, "A", a)?;
-    let bv = f32s(OP, "B", b)?;
     let bias = bias.map(|t| f32s(OP, "bias", t)).transpose()?;
     let a_view = View::op(av, m, k, trans_a);
-    let b_view = View::op(bv, k, n, trans_b);
     let mut c = Vec::new();
     let threads = rayon::current_num_threads();
     let act = |row: &mut [f32]| fastmath::map_in_place::<fastmath::Gelu>(row);
@@ -133,7 +138,15 @@ fn product(
         bias,
         map: if gelu { Some(&act) } else { None },
     };
-    gemm_epilogue_fresh(&mut c, a_view, b_view, ep, threads);
+    match b.storage() {
+        CpuStorage::Packed(p) if !trans_b => {
+            linalg::gemm_epilogue_fresh_packed(&mut c, a_view, p, ep, threads)
+        }
+        _ => {
+            let b_view = View::op(f32s(OP, "B", b)?, k, n, trans_b);
+            gemm_epilogue_fresh(&mut c, a_view, b_view, ep, threads)
+        }
+    }
     Ok(tensor(&[m, n], c))
 }
 
@@ -149,6 +162,7 @@ impl Backend for Cpu {
                 v.truncate(n);
                 Ok(v)
             }
+            CpuStorage::Packed(p) => Ok(p.unpack()),
             _ => dtype_err("take_vec_f32", "the CPU backend computes in f32"),
         }
     }
@@ -158,6 +172,11 @@ impl Backend for Cpu {
         match t.storage_mut() {
             CpuStorage::F32(v) if data.len() == n && v.len() >= n => {
                 v[..n].copy_from_slice(data);
+                Ok(())
+            }
+            // New values make the packed panels stale: the tensor is plain again.
+            s @ CpuStorage::Packed(_) if data.len() == n => {
+                *s = CpuStorage::F32(data.to_vec());
                 Ok(())
             }
             _ => shape_err(
@@ -202,6 +221,7 @@ impl Backend for Cpu {
         match t.storage() {
             CpuStorage::F32(v) => Ok(v.clone()),
             CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::Packed(p) => Ok(p.unpack()),
             CpuStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
         }
     }
@@ -245,6 +265,23 @@ impl Backend for Cpu {
 
     fn linear_gelu(&self, x: &T, w: &T, bias: &T) -> Result<T> {
         product(x, false, w, false, Some(bias), x.dtype(), true)
+    }
+
+    fn pack_weight(&self, w: &mut T) -> Result<()> {
+        let (k, n) = match w.shape() {
+            &[k, n] => (k, n),
+            s => return shape_err("pack_weight", format!("a weight must be [k, n], got {s:?}")),
+        };
+        let packed = match w.storage() {
+            CpuStorage::F32(v) => {
+                linalg::pack_weight(View::rows(v, k, n), rayon::current_num_threads())
+            }
+            _ => None,
+        };
+        if let Some(p) = packed {
+            *w.storage_mut() = CpuStorage::Packed(Box::new(p));
+        }
+        Ok(())
     }
 
     fn add(&self, a: &T, b: &T) -> Result<T> {
@@ -900,5 +937,56 @@ mod tests {
         for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
             assert_eq!(f.to_bits(), c.to_bits(), "element {i}: {f} vs {c}");
         }
+    }
+
+    /// A weight packed once (`pack_weight`) gives the bits of the plain weight in every
+    /// product that reads it (with a bias, with the GELU epilogue, edge tiles, several `KC`
+    /// slices), reads back whole, is refused where it would be read transposed, and is
+    /// plain again after `write_f32`.
+    #[test]
+    fn a_packed_weight_gives_the_plain_weight_s_bits() {
+        let (m, k, n) = (37, 300, 64);
+        let mut rng = Rng::new(6);
+        let up = |v: &[f32], s: &[usize]| Cpu.upload(HostData::F32(v), s).unwrap();
+        let wv = rng.vec(k * n, -0.2, 0.2);
+        let x = up(&rng.vec(m * k, -1.0, 1.0), &[m, k]);
+        let b = up(&rng.vec(n, -1.0, 1.0), &[n]);
+        let plain = up(&wv, &[k, n]);
+        let mut packed = up(&wv, &[k, n]);
+        Cpu.pack_weight(&mut packed).unwrap();
+        if sgemm::kernels().is_empty() {
+            return; // no packed kernel on this CPU: `pack_weight` leaves the weight as it is
+        }
+        assert!(matches!(packed.storage(), CpuStorage::Packed(_)));
+        let bits = |t: T| {
+            Cpu.to_vec_f32(&t)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let mm = |w: &T| {
+            Cpu.matmul(&x, false, w, false, Some(&b), DType::F32)
+                .unwrap()
+        };
+        assert!(
+            bits(mm(&packed)) == bits(mm(&plain)),
+            "matmul with a bias differs"
+        );
+        let gelu = |w: &T| Cpu.linear_gelu(&x, w, &b).unwrap();
+        assert!(
+            bits(gelu(&packed)) == bits(gelu(&plain)),
+            "linear_gelu differs"
+        );
+        assert!(Cpu.to_vec_f32(&packed).unwrap() == wv, "read back differs");
+        let y = up(&rng.vec(m * n, -1.0, 1.0), &[m, n]);
+        let err = Cpu
+            .matmul(&y, false, &packed, true, None, DType::F32)
+            .unwrap_err();
+        assert!(err.to_string().contains("packed"), "{err}");
+        let new = rng.vec(k * n, -0.2, 0.2);
+        Cpu.write_f32(&mut packed, &new).unwrap();
+        assert!(matches!(packed.storage(), CpuStorage::F32(_)));
+        assert!(Cpu.to_vec_f32(&packed).unwrap() == new);
     }
 }

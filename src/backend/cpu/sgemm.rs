@@ -114,6 +114,12 @@ impl Kernel {
         (iters * PEAK_CHAINS * self.lanes * 2) as f64
     }
 
+    /// Columns of the register tile: a right operand whose width is a multiple of it packs
+    /// without padding.
+    pub fn tile_cols(&self) -> usize {
+        self.nr
+    }
+
     /// Row panels per block of the left operand: an `MC × KC` block (~170 KB) stays in L2.
     fn mc_panels(&self) -> usize {
         (168 / self.mr).max(1)
@@ -157,8 +163,9 @@ pub fn kernels() -> &'static [Kernel] {
 }
 
 /// A right operand `[k, n]` packed once into one kernel's panels, for products that reuse
-/// it (attention's keys and values across query blocks): slice after `KC`-deep slice, each
-/// `n_panels` panels of `kc × nr`.
+/// it (attention's keys and values across query blocks, a weight across batches): slice
+/// after `KC`-deep slice, each `n_panels` panels of `kc × nr`.
+#[derive(Clone)]
 pub struct PackedB {
     kern: &'static Kernel,
     k: usize,
@@ -195,6 +202,31 @@ impl PackedB {
         pack_slices(&mut self.data, k, n_panels, nr, par, |p, pc, kc, dst| {
             pack_b_panel(dst, b, pc, kc, p * nr, nr)
         });
+    }
+
+    /// The operand back as a row-major `[k, n]` matrix.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n, nr) = (self.k, self.n, self.kern.nr);
+        let mut out = vec![0.0; k * n];
+        let mut pc = 0;
+        while pc < k {
+            let kc = KC.min(k - pc);
+            let slice = self.slice(pc, kc);
+            for (jp, panel) in slice.chunks(nr * kc).enumerate() {
+                let (j0, w) = (jp * nr, nr.min(n - jp * nr));
+                for p in 0..kc {
+                    let row = (pc + p) * n + j0;
+                    out[row..row + w].copy_from_slice(&panel[p * nr..p * nr + w]);
+                }
+            }
+            pc += kc;
+        }
+        out
+    }
+
+    /// The kernel it is packed for.
+    pub fn kernel(&self) -> &'static Kernel {
+        self.kern
     }
 
     /// Inner dimension.
@@ -249,6 +281,12 @@ pub fn sgemm(
 /// Whether a product is worth more than one thread.
 fn parallel(m: usize, k: usize, n: usize, threads: usize) -> bool {
     threads > 1 && m * n * k >= 1 << 18
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({} x {} for {})", self.k, self.n, self.kern.name)
+    }
 }
 
 /// `sgemm` with the right operand packed already (its kernel is the one used).
@@ -566,9 +604,12 @@ fn pack_a_panel(dst: &mut [f32], a: View, pc: usize, kc: usize, i0: usize, mr: u
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// AVX-512 tile: 14 rows × 2 vectors of 16 = 28 accumulators + 2 of B + 1 broadcast of
-    /// the 32 registers.
-    pub const MR512: usize = 14;
+    /// AVX-512 tile: 8 rows × 2 vectors of 16 = 16 accumulators + 2 of B + 1 broadcast of
+    /// the 32 registers. Not the 14 rows the registers allow: rows read in place lie a
+    /// power of two apart in the encoder's shapes, so a tile's rows all fall in one L1 set,
+    /// and past the set's 12 ways they evict each other. On a 2-vCPU AMD EPYC (Zen 5)
+    /// 8–11 rows ran the encoder's products 1.1–1.25× faster than 14 (BENCHMARKS.md).
+    pub const MR512: usize = 8;
     /// AVX-512 tile width.
     pub const NR512: usize = 32;
     /// AVX2 tile: 6 rows × 2 vectors of 8 = 12 accumulators + 2 of B + 1 broadcast of the 16.
@@ -748,6 +789,17 @@ mod tests {
                 .zip(&two)
                 .all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(same, "{}: one and two threads differ", kern.name);
+        }
+    }
+
+    #[test]
+    fn unpacking_gives_the_operand_back() {
+        // Two `KC` slices, the second short, and a last panel only partly filled.
+        let (k, n) = (KC + 44, 45);
+        let bv = Rng::new(9).vec(k * n, -1.0, 1.0);
+        for kern in kernels() {
+            let p = PackedB::new(kern, View::rows(&bv, k, n), 2);
+            assert!(p.unpack() == bv, "{}: unpacked operand differs", kern.name);
         }
     }
 
