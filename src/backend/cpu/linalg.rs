@@ -281,25 +281,41 @@ pub fn gemm_epilogue_fresh_using(
     out.clear();
     match imp {
         GemmImpl::Packed(kern) if m > 0 && k > 0 && n > 0 => {
-            assert_eq!(b.rows, k, "gemm inner dimensions");
-            assert!(
-                a.in_bounds() && b.in_bounds(),
-                "gemm operand view out of bounds"
-            );
-            if let Some(bias) = ep.bias {
-                assert_eq!(bias.len(), n, "gemm bias length");
-            }
-            out.reserve(m * n);
-            let room = &mut out.spare_capacity_mut()[..m * n];
-            sgemm::sgemm(kern, room.into(), n, a, b, 1.0, false, ep, threads);
-            // SAFETY: the product above wrote all `m * n` elements (`sgemm`'s contract).
-            unsafe { out.set_len(m * n) };
+            assert!(b.in_bounds(), "gemm operand view out of bounds");
+            fresh_result(out, a, b.rows, n, &ep, |room| {
+                sgemm::sgemm(kern, room, n, a, b, 1.0, false, ep, threads)
+            });
         }
         _ => {
             out.resize(m * n, 0.0);
             gemm_epilogue_using(imp, out, n, a, b, ep, threads);
         }
     }
+}
+
+/// Checks a left operand and a bias against a `[k, n]` right operand, then replaces `out` by
+/// the `[a.rows, n]` result that `product`, one of m3's kernels on a product that does not
+/// accumulate, writes into `out`'s unzeroed capacity.
+fn fresh_result(
+    out: &mut Vec<f32>,
+    a: View,
+    k: usize,
+    n: usize,
+    ep: &Epilogue,
+    product: impl FnOnce(sgemm::Dst),
+) {
+    let len = a.rows * n;
+    assert_eq!(a.cols, k, "gemm inner dimensions");
+    assert!(a.in_bounds(), "gemm operand view out of bounds");
+    if let Some(bias) = ep.bias {
+        assert_eq!(bias.len(), n, "gemm bias length");
+    }
+    out.clear();
+    out.reserve(len);
+    product((&mut out.spare_capacity_mut()[..len]).into());
+    // SAFETY: the kernel wrote all `len` elements (`sgemm`'s contract for a product that
+    // does not accumulate).
+    unsafe { out.set_len(len) };
 }
 
 /// `b` (`[k, n]`) packed once for the kernel `gemm` uses, for a weight that many products
@@ -328,20 +344,12 @@ pub fn gemm_epilogue_fresh_packed(
     ep: Epilogue,
     threads: usize,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols());
+    let (m, n) = (a.rows, b.cols());
     match default_impl() {
         GemmImpl::Packed(kern) if std::ptr::eq(kern, b.kernel()) && m > 0 => {
-            assert_eq!(b.rows(), k, "gemm inner dimensions");
-            assert!(a.in_bounds(), "gemm operand view out of bounds");
-            if let Some(bias) = ep.bias {
-                assert_eq!(bias.len(), n, "gemm bias length");
-            }
-            out.clear();
-            out.reserve(m * n);
-            let room = &mut out.spare_capacity_mut()[..m * n];
-            sgemm::sgemm_packed(room.into(), n, a, b, 1.0, false, ep, threads);
-            // SAFETY: the product above wrote all `m * n` elements (`sgemm`'s contract).
-            unsafe { out.set_len(m * n) };
+            fresh_result(out, a, b.rows(), n, &ep, |room| {
+                sgemm::sgemm_packed(room, n, a, b, 1.0, false, ep, threads)
+            });
         }
         _ => {
             let w = b.unpack();

@@ -246,6 +246,12 @@ impl PackedB {
     }
 }
 
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({} x {} for {})", self.k, self.n, self.kern.name)
+    }
+}
+
 /// `dst[i*dst_rs + j] = ep.map(alpha · Σ_p a(i,p)·b(p,j) + (dst[..] when accumulate, else
 /// ep.bias[j]))` with kernel `kern`, writing every element of the `m × n` result (so `dst`
 /// may be fresh room unless accumulating); the views are bounds-checked by the caller.
@@ -281,12 +287,6 @@ pub fn sgemm(
 /// Whether a product is worth more than one thread.
 fn parallel(m: usize, k: usize, n: usize, threads: usize) -> bool {
     threads > 1 && m * n * k >= 1 << 18
-}
-
-impl std::fmt::Debug for PackedB {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedB({} x {} for {})", self.k, self.n, self.kern.name)
-    }
 }
 
 /// `sgemm` with the right operand packed already (its kernel is the one used).
