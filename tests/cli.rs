@@ -833,3 +833,37 @@ fn train_with_nccl_on_a_machine_without_it_says_so() {
     assert!(!d.join("out/model.safetensors").exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A closed reader (`m3 ... | head`) ends the run quietly with status 141, as `cat` would
+/// be ended by SIGPIPE, for JSON lines (`encode`) and for table lines (`selfcheck`).
+#[test]
+fn a_closed_stdout_pipe_ends_the_run_quietly_with_status_141() {
+    let model = fixture("tiny-m3");
+    let runs: [(&[&str], &[u8]); 2] = [
+        (
+            &["encode", MODEL, model.to_str().unwrap()],
+            b"\"a\"\n\"b\"\n",
+        ),
+        (&["selfcheck", "--device", "cpu"], b""),
+    ];
+    for (args, input) in runs {
+        // The reader is gone before the process starts, so its first write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m3"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+    }
+}

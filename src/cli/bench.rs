@@ -1,6 +1,8 @@
 //! `m3 bench`: end-to-end encoder throughput on a random model of BGE-M3's full shape,
 //! for side-by-side runs with `scripts/bench_torch.py` (same weights, same token ids).
 
+use super::out::outln;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -225,7 +227,7 @@ impl Job for EncodeBenchArgs {
         queued.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let median_queued = queued[queued.len() / 2];
-        println!(
+        outln!(
             "{}",
             json!({
                 "impl": "m3", "device": be.name(), "lengths": self.lengths, "sequences": seqs.len(),
@@ -235,7 +237,7 @@ impl Job for EncodeBenchArgs {
                 "tokens_per_s": total as f64 / median, "runs_s": times,
                 "queue_s_median": median_queued,
             })
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -306,7 +308,7 @@ impl Job for TrainBenchArgs {
         }
         times.sort_by(f64::total_cmp);
         let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
-        println!(
+        outln!(
             "{}",
             json!({
                 "impl": "m3", "device": be.name(), "threads": rayon::current_num_threads(),
@@ -315,7 +317,7 @@ impl Job for TrainBenchArgs {
                 "first_loss": losses[0], "losses": losses, "step_s_median": median,
                 "step_s_all": times, "tokens_per_s": tokens as f64 / median,
             })
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     }
 }

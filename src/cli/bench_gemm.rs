@@ -2,6 +2,8 @@
 //! GFLOP/s on the encoder's shapes, as a fraction of that peak (issue 14's measure); m3's
 //! kernels also with the right operand packed beforehand, as inference's weights are.
 
+use super::out::outln;
+
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -88,10 +90,10 @@ pub fn run(a: GemmBenchArgs) -> anyhow::Result<ExitCode> {
         // the loop down, and this is the ceiling the products are measured against.
         let gflops = runs.iter().copied().fold(0.0, f64::max);
         peak = Some(gflops);
-        println!(
+        outln!(
             "{}",
             json!({"impl": format!("fma-peak-{}", kern.name), "threads": threads, "gflops": gflops})
-        );
+        )?;
     }
     let mut rng = m3::rng::Rng::new(1);
     for (m, k, n) in shapes {
@@ -100,12 +102,12 @@ pub fn run(a: GemmBenchArgs) -> anyhow::Result<ExitCode> {
         let mut c = vec![0.0f32; m * n];
         let report = |name: String, secs: f64| {
             let gflops = 2.0 * (m * k * n) as f64 / secs / 1e9;
-            println!(
+            outln!(
                 "{}",
                 json!({"impl": name, "m": m, "k": k, "n": n, "threads": threads,
                        "ms": secs * 1e3, "gflops": gflops,
                        "peak_fraction": peak.map(|p| gflops / p)})
-            );
+            )
         };
         let (a_view, b_view) = (View::rows(&av, m, k), View::rows(&bv, k, n));
         for imp in gemm_impls() {
@@ -114,7 +116,7 @@ pub fn run(a: GemmBenchArgs) -> anyhow::Result<ExitCode> {
                 gemm_using(imp, &mut c, n, a_view, b_view, 1.0, false, threads);
                 t0.elapsed().as_secs_f64()
             };
-            report(imp.name().to_string(), time(a.repeat, &mut once));
+            report(imp.name().to_string(), time(a.repeat, &mut once))?;
             // The same product with the right operand packed beforehand, as a weight
             // packed once at load would be: what per-call packing costs.
             if let GemmImpl::Packed(_) = imp {
@@ -127,7 +129,7 @@ pub fn run(a: GemmBenchArgs) -> anyhow::Result<ExitCode> {
                 report(
                     format!("{}-prepacked", imp.name()),
                     time(a.repeat, &mut once),
-                );
+                )?;
             }
         }
     }

@@ -7,6 +7,8 @@
 //! `per query = peak(2) - peak(1)`. Two steps per setting keep it within a short GPU
 //! session; `--verify` also runs a step at the predicted size.
 
+use super::out::outln;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -138,7 +140,7 @@ impl Job for MemoryBenchArgs {
                     }
                     _ => None,
                 };
-                println!(
+                outln!(
                     "{}",
                     json!({
                         "impl": "m3", "device": be.name(), "compute": dtype.to_string(),
@@ -149,7 +151,7 @@ impl Job for MemoryBenchArgs {
                         "available_bytes": available, "max_batch": max_batch,
                         "verified": verified, "step_s": [one.map(|v| v.1), two.map(|v| v.1)],
                     })
-                );
+                )?;
             }
         }
         Ok(ExitCode::SUCCESS)

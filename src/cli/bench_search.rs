@@ -2,6 +2,8 @@
 //! (Qdrant's in-process engine and m3's own index) on random embeddings of a chosen size,
 //! no model needed, so corpora of 10⁵–10⁶ passages can be timed without encoding them.
 
+use super::out::outln;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -110,12 +112,12 @@ fn time_queries(
     }
     let wall = t.elapsed().as_secs_f64();
     ms.sort_by(f64::total_cmp);
-    println!(
+    outln!(
         "{}",
         json!({"engine": engine, "what": "query", "queries": queries.len(), "top_k": top_k,
                "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99),
                "max_ms": ms[ms.len() - 1], "queries_per_s": queries.len() as f64 / wall})
-    );
+    )?;
     Ok(out)
 }
 
@@ -145,13 +147,13 @@ fn index_m3(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Index> {
     let wall = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let index = Index::load(dir)?;
-    println!(
+    outln!(
         "{}",
         json!({"engine": "m3", "what": "index", "passages": a.passages,
                "generate_and_add_s": added, "write_s": wall - added, "wall_s": wall,
                "passages_per_s": a.passages as f64 / wall,
                "load_s": t.elapsed().as_secs_f64()})
-    );
+    )?;
     Ok(index)
 }
 
@@ -188,13 +190,13 @@ fn index_qdrant(a: &SearchBenchArgs, dir: &Path) -> anyhow::Result<Box<dyn Retri
     drop(index);
     let t = Instant::now();
     let index = QdrantIndex::open(dir)?;
-    println!(
+    outln!(
         "{}",
         json!({"engine": "qdrant", "what": "index", "passages": a.passages,
                "upsert_s": upsert, "generate_s": wall - upsert, "wall_s": wall,
                "passages_per_s": a.passages as f64 / upsert,
                "load_s": t.elapsed().as_secs_f64()})
-    );
+    )?;
     Ok(Box::new(index))
 }
 
@@ -245,11 +247,11 @@ pub fn run(a: SearchBenchArgs) -> anyhow::Result<ExitCode> {
             .zip(y)
             .filter(|(p, q)| top_scores(p) == top_scores(q))
             .count();
-        println!(
+        outln!(
             "{}",
             json!({"what": "agreement", "queries": x.len(), "same_ids": same,
                    "same_scores": scores_equal})
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

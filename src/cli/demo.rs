@@ -2,6 +2,8 @@
 //! set in `fixtures/demo` (CPU, about a minute) and show recall of every retrieval mode
 //! before and after.
 
+use super::out::outln;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -151,11 +153,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if temp {
         let _ = std::fs::remove_dir_all(&work);
     } else if result.is_ok() {
-        println!(
+        outln!(
             "\nmodels: {} (random), {} (trained)",
             work.join("random").display(),
             work.join("trained").display()
-        );
+        )?;
     }
     result
 }
@@ -213,20 +215,23 @@ fn demo(a: &DemoArgs, work: &Path) -> anyhow::Result<ExitCode> {
     )?;
     let train_s = t_train.elapsed().as_secs_f64();
     let after = evaluate(&trained, &corpus, &queries)?;
-    println!(
+    outln!(
         "trained {} steps in {train_s:.0} s ({:.0} s in all)\n",
         a.steps,
         t0.elapsed().as_secs_f64()
-    );
-    println!("mode      recall@1 before → after   recall@10 before → after");
+    )?;
+    outln!("mode      recall@1 before → after   recall@10 before → after")?;
     for (name, (b, f)) in ["dense", "sparse", "colbert", "hybrid"]
         .iter()
         .zip(before.iter().zip(&after))
     {
-        println!(
+        outln!(
             "{name:<8}  {:>6.3} → {:<6.3}             {:>6.3} → {:<6.3}",
-            b.0, f.0, b.1, f.1
-        );
+            b.0,
+            f.0,
+            b.1,
+            f.1
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,17 +1,26 @@
 //! `m3 kernels`: the resource report build.rs recorded from ptxas.
 
+#[cfg(feature = "cuda")]
+use super::out::outln;
 use std::process::ExitCode;
 
 /// Prints one row per kernel and architecture.
 #[cfg(feature = "cuda")]
 pub fn run() -> anyhow::Result<ExitCode> {
     let rows = m3::backend::cuda::kernel_resources();
-    println!(
+    outln!(
         "{:<14} {:<32} {:<6} {:>5} {:>8} {:>6} {:>7} {:>7}",
-        "module", "kernel", "arch", "regs", "smem B", "stack", "spill-s", "spill-l"
-    );
+        "module",
+        "kernel",
+        "arch",
+        "regs",
+        "smem B",
+        "stack",
+        "spill-s",
+        "spill-l"
+    )?;
     for r in rows {
-        println!(
+        outln!(
             "{:<14} {:<32} {:<6} {:>5} {:>8} {:>6} {:>7} {:>7}",
             r.module,
             r.kernel,
@@ -21,7 +30,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             r.stack_bytes,
             r.spill_stores,
             r.spill_loads
-        );
+        )?;
     }
     eprintln!("{} kernel builds", rows.len());
     Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ mod encode;
 mod jsonl;
 mod kernels;
 mod npy;
+mod out;
 mod score;
 mod search;
 mod selfcheck;
@@ -120,6 +121,7 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if out::is_broken_pipe(&e) => ExitCode::from(out::BROKEN_PIPE_STATUS),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -1,5 +1,7 @@
 //! `m3 selfcheck`: the model-free self-check (gradient checks and, with a GPU, CUDA vs CPU).
 
+use super::out::outln;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -19,23 +21,23 @@ const DIMS: CaseDims = CaseDims {
 /// Runs the checks, prints a table to stdout, fails when any row fails.
 pub fn run(device: DeviceArg, seed: u64) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
-    println!(
+    outln!(
         "gradient checks on {} (finite differences, {DIMS:?})",
         m3::backend::Backend::name(&Cpu)
-    );
-    println!("{:<26} {:>12} {:>6}", "op", "worst ratio", "ok");
+    )?;
+    outln!("{:<26} {:>12} {:>6}", "op", "worst ratio", "ok")?;
     for case in op_cases::<Cpu>(&mut Rng::new(seed), DIMS) {
         let reports = check(&Cpu, &case.inputs, &*case.f, Tolerance::default(), seed)
             .with_context(|| format!("gradient check of {}", case.name))?;
         let worst = reports.iter().map(|r| r.worst_ratio).fold(0.0, f64::max);
         let ok = worst <= 1.0;
         failed += usize::from(!ok);
-        println!(
+        outln!(
             "{:<26} {:>12.4} {:>6}",
             case.name,
             worst,
             if ok { "yes" } else { "NO" }
-        );
+        )?;
     }
     failed += device_checks(device, seed)?;
     if failed > 0 {
@@ -62,21 +64,25 @@ fn device_checks(device: DeviceArg, seed: u64) -> anyhow::Result<usize> {
     }
     let dev = Cuda::with_kernels(0, super::device::kernel_choices())?;
     dev.set_poison(true);
-    println!(
+    outln!(
         "\n{} vs the CPU reference (relative error, forward and backward)",
         m3::backend::Backend::name(&dev)
-    );
-    println!(
+    )?;
+    outln!(
         "{:<26} {:>6} {:>12} {:>10} {:<18}",
-        "op", "dtype", "error", "bound", "worst part"
-    );
+        "op",
+        "dtype",
+        "error",
+        "bound",
+        "worst part"
+    )?;
     let mut failed = 0;
     for dtype in [DType::F32, DType::BF16] {
         for row in cross_check(&dev, DIMS, dtype, seed)? {
             let bound = cross_tolerance(dtype);
             let ok = row.error <= bound;
             failed += usize::from(!ok);
-            println!(
+            outln!(
                 "{:<26} {:>6} {:>12.3e} {:>10.0e} {:<18}{}",
                 row.name,
                 dtype.to_string(),
@@ -84,7 +90,7 @@ fn device_checks(device: DeviceArg, seed: u64) -> anyhow::Result<usize> {
                 bound,
                 row.worst,
                 if ok { "" } else { "  FAIL" }
-            );
+            )?;
         }
     }
     Ok(failed)
