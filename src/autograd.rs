@@ -6,7 +6,9 @@
 //! [`Op`] is matched without a wildcard, so adding an op without its backward does not
 //! compile. Inference calls the backend directly and never builds a tape.
 
-use crate::backend::{Backend, LexicalSide};
+use std::sync::Arc;
+
+use crate::backend::{Backend, LexicalSide, Seqs};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, Tensor};
 
@@ -65,7 +67,7 @@ enum Op<B: Backend> {
         q: Var,
         k: Var,
         v: Var,
-        cu_seqlens: Vec<u32>,
+        seqs: Arc<Seqs<B>>,
         heads: usize,
         scale: f32,
         lse: Tensor<B>,
@@ -353,7 +355,7 @@ impl<'a, B: Backend> Tape<'a, B> {
         q: Var,
         k: Var,
         v: Var,
-        cu_seqlens: &[u32],
+        seqs: &Arc<Seqs<B>>,
         heads: usize,
         scale: f32,
     ) -> Result<Var> {
@@ -361,7 +363,7 @@ impl<'a, B: Backend> Tape<'a, B> {
             self.value(q),
             self.value(k),
             self.value(v),
-            cu_seqlens,
+            seqs,
             heads,
             scale,
         )?;
@@ -372,7 +374,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 q,
                 k,
                 v,
-                cu_seqlens: cu_seqlens.to_vec(),
+                seqs: Arc::clone(seqs),
                 heads,
                 scale,
                 lse,
@@ -723,7 +725,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                     q,
                     k,
                     v,
-                    cu_seqlens,
+                    seqs,
                     heads,
                     scale,
                     lse,
@@ -735,7 +737,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                         val(*v),
                         node.value.get(),
                         lse,
-                        cu_seqlens,
+                        seqs,
                         *heads,
                         *scale,
                     )?;
@@ -746,9 +748,8 @@ impl<'a, B: Backend> Tape<'a, B> {
                 Op::Cast { x } => vec![(*x, be.cast(&g, self.grad_dtype(*x))?)],
                 Op::Dropout { x, p, seed } => vec![(*x, be.dropout(&g, *p, *seed)?)],
                 Op::SumAll { x } => {
-                    let v = be.to_vec_f32(&g)?[0];
                     let xv = val(*x);
-                    vec![(*x, be.fill(xv.shape(), v, xv.dtype())?)]
+                    vec![(*x, be.broadcast(g, xv.shape(), xv.dtype())?)]
                 }
                 Op::SoftCrossEntropy {
                     logits,

@@ -5,7 +5,7 @@
 //! `m3 selfcheck` runs it as the model-free self-check.
 
 use crate::autograd::{Tape, Var};
-use crate::backend::Backend;
+use crate::backend::{Backend, Seqs};
 use crate::error::Result;
 use crate::rng::Rng;
 use crate::tensor::{DType, HostData, Tensor};
@@ -438,7 +438,10 @@ pub fn op_cases<B: Backend + 'static>(rng: &mut Rng, d: CaseDims) -> Vec<Case<B>
         cases.push(Case {
             name: format!("attention({heads}x{head_dim})"),
             inputs: qkv,
-            f: Box::new(move |t, v| t.attention(v[0], v[1], v[2], &cu, heads, 0.25)),
+            f: Box::new(move |t, v| {
+                let seqs = std::sync::Arc::new(Seqs::new(t.backend(), &cu)?);
+                t.attention(v[0], v[1], v[2], &seqs, heads, 0.25)
+            }),
             device: DeviceCheck::Full,
         });
     }

@@ -4,6 +4,8 @@
 //! GPU bundle sets it, so a machine without a working GPU fails loudly there).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use m3::backend::cuda::Cuda;
 use m3::backend::Backend;
 use m3::collective::Solo;
@@ -462,6 +464,20 @@ fn whole_encoder_against_cpu(variants: bool) {
             score_err <= 1e-2,
             "bf16 ({label}) lexical score matrix off by {score_err:.3e}"
         );
+    }
+}
+
+/// A training step on the GPU waits for it no more often than the CPU count allows
+/// (tests/train.rs): the id checks, attention offsets, sums' backward, loss parts and
+/// sub-batch gradients stay on the device; f32 and bf16 compute.
+#[test]
+fn a_training_step_on_the_gpu_makes_a_bounded_number_of_host_syncs() {
+    let Some(dev) = gpu() else { return };
+    for dtype in [DType::F32, DType::BF16] {
+        for c in common::steps::step_host_syncs(&dev, &fixtures().join("tiny-m3"), dtype) {
+            println!("{dtype} {c:?}");
+            c.assert_bounded(&format!("cuda {dtype}"));
+        }
     }
 }
 

@@ -2,15 +2,15 @@
 //! `--resume` continues bit-identically, sub-batches give the unsplit gradient, and a
 //! non-finite loss stops training naming the step.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use m3::backend::cpu::Cpu;
-use m3::batch::pack_in_order;
 use m3::collective::Solo;
 use m3::model::embedder::{Embedder, EncodeOptions};
 use m3::train::arena::{GradArena, ParamLayout};
-use m3::train::forward::{step_grads, RankLoss, StepBatch, StepDropout};
-use m3::train::loss::{KdLoss, LossConfig};
+use m3::train::forward::{step_grads, RankLoss, StepDropout};
 use m3::train::model::TrainModel;
 use m3::train::optim::AdamW;
 use m3::train::options::TrainOptions;
@@ -312,35 +312,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 fn sub_batches_give_the_unsplit_gradient() {
     let mut model = TrainModel::load(&Cpu, &fixture(), DType::F32, 0).unwrap();
     let layout = ParamLayout::of(&mut model);
-    let m = Embedder::load(&Cpu, &fixture(), DType::F32).unwrap();
-    let enc = |t: &str| m.tokenize(t, &EncodeOptions::default()).unwrap();
-    let off = model.config.position_offset();
-    let batch = StepBatch {
-        q: pack_in_order(
-            &[
-                enc("What is the capital of France?"),
-                enc("Der schnelle braune Fuchs"),
-                enc("狐狸"),
-            ],
-            off,
-        ),
-        p: pack_in_order(
-            &[
-                "Paris is the capital of France.",
-                "Быстрая коричневая лиса прыгает",
-                "The quick brown fox jumps over the lazy dog.",
-                "敏捷的棕色狐狸跳过了懒狗。",
-                "Mount Everest is 8849 metres high.",
-                "Es ist halb drei am Nachmittag.",
-            ]
-            .map(enc),
-            off,
-        ),
-    };
-    let s = m.tokenizer.specials;
-    let mut cfg = LossConfig::new(2, vec![s.cls, s.eos, s.pad.unwrap(), s.unk.unwrap()]);
-    cfg.temperature = 0.05;
-    cfg.teacher = Some((vec![1.0, 0.2, 0.5, 0.4, 2.0, -1.0], KdLoss::KlDiv));
+    let (batch, cfg) = common::steps::small_batch(&fixture());
     // Dropout on: the masks must follow tokens, not sub-batches.
     let drop = StepDropout { p: 0.2, seed: 3 };
     // The loss and each weight's gradient (model order) on the host.
@@ -392,5 +364,14 @@ fn sub_batches_give_the_unsplit_gradient() {
                 "sub-batch {n}: tensor #{k} differs by {worst} (scale {scale})"
             );
         }
+    }
+}
+
+/// Host syncs of a training step, counted on the CPU through the same calls a GPU waits
+/// on (tests/cuda_ops.rs holds the GPU to the same bound).
+#[test]
+fn a_training_step_makes_a_bounded_number_of_host_syncs() {
+    for c in common::steps::step_host_syncs(&Cpu, &fixture(), DType::F32) {
+        c.assert_bounded("cpu f32");
     }
 }

@@ -12,6 +12,12 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod host_syncs;
+mod seqs;
+
+pub(crate) use host_syncs::count_host_sync;
+pub use host_syncs::host_syncs;
+pub use seqs::Seqs;
 
 use crate::error::{dtype_err, shape_err, Error, Result};
 pub use crate::tensor::Device;
@@ -39,8 +45,15 @@ pub struct LayerNormGrads<B: Backend> {
 
 /// Kernel-level operations; one implementation per device.
 pub trait Backend: Device + Sized + Send + Sync {
+    /// What the backend keeps of a batch's sequence offsets for its attention kernels
+    /// (`()` on the CPU; the offsets and flash tiles on the device on CUDA).
+    type SeqsKept: Send + Sync;
+
     /// Human-readable device name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
+
+    /// The backend's part of [`Seqs`] from offsets [`Seqs::new`] has checked.
+    fn keep_seqs(&self, cu_seqlens: &[u32]) -> Result<Self::SeqsKept>;
 
     /// Inference's FFN up-projection: `gelu(x · w + bias)` with exact (erf) GELU, `w`
     /// `[in, out]`. The default is the composition, which is the reference.
@@ -350,7 +363,7 @@ pub trait Backend: Device + Sized + Send + Sync {
 
     /// Multi-head attention over a packed batch: `q`, `k`, `v` are `[T, heads·head_dim]`
     /// (head `h` in columns `h·head_dim..`), sequence `i` is rows `cu_seqlens[i] ..
-    /// cu_seqlens[i+1]`, and each row attends to every row of its own sequence
+    /// cu_seqlens[i+1]` of `seqs`, and each row attends to every row of its own sequence
     /// (non-causal): `out = softmax(scale · Q Kᵀ) V`. Returns `out` (q's dtype) and the f32
     /// log-sum-exp of the scaled scores, `[T, heads]`, for the backward pass.
     fn attention(
@@ -358,7 +371,7 @@ pub trait Backend: Device + Sized + Send + Sync {
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>)>;
@@ -372,7 +385,7 @@ pub trait Backend: Device + Sized + Send + Sync {
         v: &Tensor<Self>,
         out: &Tensor<Self>,
         lse: &Tensor<Self>,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
@@ -404,6 +417,27 @@ pub trait Backend: Device + Sized + Send + Sync {
     fn sum_all(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
     /// A tensor of `shape` with every element `value`.
     fn fill(&self, shape: &[usize], value: f32, dtype: DType) -> Result<Tensor<Self>>;
+    /// A tensor of `shape` and `dtype` with every element the f32 scalar `value` (one
+    /// element), made where `value` lives, without reading it back to the host (a sum's
+    /// backward). The default gathers `value`'s one row once per element.
+    fn broadcast(
+        &self,
+        value: Tensor<Self>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        check_dtype("broadcast", "value", &value, DType::F32)?;
+        let n: usize = shape.iter().product();
+        let row0 = self.upload(HostData::U32(&vec![0; n]), &[n])?;
+        let y = self
+            .embedding(&value.reshape(&[1, 1])?, &row0)?
+            .reshape(shape)?;
+        if dtype == DType::F32 {
+            Ok(y)
+        } else {
+            self.cast(&y, dtype)
+        }
+    }
 
     /// Row-wise cross-entropy against soft targets: `loss[r] = -Σ_c t[r,c] ·
     /// log_softmax(logits)[r,c]` (f32 `[rows]`), with the f32 log-sum-exp `[rows]` saved.
@@ -749,13 +783,13 @@ pub(crate) fn check_ids(op: &'static str, ids: &[u32], limit: usize) -> Result<(
 }
 
 /// Validated attention geometry `(tokens, hidden, head_dim)`: q, k, v share shape
-/// `[T, hidden]` and dtype, `hidden` splits into `heads`, and `cu_seqlens` runs from 0 to T
-/// without decreasing.
+/// `[T, hidden]` and dtype, `hidden` splits into `heads`, and the sequences cover the T
+/// rows (that they rise from 0 [`Seqs::new`] has checked).
 pub(crate) fn attention_dims<B: Backend>(
     q: &Tensor<B>,
     k: &Tensor<B>,
     v: &Tensor<B>,
-    cu_seqlens: &[u32],
+    seqs: &Seqs<B>,
     heads: usize,
 ) -> Result<(usize, usize, usize)> {
     const OP: &str = "attention";
@@ -775,13 +809,13 @@ pub(crate) fn attention_dims<B: Backend>(
             format!("hidden {hidden} does not split into {heads} heads"),
         );
     }
-    let ok = cu_seqlens.first() == Some(&0)
-        && cu_seqlens.last().map(|&x| x as usize) == Some(t)
-        && cu_seqlens.windows(2).all(|w| w[0] <= w[1]);
-    if !ok {
+    if seqs.tokens() != t {
         return shape_err(
             OP,
-            format!("cu_seqlens must rise from 0 to {t} tokens, got {cu_seqlens:?}"),
+            format!(
+                "cu_seqlens must rise from 0 to {t} tokens, got {:?}",
+                seqs.cu_seqlens()
+            ),
         );
     }
     Ok((t, hidden, hidden / heads))

@@ -7,7 +7,9 @@ use super::config::Config;
 use super::params::{Encoder, Layer, Linear, Norm, Tree};
 use super::weights::{EncoderWeights, LinearWeights};
 use crate::autograd::{Tape, Var};
-use crate::backend::Backend;
+use std::sync::Arc;
+
+use crate::backend::{Backend, Seqs};
 use crate::batch::PackedBatch;
 use crate::error::Result;
 use crate::tensor::{HostData, Tensor};
@@ -25,6 +27,10 @@ trait EncoderOps {
     type W;
     /// What an activation is.
     type X;
+    /// What the attention calls of one batch share of its sequences.
+    type S;
+    /// The batch's sequences, made ready once for every layer.
+    fn seqs(&mut self, batch: &PackedBatch) -> Result<Self::S>;
     /// `LayerNorm(word[ids] + position[positions] + type0)`, then dropout site 0.
     fn embed(&mut self, w: &Encoder<Self::W>, batch: &PackedBatch, eps: f32) -> Result<Self::X>;
     /// `x Wᵀ + b`.
@@ -35,7 +41,7 @@ trait EncoderOps {
     fn attention(
         &mut self,
         qkv: [&Self::X; 3],
-        cu_seqlens: &[u32],
+        seqs: &Self::S,
         heads: usize,
         scale: f32,
     ) -> Result<Self::X>;
@@ -59,18 +65,14 @@ fn run<E: EncoderOps>(
 ) -> Result<E::X> {
     let eps = c.layer_norm_eps;
     let mut x = e.embed(w, batch, eps)?;
+    let seqs = e.seqs(batch)?;
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     for (i, l) in w.layers.iter().enumerate() {
         let site = 1 + 2 * i as u64;
         let q = e.linear(&x, &l.q)?;
         let k = e.linear(&x, &l.k)?;
         let v = e.linear(&x, &l.v)?;
-        let a = e.attention(
-            [&q, &k, &v],
-            &batch.cu_seqlens,
-            c.num_attention_heads,
-            scale,
-        )?;
+        let a = e.attention([&q, &k, &v], &seqs, c.num_attention_heads, scale)?;
         let o = e.linear(&a, &l.attn_out)?;
         x = e.residual_norm(o, &x, &l.attn_norm, eps, site)?;
         let h = e.linear_gelu(&x, &l.ffn_in)?;
@@ -86,6 +88,11 @@ struct Fused<'a, B: Backend>(&'a B);
 impl<B: Backend> EncoderOps for Fused<'_, B> {
     type W = Tensor<B>;
     type X = Tensor<B>;
+    type S = Seqs<B>;
+
+    fn seqs(&mut self, batch: &PackedBatch) -> Result<Seqs<B>> {
+        Seqs::new(self.0, &batch.cu_seqlens)
+    }
 
     fn embed(&mut self, w: &EncoderWeights<B>, batch: &PackedBatch, eps: f32) -> Result<Tensor<B>> {
         let (be, t) = (self.0, batch.tokens());
@@ -114,11 +121,11 @@ impl<B: Backend> EncoderOps for Fused<'_, B> {
     fn attention(
         &mut self,
         [q, k, v]: [&Tensor<B>; 3],
-        cu_seqlens: &[u32],
+        seqs: &Seqs<B>,
         heads: usize,
         scale: f32,
     ) -> Result<Tensor<B>> {
-        Ok(self.0.attention(q, k, v, cu_seqlens, heads, scale)?.0)
+        Ok(self.0.attention(q, k, v, seqs, heads, scale)?.0)
     }
 
     fn residual_norm(
@@ -201,6 +208,11 @@ struct Taped<'t, 'a, B: Backend> {
 impl<B: Backend> EncoderOps for Taped<'_, '_, B> {
     type W = Var;
     type X = Var;
+    type S = Arc<Seqs<B>>;
+
+    fn seqs(&mut self, batch: &PackedBatch) -> Result<Arc<Seqs<B>>> {
+        Ok(Arc::new(Seqs::new(self.t.backend(), &batch.cu_seqlens)?))
+    }
 
     fn embed(&mut self, w: &EncoderVars, batch: &PackedBatch, eps: f32) -> Result<Var> {
         let (t, n) = (&mut *self.t, batch.tokens());
@@ -229,11 +241,11 @@ impl<B: Backend> EncoderOps for Taped<'_, '_, B> {
     fn attention(
         &mut self,
         [q, k, v]: [&Var; 3],
-        cu_seqlens: &[u32],
+        seqs: &Arc<Seqs<B>>,
         heads: usize,
         scale: f32,
     ) -> Result<Var> {
-        self.t.attention(*q, *k, *v, cu_seqlens, heads, scale)
+        self.t.attention(*q, *k, *v, seqs, heads, scale)
     }
 
     fn residual_norm(&mut self, o: Var, x: &Var, n: &NormVars, eps: f32, site: u64) -> Result<Var> {

@@ -341,12 +341,8 @@ fn scatter_back<B: Backend>(
     };
     comm.all_reduce_sum(be, &mut all)?;
     let (rows, d) = t.value(p.dense).rows_cols();
-    let start = x.p0;
-    let flat = be.to_vec_f32(&all)?;
-    let mine = be.upload(
-        HostData::F32(&flat[start * d..(start + rows) * d]),
-        &[rows, d],
-    )?;
+    let mut mine = be.zeros(&[rows, d], DType::F32)?;
+    be.read_at(&all, x.p0 * d, &mut mine)?;
     let total = match g.take(p.dense) {
         Some(mut own) => {
             be.add_assign(&mut own, &mine)?;
@@ -359,7 +355,8 @@ fn scatter_back<B: Backend>(
 }
 
 /// One side's head outputs gathered over its sub-batches (host copies: pass one keeps
-/// these and nothing else).
+/// these and nothing else, so device memory holds one sub-batch's activations at a time;
+/// their gradients are cut into sub-batch pieces on the device).
 #[derive(Default)]
 struct SideValues {
     dense: Vec<f32>,
@@ -408,22 +405,24 @@ impl SideValues {
         s: &Side,
     ) -> Result<Vec<OutputGrads<B>>> {
         let (d, dc) = self.dims;
-        let host = |g: &mut crate::autograd::Grads<B>, v: Var| -> Result<Option<Vec<f32>>> {
-            g.take(v).map(|t| be.to_vec_f32(&t)).transpose()
-        };
-        let (gd, gs, gc) = (host(g, s.dense)?, host(g, s.sparse)?, host(g, s.colbert)?);
+        let (gd, gs, gc) = (g.take(s.dense), g.take(s.sparse), g.take(s.colbert));
         let mut out = Vec::new();
         let (mut o_d, mut o_s, mut o_c) = (0, 0, 0);
         for &(n, tokens, rows) in &self.parts {
-            let piece = |v: &Option<Vec<f32>>, at: usize, len: usize, shape: &[usize]| {
+            // Cut on the device: the gradients are not read back.
+            let piece = |v: &Option<Tensor<B>>, at: usize, shape: &[usize]| {
                 v.as_ref()
-                    .map(|v| be.upload(HostData::F32(&v[at..at + len]), shape))
+                    .map(|v| {
+                        let mut p = be.zeros(shape, DType::F32)?;
+                        be.read_at(v, at, &mut p)?;
+                        Ok(p)
+                    })
                     .transpose()
             };
             out.push([
-                piece(&gd, o_d, n * d, &[n, d])?,
-                piece(&gs, o_s, tokens, &[tokens])?,
-                piece(&gc, o_c, rows * dc, &[rows, dc])?,
+                piece(&gd, o_d, &[n, d])?,
+                piece(&gs, o_s, &[tokens])?,
+                piece(&gc, o_c, &[rows, dc])?,
             ]);
             o_d += n * d;
             o_s += tokens;

@@ -16,7 +16,7 @@
 use crate::autograd::{Tape, Var};
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::tensor::HostData;
+use crate::tensor::{DType, HostData};
 
 /// One side's head outputs, recorded on the tape.
 pub struct Side {
@@ -111,17 +111,26 @@ pub struct LossValues {
 }
 
 impl LossParts {
-    /// Reads the parts back from the tape.
+    /// Reads the parts back from the tape, in one read (each read waits for the device):
+    /// they are added into one zeroed buffer first.
     pub fn values<B: Backend>(&self, t: &Tape<'_, B>) -> Result<LossValues> {
-        let get = |v: Var| -> Result<f32> { Ok(t.backend().to_vec_f32(t.value(v))?[0]) };
+        let be = t.backend();
+        let vars: Vec<Var> = [self.loss, self.dense]
+            .into_iter()
+            .chain(self.unified.into_iter().flatten())
+            .chain(self.distill)
+            .collect();
+        let mut all = be.zeros(&[vars.len()], DType::F32)?;
+        for (i, &v) in vars.iter().enumerate() {
+            be.add_at(&mut all, i, t.value(v))?;
+        }
+        let mut got = be.take_vec_f32(all)?.into_iter();
+        let mut next = || got.next().expect("one value per part");
         Ok(LossValues {
-            loss: get(self.loss)?,
-            dense: get(self.dense)?,
-            unified: match self.unified {
-                Some([a, b, c]) => Some([get(a)?, get(b)?, get(c)?]),
-                None => None,
-            },
-            distill: self.distill.map(get).transpose()?,
+            loss: next(),
+            dense: next(),
+            unified: self.unified.map(|_| [next(), next(), next()]),
+            distill: self.distill.map(|_| next()),
         })
     }
 }

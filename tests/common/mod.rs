@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pickles;
+pub mod steps;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

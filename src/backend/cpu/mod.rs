@@ -17,9 +17,9 @@ use rayon::prelude::*;
 
 use super::{
     adamw_host, attention_dims, check_adamw, check_at, check_embedding_backward_at, check_float,
-    check_ids, check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims,
-    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep,
-    Backend, LayerNormGrads, LayerNormOut, LexicalSide,
+    check_ids, check_lexical_side, check_range, check_same, check_vec, count_host_sync,
+    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
+    maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut, LexicalSide, Seqs,
 };
 use crate::error::{dtype_err, shape_err, Result};
 use crate::tensor::{DType, Device, HostData, Tensor};
@@ -150,12 +150,29 @@ fn product(
     Ok(tensor(&[m, n], c))
 }
 
+/// A float tensor's values as f32 (a copy).
+fn f32_values(t: &T) -> Result<Vec<f32>> {
+    match t.storage() {
+        CpuStorage::F32(v) => Ok(v.clone()),
+        CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::Packed(p) => Ok(p.unpack()),
+        CpuStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+    }
+}
+
 impl Backend for Cpu {
+    type SeqsKept = ();
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn keep_seqs(&self, _cu_seqlens: &[u32]) -> Result<()> {
+        Ok(())
+    }
+
     fn take_vec_f32(&self, t: T) -> Result<Vec<f32>> {
+        count_host_sync();
         let n = t.numel();
         match t.into_storage() {
             CpuStorage::F32(mut v) => {
@@ -218,15 +235,12 @@ impl Backend for Cpu {
     }
 
     fn to_vec_f32(&self, t: &T) -> Result<Vec<f32>> {
-        match t.storage() {
-            CpuStorage::F32(v) => Ok(v.clone()),
-            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-            CpuStorage::Packed(p) => Ok(p.unpack()),
-            CpuStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
-        }
+        count_host_sync();
+        f32_values(t)
     }
 
     fn to_vec_u32(&self, t: &T) -> Result<Vec<u32>> {
+        count_host_sync();
         u32s("to_vec_u32", "tensor", t).map(<[u32]>::to_vec)
     }
 
@@ -242,7 +256,7 @@ impl Backend for Cpu {
 
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
         check_float("cast", "x", x)?;
-        let v = self.to_vec_f32(x)?;
+        let v = f32_values(x)?;
         let storage = match dtype {
             DType::F32 => CpuStorage::F32(v),
             DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
@@ -360,6 +374,7 @@ impl Backend for Cpu {
     }
 
     fn sum_squares(&self, x: &T) -> Result<f64> {
+        count_host_sync();
         let v = f32s("sum_squares", "x", x)?;
         let parts: Vec<f64> = v
             .par_chunks(1 << 16)
@@ -628,12 +643,12 @@ impl Backend for Cpu {
         q: &T,
         k: &T,
         v: &T,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(T, T)> {
         const OP: &str = "attention";
-        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        let (t, hidden, head_dim) = attention_dims(q, k, v, seqs, heads)?;
         let g = attention::Geometry {
             hidden,
             head_dim,
@@ -644,7 +659,7 @@ impl Backend for Cpu {
             f32s(OP, "q", q)?,
             f32s(OP, "k", k)?,
             f32s(OP, "v", v)?,
-            cu_seqlens,
+            seqs.cu_seqlens(),
             g,
         );
         Ok((tensor(&[t, hidden], out), tensor(&[t, heads], lse)))
@@ -658,12 +673,12 @@ impl Backend for Cpu {
         v: &T,
         out: &T,
         lse: &T,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(T, T, T)> {
         const OP: &str = "attention_backward";
-        let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+        let (t, hidden, head_dim) = attention_dims(q, k, v, seqs, heads)?;
         check_same(OP, ("dout", dout), ("q", q))?;
         check_same(OP, ("out", out), ("q", q))?;
         if lse.shape() != [t, heads] {
@@ -684,7 +699,7 @@ impl Backend for Cpu {
             f32s(OP, "k", k)?,
             f32s(OP, "v", v)?,
             f32s(OP, "lse", lse)?,
-            cu_seqlens,
+            seqs.cu_seqlens(),
             g,
         );
         Ok((

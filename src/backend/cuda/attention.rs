@@ -17,33 +17,62 @@ pub(super) fn attention_instance(op: &'static str, head_dim: usize) -> Result<us
     }
 }
 
-impl Cuda {
-    /// The launch of the flash attention kernels (flash.cu, flash_bwd.cu): (sequence, first
-    /// row) of every 64-row tile of a packed batch, uploaded, and the grid (tiles, heads) of
-    /// 128-thread blocks.
-    pub(super) fn flash_launch(
-        &self,
-        op: &'static str,
-        cu_seqlens: &[u32],
-        heads: usize,
-    ) -> Result<(T, LaunchConfig)> {
-        let mut tiles = Vec::new();
-        for (s, w) in cu_seqlens.windows(2).enumerate() {
-            for start in (w[0]..w[1]).step_by(64) {
-                tiles.extend([s as u32, start]);
-            }
+/// Rows of one flash tile (flash.cu, flash_bwd.cu).
+const FLASH_TILE_ROWS: usize = 64;
+
+/// A batch's sequences on the device, uploaded once per batch ([`Seqs`]): the offsets,
+/// and the (sequence, first row) pair of every 64-row flash tile.
+pub struct DeviceSeqs {
+    cu: T,
+    tiles: Option<T>,
+    ntiles: usize,
+}
+
+/// (sequence, first row) of every flash tile of the packed sequences `cu_seqlens`.
+fn flash_tiles(cu_seqlens: &[u32]) -> Vec<u32> {
+    let mut tiles = Vec::new();
+    for (s, w) in cu_seqlens.windows(2).enumerate() {
+        for start in (w[0]..w[1]).step_by(FLASH_TILE_ROWS) {
+            tiles.extend([s as u32, start]);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                to_i32(op, "tiles", tiles.len() / 2)? as u32,
-                to_i32(op, "heads", heads)? as u32,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        Ok((self.upload(HostData::U32(&tiles), &[tiles.len()])?, cfg))
     }
+    tiles
+}
+
+pub(super) fn keep_seqs(be: &Cuda, cu_seqlens: &[u32]) -> Result<DeviceSeqs> {
+    let tiles = flash_tiles(cu_seqlens);
+    let ntiles = tiles.len() / 2;
+    Ok(DeviceSeqs {
+        cu: be.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?,
+        tiles: if tiles.is_empty() {
+            None
+        } else {
+            Some(be.upload(HostData::U32(&tiles), &[tiles.len()])?)
+        },
+        ntiles,
+    })
+}
+
+/// The flash kernels' tiles and grid (tiles, heads) of 128-thread blocks.
+fn flash_launch<'a>(
+    op: &'static str,
+    seqs: &'a Seqs<Cuda>,
+    heads: usize,
+) -> Result<(&'a T, LaunchConfig)> {
+    let d = seqs.kept();
+    let Some(tiles) = &d.tiles else {
+        return shape_err(op, "the flash kernels need at least one row");
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            to_i32(op, "tiles", d.ntiles)? as u32,
+            to_i32(op, "heads", heads)? as u32,
+            1,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((tiles, cfg))
 }
 
 pub(super) fn attention(
@@ -51,12 +80,13 @@ pub(super) fn attention(
     q: &T,
     k: &T,
     v: &T,
-    cu_seqlens: &[u32],
+    seqs: &Seqs<Cuda>,
     heads: usize,
     scale: f32,
 ) -> Result<(T, T)> {
     const OP: &str = "attention";
-    let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+    let (t, hidden, head_dim) = attention_dims(q, k, v, seqs, heads)?;
+    let cu = &seqs.kept().cu;
     let inst = attention_instance(OP, head_dim)?;
     let mut out = be.alloc(&[t, hidden], q.dtype())?;
     let mut lse = be.alloc(&[t, heads], DType::F32)?;
@@ -64,30 +94,28 @@ pub(super) fn attention(
     // otherwise, or with M3_ATTENTION=naive, the one-warp-per-row baseline.
     let flash = q.dtype() == DType::BF16 && head_dim == inst && !be.attention_naive;
     if t > 0 && flash {
-        let cu = be.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
-        let (tiles, cfg) = be.flash_launch(OP, cu_seqlens, heads)?;
+        let (tiles, cfg) = flash_launch(OP, seqs, heads)?;
         let variant = if be.flash_ldmatrix.load(Ordering::Relaxed) {
             "flash_ldm"
         } else {
             "flash"
         };
         let f = be.func("flash", &format!("attention_fwd_{variant}_d{inst}_bf16"))?;
-        let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+        let nseq = to_i32(OP, "sequences", seqs.len())?;
         let h = to_i32(OP, "heads", heads)?;
         launch!(
             be,
             f,
             cfg,
-            [q, k, v, &mut out, &mut lse, &tiles, &cu, &nseq, &h, &scale]
+            [q, k, v, &mut out, &mut lse, tiles, cu, &nseq, &h, &scale]
         )?;
     } else if t > 0 {
-        let cu = be.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
         let f = be.func(
             "attention",
             &format!("attention_fwd_naive_d{inst}_{}", sfx(q.dtype())),
         )?;
         let d = to_i32(OP, "head dim", head_dim)?;
-        let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+        let nseq = to_i32(OP, "sequences", seqs.len())?;
         let h = to_i32(OP, "heads", heads)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
@@ -98,7 +126,7 @@ pub(super) fn attention(
             be,
             f,
             cfg,
-            [q, k, v, &mut out, &mut lse, &cu, &nseq, &h, &d, &scale]
+            [q, k, v, &mut out, &mut lse, cu, &nseq, &h, &d, &scale]
         )?;
     }
     Ok((out, lse))
@@ -113,12 +141,13 @@ pub(super) fn attention_backward(
     v: &T,
     out: &T,
     lse: &T,
-    cu_seqlens: &[u32],
+    seqs: &Seqs<Cuda>,
     heads: usize,
     scale: f32,
 ) -> Result<(T, T, T)> {
     const OP: &str = "attention_backward";
-    let (t, hidden, head_dim) = attention_dims(q, k, v, cu_seqlens, heads)?;
+    let (t, hidden, head_dim) = attention_dims(q, k, v, seqs, heads)?;
+    let cu = &seqs.kept().cu;
     check_same(OP, ("dout", dout), ("q", q))?;
     check_same(OP, ("out", out), ("q", q))?;
     check_dtype(OP, "lse", lse, DType::F32)?;
@@ -135,7 +164,6 @@ pub(super) fn attention_backward(
     let flash =
         q.dtype() == DType::BF16 && head_dim == inst && be.flash_backward.load(Ordering::Relaxed);
     if t > 0 && flash {
-        let cu = be.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
         let mut delta = be.alloc(&[t, heads], DType::F32)?;
         let (rows, h, d) = (
             to_i32(OP, "tokens", t)?,
@@ -150,7 +178,7 @@ pub(super) fn attention_backward(
             grid_rows(pairs),
             [dout, out, &mut delta, &rows, &h, &d]
         )?;
-        let (tiles, cfg) = be.flash_launch(OP, cu_seqlens, heads)?;
+        let (tiles, cfg) = flash_launch(OP, seqs, heads)?;
         let f = be.func(
             "flash_bwd",
             &format!("attention_bwd_dkv_flash_d{inst}_bf16"),
@@ -159,20 +187,19 @@ pub(super) fn attention_backward(
             be,
             f,
             cfg,
-            [dout, q, k, v, lse, &delta, &mut dk, &mut dv, &tiles, &cu, &h, &scale]
+            [dout, q, k, v, lse, &delta, &mut dk, &mut dv, tiles, cu, &h, &scale]
         )?;
         let f = be.func("flash_bwd", &format!("attention_bwd_dq_flash_d{inst}_bf16"))?;
         launch!(
             be,
             f,
             cfg,
-            [dout, q, k, v, lse, &delta, &mut dq, &tiles, &cu, &h, &scale]
+            [dout, q, k, v, lse, &delta, &mut dq, tiles, cu, &h, &scale]
         )?;
     } else if t > 0 {
-        let cu = be.upload(HostData::U32(cu_seqlens), &[cu_seqlens.len()])?;
         let mut delta = be.alloc(&[t, heads], DType::F32)?;
         let d = to_i32(OP, "head dim", head_dim)?;
-        let nseq = to_i32(OP, "sequences", cu_seqlens.len() - 1)?;
+        let nseq = to_i32(OP, "sequences", seqs.len())?;
         let h = to_i32(OP, "heads", heads)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
@@ -185,7 +212,7 @@ pub(super) fn attention_backward(
             be,
             f,
             cfg,
-            [dout, q, k, v, out, lse, &cu, &mut delta, &mut dq, &nseq, &h, &d, &scale]
+            [dout, q, k, v, out, lse, cu, &mut delta, &mut dq, &nseq, &h, &d, &scale]
         )?;
         let f = be.func(
             "attention",
@@ -195,7 +222,7 @@ pub(super) fn attention_backward(
             be,
             f,
             cfg,
-            [dout, q, k, v, lse, &delta, &cu, &mut dk, &mut dv, &nseq, &h, &d, &scale]
+            [dout, q, k, v, lse, &delta, cu, &mut dk, &mut dv, &nseq, &h, &d, &scale]
         )?;
     }
     Ok((dq, dk, dv))

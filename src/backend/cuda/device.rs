@@ -88,6 +88,7 @@ impl Cuda {
                     self.stream
                         .alloc::<u32>(n)
                         .map_err(|e| cuda_err("alloc", e))?,
+                    None,
                 ),
             }
         };
@@ -95,7 +96,7 @@ impl Cuda {
             let (ptr, bytes) = match &mut storage {
                 CudaStorage::F32(s) => (s.device_ptr_mut(&self.stream).0, n * 4),
                 CudaStorage::BF16(s) => (s.device_ptr_mut(&self.stream).0, n * 2),
-                CudaStorage::U32(s) => (s.device_ptr_mut(&self.stream).0, n * 4),
+                CudaStorage::U32(s, _) => (s.device_ptr_mut(&self.stream).0, n * 4),
             };
             // SAFETY: ptr addresses `bytes` bytes just allocated on this stream.
             unsafe {
@@ -136,7 +137,7 @@ impl Cuda {
         match t.storage() {
             CudaStorage::F32(s) => s.device_ptr(&self.stream).0,
             CudaStorage::BF16(s) => s.device_ptr(&self.stream).0,
-            CudaStorage::U32(s) => s.device_ptr(&self.stream).0,
+            CudaStorage::U32(s, _) => s.device_ptr(&self.stream).0,
         }
     }
 
@@ -144,13 +145,23 @@ impl Cuda {
         let r = match t.storage_mut() {
             CudaStorage::F32(s) => self.stream.memset_zeros(s),
             CudaStorage::BF16(s) => self.stream.memset_zeros(s),
-            CudaStorage::U32(s) => self.stream.memset_zeros(s),
+            CudaStorage::U32(s, max) => {
+                *max = None;
+                self.stream.memset_zeros(s)
+            }
         };
         r.map_err(|e| cuda_err("memset", e))
     }
 
     /// Ids are validated on the host: an out-of-range id would read or write out of bounds.
+    /// Ids uploaded from the host carry their largest value, so they need no download;
+    /// others (or out-of-range ones, for the message naming the position) are downloaded.
     pub(super) fn check_ids_device(&self, op: &'static str, ids: &T, limit: usize) -> Result<()> {
+        if let CudaStorage::U32(_, Some(max)) = ids.storage() {
+            if (*max as usize) < limit {
+                return Ok(());
+            }
+        }
         check_ids(op, &self.to_vec_u32(ids)?, limit)
     }
 }
@@ -210,12 +221,15 @@ pub(super) fn upload(be: &Cuda, data: HostData<'_>, shape: &[usize]) -> Result<T
     let storage = match data {
         HostData::F32(v) => CudaStorage::F32(be.stream.clone_htod(v).map_err(e)?),
         HostData::BF16(v) => CudaStorage::BF16(be.stream.clone_htod(v).map_err(e)?),
-        HostData::U32(v) => CudaStorage::U32(be.stream.clone_htod(v).map_err(e)?),
+        HostData::U32(v) => {
+            CudaStorage::U32(be.stream.clone_htod(v).map_err(e)?, v.iter().max().copied())
+        }
     };
     Ok(Tensor::from_parts(shape.to_vec(), data.dtype(), storage))
 }
 
 pub(super) fn to_vec_f32(be: &Cuda, t: &T) -> Result<Vec<f32>> {
+    count_host_sync();
     let n = t.numel();
     let e = |e| cuda_err("download", e);
     if n >= STAGED_DOWNLOAD {
@@ -226,7 +240,7 @@ pub(super) fn to_vec_f32(be: &Cuda, t: &T) -> Result<Vec<f32>> {
             CudaStorage::BF16(s) => {
                 download_staged(ctx, stream, &mut staging.bf16, s, n, |x| x.to_f32())
             }
-            CudaStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+            CudaStorage::U32(..) => dtype_err("to_vec_f32", "tensor is u32"),
         };
     }
     match t.storage() {
@@ -239,13 +253,14 @@ pub(super) fn to_vec_f32(be: &Cuda, t: &T) -> Result<Vec<f32>> {
             let v = be.stream.clone_dtoh(s).map_err(e)?;
             Ok(v[..n].iter().map(|x| x.to_f32()).collect())
         }
-        CudaStorage::U32(_) => dtype_err("to_vec_f32", "tensor is u32"),
+        CudaStorage::U32(..) => dtype_err("to_vec_f32", "tensor is u32"),
     }
 }
 
 pub(super) fn to_vec_u32(be: &Cuda, t: &T) -> Result<Vec<u32>> {
+    count_host_sync();
     match t.storage() {
-        CudaStorage::U32(s) => {
+        CudaStorage::U32(s, _) => {
             let mut v = be
                 .stream
                 .clone_dtoh(s)

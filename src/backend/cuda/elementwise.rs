@@ -125,6 +125,7 @@ pub(super) fn sum_squares(be: &Cuda, x: &T) -> Result<f64> {
         shared_mem_bytes: 0,
     };
     launch!(be, f, cfg, [x, &mut partial, &n])?;
+    count_host_sync();
     let host = be
         .stream
         .clone_dtoh(&partial)

@@ -50,7 +50,7 @@ impl<'a> KernelArg<'a> for &'a T {
         match self.storage() {
             CudaStorage::F32(s) => b.arg(s),
             CudaStorage::BF16(s) => b.arg(s),
-            CudaStorage::U32(s) => b.arg(s),
+            CudaStorage::U32(s, _) => b.arg(s),
         };
     }
 }
@@ -60,7 +60,10 @@ impl<'a> KernelArg<'a> for &'a mut T {
         match self.storage_mut() {
             CudaStorage::F32(s) => b.arg(s),
             CudaStorage::BF16(s) => b.arg(s),
-            CudaStorage::U32(s) => b.arg(s),
+            CudaStorage::U32(s, max) => {
+                *max = None;
+                b.arg(s)
+            }
         };
     }
 }

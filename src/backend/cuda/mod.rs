@@ -34,9 +34,9 @@ use half::bf16;
 
 use super::{
     attention_dims, check_adamw, check_at, check_dtype, check_embedding_backward_at, check_float,
-    check_ids, check_lexical_side, check_range, check_same, check_vec, cross_entropy_dims,
-    embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims, maxsim_dims, AdamWStep,
-    Backend, LayerNormGrads, LayerNormOut, LexicalSide,
+    check_ids, check_lexical_side, check_range, check_same, check_vec, count_host_sync,
+    cross_entropy_dims, embedding_dims, layernorm_backward_dims, layernorm_dims, matmul_dims,
+    maxsim_dims, AdamWStep, Backend, LayerNormGrads, LayerNormOut, LexicalSide, Seqs,
 };
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::score::LexicalEntries;
@@ -83,8 +83,11 @@ pub enum CudaStorage {
     F32(CudaSlice<f32>),
     /// bf16 elements.
     BF16(CudaSlice<bf16>),
-    /// u32 elements.
-    U32(CudaSlice<u32>),
+    /// u32 elements (ids, offsets), and their largest value where it is known from the
+    /// host values they were uploaded from: ops that index with them then skip the
+    /// download that checks them (an out-of-range id would read out of bounds). A kernel
+    /// writing into the tensor forgets it.
+    U32(CudaSlice<u32>, Option<u32>),
 }
 
 /// Which kernel runs where there is a choice: the validated default, the naive baseline,
@@ -271,13 +274,20 @@ impl Device for Cuda {
 }
 
 impl Backend for Cuda {
+    type SeqsKept = attention::DeviceSeqs;
+
     fn name(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
         format!("cuda:{} {name}", self.ctx.ordinal())
     }
 
+    fn keep_seqs(&self, cu_seqlens: &[u32]) -> Result<attention::DeviceSeqs> {
+        attention::keep_seqs(self, cu_seqlens)
+    }
+
     /// Waits for all queued work; reports asynchronous kernel faults.
     fn synchronize(&self) -> Result<()> {
+        count_host_sync();
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("synchronize", e))
@@ -459,11 +469,11 @@ impl Backend for Cuda {
         q: &T,
         k: &T,
         v: &T,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(T, T)> {
-        attention::attention(self, q, k, v, cu_seqlens, heads, scale)
+        attention::attention(self, q, k, v, seqs, heads, scale)
     }
 
     fn attention_backward(
@@ -474,11 +484,11 @@ impl Backend for Cuda {
         v: &T,
         out: &T,
         lse: &T,
-        cu_seqlens: &[u32],
+        seqs: &Seqs<Self>,
         heads: usize,
         scale: f32,
     ) -> Result<(T, T, T)> {
-        attention::attention_backward(self, dout, q, k, v, out, lse, cu_seqlens, heads, scale)
+        attention::attention_backward(self, dout, q, k, v, out, lse, seqs, heads, scale)
     }
 
     fn softmax_cross_entropy(&self, logits: &T, targets: &T) -> Result<(T, T)> {
