@@ -1,7 +1,8 @@
 //! With feature `cuda`: compiles every `cuda/*.cu` with nvcc into a fatbin (sm_80, sm_90
 //! and compute_90 PTX), fails on any error or warning, fails on register spills in kernels
 //! not listed in `cuda/spills-allowed.txt`, and writes `$OUT_DIR/kernels.rs`, which embeds
-//! the fatbins and ptxas's per-kernel resource report. Without the feature it does nothing.
+//! the fatbins, ptxas's per-kernel resource report and the launch geometry constants of
+//! `cuda/geometry.cuh`. Without the feature it does nothing.
 
 use std::env;
 use std::fmt::Write as _;
@@ -122,7 +123,34 @@ fn main() {
         .unwrap();
     }
     gen.push_str("];\n");
+    gen.push_str(&geometry_consts(&root.join("cuda/geometry.cuh")));
     std::fs::write(out.join("kernels.rs"), gen).expect("write kernels.rs");
+}
+
+/// `pub const NAME: u32 = value;` for each `#define NAME <integer>` of the launch geometry
+/// header, so the Rust launches read the values the kernels were compiled with.
+fn geometry_consts(header: &Path) -> String {
+    let text = std::fs::read_to_string(header)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", header.display()));
+    let mut gen = String::from(
+        "/// Launch geometry shared with the kernels (`cuda/geometry.cuh`).\npub mod geometry {\n",
+    );
+    for line in text.lines().filter(|l| l.starts_with("#define")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let parsed = match words[..] {
+            [_, name, value] => value.parse::<u32>().ok().map(|v| (name, v)),
+            _ => None,
+        };
+        let Some((name, v)) = parsed else {
+            panic!(
+                "{}: `{line}` is not `#define NAME <integer>` (no comment on the line)",
+                header.display()
+            );
+        };
+        writeln!(gen, "    pub const {name}: u32 = {v};").unwrap();
+    }
+    gen.push_str("}\n");
+    gen
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {

@@ -9,8 +9,8 @@ template <typename T>
 __device__ void softmax_ce_fwd(const T* __restrict__ logits,
                                const uint32_t* __restrict__ targets, float* __restrict__ loss,
                                float* __restrict__ lse, int rows, int cols) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* lr = logits + (int64_t)row * cols;
   float m = -INFINITY;

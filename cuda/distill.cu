@@ -10,8 +10,8 @@ template <typename T>
 __device__ void soft_ce_fwd(const T* __restrict__ x, const float* __restrict__ t,
                             float* __restrict__ loss, float* __restrict__ lse, int rows,
                             int cols) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * cols;
   const float* tr = t + (int64_t)row * cols;
@@ -39,8 +39,8 @@ template <typename T>
 __device__ void soft_ce_bwd(const float* __restrict__ dloss, const T* __restrict__ x,
                             const float* __restrict__ lse, const float* __restrict__ t,
                             T* __restrict__ dx, int rows, int cols) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const float* tr = t + (int64_t)row * cols;
   float total = 0.f;

@@ -16,16 +16,17 @@ __device__ void add(const T* __restrict__ a, const T* __restrict__ b, T* __restr
 template <typename T>
 __device__ void sum_rows(const T* __restrict__ x, float* __restrict__ out, int rows,
                          int cols) {
-  __shared__ float part[8][33];
-  int c = blockIdx.x * 32 + threadIdx.x;
+  __shared__ float part[SUM_ROWS_STRIDES][SUM_ROWS_COLS + 1];
+  int c = blockIdx.x * SUM_ROWS_COLS + threadIdx.x;
   float acc = 0.f;
   if (c < cols)
-    for (int r = threadIdx.y; r < rows; r += 8) acc += to_f(x[(int64_t)r * cols + c]);
+    for (int r = threadIdx.y; r < rows; r += SUM_ROWS_STRIDES)
+      acc += to_f(x[(int64_t)r * cols + c]);
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
     float s = 0.f;
-    for (int k = 0; k < 8; ++k) s += part[k][threadIdx.x];
+    for (int k = 0; k < SUM_ROWS_STRIDES; ++k) s += part[k][threadIdx.x];
     out[c] = s;
   }
 }
@@ -95,13 +96,13 @@ __device__ void accumulate(float* dst, const T* src, int64_t n) {
   GRID_STRIDE(i, n) dst[i] += to_f(src[i]);
 }
 
-// Tree sum of one f64 value per thread over a 256-thread block; every thread gets the
+// Tree sum of one f64 value per thread over a REDUCE_THREADS block; every thread gets the
 // total. Once per kernel: there is no barrier before the first write to the shared array.
-__device__ double block_sum_256(double s) {
-  __shared__ double acc[256];
+__device__ double block_sum(double s) {
+  __shared__ double acc[REDUCE_THREADS];
   acc[threadIdx.x] = s;
   __syncthreads();
-  for (int w = 128; w > 0; w >>= 1) {
+  for (int w = REDUCE_THREADS / 2; w > 0; w >>= 1) {
     if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
     __syncthreads();
   }
@@ -119,7 +120,7 @@ __device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict_
     double e = (double)to_f(x[i]);
     s += e * e;
   }
-  s = block_sum_256(s);
+  s = block_sum(s);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
@@ -129,8 +130,8 @@ __device__ void sum_squares_partial(const T* __restrict__ x, double* __restrict_
 template <typename T>
 __device__ void sum_all(const T* __restrict__ x, float* __restrict__ out, int64_t n) {
   double s = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += 256) s += (double)to_f(x[i]);
-  s = block_sum_256(s);
+  for (int64_t i = threadIdx.x; i < n; i += REDUCE_THREADS) s += (double)to_f(x[i]);
+  s = block_sum(s);
   if (threadIdx.x == 0) out[0] = (float)s;
 }
 

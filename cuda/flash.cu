@@ -29,7 +29,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   __shared__ __align__(16) bf16 ks[KT][D + 8];
   __shared__ __align__(16) bf16 vs[KT][D + 8];
   const int h = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, i = lane % 4;
+  const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, i = lane % 4;
   const int hidden = heads * D;
   const uint32_t seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
   const uint32_t s0 = cu[seq], s1 = cu[seq + 1];
@@ -169,13 +169,13 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 }
 
 #define INSTANTIATE(D)                                                                     \
-  extern "C" __global__ void __launch_bounds__(128)                                        \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                        \
       attention_fwd_flash_d##D##_bf16(const bf16* q, const bf16* k, const bf16* v,         \
                                       bf16* out, float* lse, const uint32_t* tiles,        \
                                       const uint32_t* cu, int nseq, int heads, float scale) { \
     flash_fwd<D, false>(q, k, v, out, lse, tiles, cu, nseq, heads, scale);                 \
   }                                                                                        \
-  extern "C" __global__ void __launch_bounds__(128, 2)                                     \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 2)                                     \
       attention_fwd_flash_ldm_d##D##_bf16(const bf16* q, const bf16* k, const bf16* v,     \
                                           bf16* out, float* lse, const uint32_t* tiles,    \
                                           const uint32_t* cu, int nseq, int heads,         \

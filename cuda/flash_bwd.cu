@@ -18,7 +18,7 @@
 // Launch: grid ceil(T * heads / 8), 256 threads; warp w of block b takes pair b * 8 + w.
 __device__ void flash_bwd_delta(const bf16* __restrict__ dout, const bf16* __restrict__ out,
                                 float* __restrict__ delta, int rows, int heads, int D) {
-  const int r = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP, lane = threadIdx.x % WARP;
   if (r >= rows * heads) return;
   const int64_t base = (int64_t)(r / heads) * heads * D + (int64_t)(r % heads) * D;
   float s = 0.f;
@@ -42,7 +42,7 @@ __device__ void flash_bwd_dkv(const bf16* __restrict__ dout, const bf16* __restr
   __shared__ __align__(16) bf16 dos[QT][D + 8];
   __shared__ float lse_s[QT], delta_s[QT];
   const int h = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, i = lane % 4;
+  const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, i = lane % 4;
   const int64_t hidden = (int64_t)heads * D, col0 = (int64_t)h * D;
   const uint32_t seq = tiles[2 * blockIdx.x], k0 = tiles[2 * blockIdx.x + 1];
   const uint32_t s0 = cu[seq], s1 = cu[seq + 1];
@@ -60,7 +60,7 @@ __device__ void flash_bwd_dkv(const bf16* __restrict__ dout, const bf16* __restr
   for (uint32_t q0 = s0; q0 < s1; q0 += QT) {
     __syncthreads();  // the previous tile's readers are done
     load_tiles<D, QT>(qs, dos, q, dout, q0, s1, hidden, col0);
-    for (int r = threadIdx.x; r < QT; r += 128) {
+    for (int r = threadIdx.x; r < QT; r += FLASH_THREADS) {
       const uint32_t row = q0 + r;
       lse_s[r] = row < s1 ? lse[(int64_t)row * heads + h] : 0.f;
       delta_s[r] = row < s1 ? delta[(int64_t)row * heads + h] : 0.f;
@@ -131,7 +131,7 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ dout, const bf16* __restri
   __shared__ __align__(16) bf16 ks[KT][D + 8];
   __shared__ __align__(16) bf16 vs[KT][D + 8];
   const int h = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, i = lane % 4;
+  const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, i = lane % 4;
   const int64_t hidden = (int64_t)heads * D, col0 = (int64_t)h * D;
   const uint32_t seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
   const uint32_t s0 = cu[seq], s1 = cu[seq + 1];
@@ -198,20 +198,20 @@ __device__ void flash_bwd_dq(const bf16* __restrict__ dout, const bf16* __restri
   store_c<D>(dq, dqa, scale, scale, r_lo, r_hi, ok_lo, ok_hi, hidden, col0, i);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(ROW_BLOCK_THREADS)
     attention_bwd_delta_bf16(const bf16* dout, const bf16* out, float* delta, int rows,
                              int heads, int d) {
   flash_bwd_delta(dout, out, delta, rows, heads, d);
 }
 
 #define INSTANTIATE(D, QT)                                                                  \
-  extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkv_flash_d##D##_bf16(   \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_bwd_dkv_flash_d##D##_bf16(   \
       const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* lse,      \
       const float* delta, bf16* dk, bf16* dv, const uint32_t* tiles, const uint32_t* cu,    \
       int heads, float scale) {                                                             \
     flash_bwd_dkv<D, QT>(dout, q, k, v, lse, delta, dk, dv, tiles, cu, heads, scale);       \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_flash_d##D##_bf16(    \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS) attention_bwd_dq_flash_d##D##_bf16(    \
       const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* lse,      \
       const float* delta, bf16* dq, const uint32_t* tiles, const uint32_t* cu, int heads,   \
       float scale) {                                                                        \

@@ -10,8 +10,8 @@ __device__ void layernorm_fwd(const T* __restrict__ x, const T* __restrict__ gam
                               const T* __restrict__ beta, T* __restrict__ y,
                               float* __restrict__ mean, float* __restrict__ rstd, int rows,
                               int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * cols;
   T* yr = y + (int64_t)row * cols;
@@ -39,8 +39,8 @@ __device__ void layernorm_bwd_dx(const T* __restrict__ dy, const T* __restrict__
                                  const T* __restrict__ gamma, const float* __restrict__ mean,
                                  const float* __restrict__ rstd, T* __restrict__ dx, int rows,
                                  int cols) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * cols;
   const T* dr = dy + (int64_t)row * cols;
@@ -71,7 +71,7 @@ __device__ void layernorm_bwd_params(const T* __restrict__ dy, const T* __restri
                                      const float* __restrict__ mean,
                                      const float* __restrict__ rstd, float* __restrict__ pg,
                                      float* __restrict__ pb, int rows, int cols, int chunk) {
-  int c = blockIdx.x * 256 + threadIdx.x;
+  int c = blockIdx.x * COL_BLOCK_THREADS + threadIdx.x;
   if (c >= cols) return;
   int r0 = blockIdx.y * chunk;
   int r1 = min(rows, r0 + chunk);
@@ -95,8 +95,8 @@ template <typename T>
 __device__ void add_layernorm_fwd(const T* __restrict__ a, const T* __restrict__ b,
                                   const T* __restrict__ gamma, const T* __restrict__ beta,
                                   T* __restrict__ y, int rows, int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const int64_t o = (int64_t)row * cols;
   float s = 0.f;
@@ -123,8 +123,8 @@ __device__ void add_layernorm_fwd_vec(const bf16* __restrict__ a, const bf16* __
                                       const bf16* __restrict__ gamma,
                                       const bf16* __restrict__ beta, bf16* __restrict__ y,
                                       int rows, int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const int64_t o = (int64_t)row * cols;
   float x[K][8];
@@ -187,8 +187,8 @@ __device__ void embed_layernorm_fwd(const T* __restrict__ word, const T* __restr
                                     const uint32_t* __restrict__ positions,
                                     const T* __restrict__ gamma, const T* __restrict__ beta,
                                     T* __restrict__ y, int rows, int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* w = word + (int64_t)ids[row] * cols;
   const T* p = position + (int64_t)positions[row] * cols;

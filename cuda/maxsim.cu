@@ -16,8 +16,8 @@ __device__ void maxsim_rows(const T* __restrict__ q, const T* __restrict__ p,
                             const uint32_t* __restrict__ p_cu, float* __restrict__ best,
                             uint32_t* __restrict__ arg, int tq, int bp, int d) {
   int n = blockIdx.x;
-  int i = blockIdx.y * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int i = blockIdx.y * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (i >= tq) return;
   uint32_t j0 = p_cu[n], j1 = p_cu[n + 1];
   const T* qi = q + (int64_t)i * d;
@@ -50,7 +50,7 @@ extern "C" __global__ void maxsim_segmax(const float* __restrict__ s,
                                          float* __restrict__ best, uint32_t* __restrict__ arg,
                                          int tq, int bp, int n0, int j0, int cols) {
   const int n = n0 + blockIdx.x;
-  const int i = blockIdx.y * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int i = blockIdx.y * ROWS_PER_BLOCK + threadIdx.x / WARP, lane = threadIdx.x % WARP;
   if (i >= tq) return;
   const uint32_t c0 = p_cu[n] - (uint32_t)j0, c1 = p_cu[n + 1] - (uint32_t)j0;
   const float* row = s + (int64_t)i * cols;
@@ -125,9 +125,9 @@ __device__ void maxsim_bwd_p(const float* __restrict__ ds, const T* __restrict__
                              T* __restrict__ dp, int tq, int bp, int d) {
   uint32_t j = blockIdx.x;
   uint32_t n = p_seq[j];
-  int lane = threadIdx.x % 32;
+  int lane = threadIdx.x % WARP;
   // Up to 4 columns per thread in registers (d <= 1024); wider rows take a second pass.
-  for (int c0 = 0; c0 < d; c0 += 4 * 256) {
+  for (int c0 = 0; c0 < d; c0 += 4 * COL_BLOCK_THREADS) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int base = 0; base < tq; base += 32) {
       int i = base + lane;
@@ -141,14 +141,14 @@ __device__ void maxsim_bwd_p(const float* __restrict__ ds, const T* __restrict__
         float coef = ds[(int64_t)b * bp + n] / (float)(q_cu[b + 1] - q_cu[b]);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          int c = c0 + u * 256 + threadIdx.x;
+          int c = c0 + u * COL_BLOCK_THREADS + threadIdx.x;
           if (c < d) acc[u] += coef * to_f(q[(int64_t)ii * d + c]);
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      int c = c0 + u * 256 + threadIdx.x;
+      int c = c0 + u * COL_BLOCK_THREADS + threadIdx.x;
       if (c < d) dp[(int64_t)j * d + c] = from_f<T>(acc[u]);
     }
   }

@@ -6,8 +6,8 @@
 template <typename T>
 __device__ void l2norm_fwd(const T* __restrict__ x, T* __restrict__ y,
                            float* __restrict__ norms, int rows, int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* xr = x + (int64_t)row * cols;
   float s = 0.f;
@@ -28,8 +28,8 @@ template <typename T>
 __device__ void l2norm_bwd(const T* __restrict__ dy, const T* __restrict__ y,
                            const float* __restrict__ norms, T* __restrict__ dx, int rows,
                            int cols, float eps) {
-  int row = blockIdx.x * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (row >= rows) return;
   const T* dr = dy + (int64_t)row * cols;
   const T* yr = y + (int64_t)row * cols;

@@ -52,8 +52,8 @@ extern "C" __global__ void lexical_scores(const uint32_t* __restrict__ q_ids,
                                           const uint32_t* __restrict__ p_seg,
                                           float* __restrict__ s, int bq, int bp) {
   int n = blockIdx.x;
-  int b = blockIdx.y * 8 + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
+  int b = blockIdx.y * ROWS_PER_BLOCK + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
   if (b >= bq) return;
   float acc = 0.f;
   for (uint32_t k = q_seg[b] + lane; k < q_seg[b + 1]; k += 32) {

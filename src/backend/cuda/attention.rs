@@ -17,11 +17,8 @@ pub(super) fn attention_instance(op: &'static str, head_dim: usize) -> Result<us
     }
 }
 
-/// Rows of one flash tile (flash.cu, flash_bwd.cu).
-const FLASH_TILE_ROWS: usize = 64;
-
 /// A batch's sequences on the device, uploaded once per batch ([`Seqs`]): the offsets,
-/// and the (sequence, first row) pair of every 64-row flash tile.
+/// and the (sequence, first row) pair of every FLASH_TILE_ROWS-row flash tile.
 pub struct DeviceSeqs {
     cu: T,
     tiles: Option<T>,
@@ -32,7 +29,7 @@ pub struct DeviceSeqs {
 fn flash_tiles(cu_seqlens: &[u32]) -> Vec<u32> {
     let mut tiles = Vec::new();
     for (s, w) in cu_seqlens.windows(2).enumerate() {
-        for start in (w[0]..w[1]).step_by(FLASH_TILE_ROWS) {
+        for start in (w[0]..w[1]).step_by(FLASH_TILE_ROWS as usize) {
             tiles.extend([s as u32, start]);
         }
     }
@@ -53,7 +50,7 @@ pub(super) fn keep_seqs(be: &Cuda, cu_seqlens: &[u32]) -> Result<DeviceSeqs> {
     })
 }
 
-/// The flash kernels' tiles and grid (tiles, heads) of 128-thread blocks.
+/// The flash kernels' tiles and grid (tiles, heads) of FLASH_THREADS-thread blocks.
 fn flash_launch<'a>(
     op: &'static str,
     seqs: &'a Seqs<Cuda>,
@@ -69,7 +66,7 @@ fn flash_launch<'a>(
             to_i32(op, "heads", heads)? as u32,
             1,
         ),
-        block_dim: (128, 1, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     Ok((tiles, cfg))
@@ -119,7 +116,7 @@ pub(super) fn attention(
         let h = to_i32(OP, "heads", heads)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
-            block_dim: (32, 1, 1),
+            block_dim: (WARP, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(
@@ -203,7 +200,7 @@ pub(super) fn attention_backward(
         let h = to_i32(OP, "heads", heads)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(OP, "tokens", t)? as u32, h as u32, 1),
-            block_dim: (32, 1, 1),
+            block_dim: (WARP, 1, 1),
             shared_mem_bytes: 0,
         };
         let sf = sfx(q.dtype());

@@ -20,8 +20,8 @@ pub(super) fn sum_rows(be: &Cuda, x: &T) -> Result<T> {
         to_i32("sum_rows", "cols", cols)?,
     );
     let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(32) as u32, 1, 1),
-        block_dim: (32, 8, 1),
+        grid_dim: (cols.div_ceil(SUM_ROWS_COLS as usize) as u32, 1, 1),
+        block_dim: (SUM_ROWS_COLS, SUM_ROWS_STRIDES, 1),
         shared_mem_bytes: 0,
     };
     launch!(be, f, cfg, [x, &mut out, &r, &c])?;
@@ -116,12 +116,12 @@ pub(super) fn sum_squares(be: &Cuda, x: &T) -> Result<f64> {
     }
     let mut partial = be
         .stream
-        .alloc_zeros::<f64>(256)
+        .alloc_zeros::<f64>(SUM_SQUARES_BLOCKS as usize)
         .map_err(|e| cuda_err(OP, e))?;
     let f = be.func("elementwise", &format!("sum_squares_{}", sfx(x.dtype())))?;
     let cfg = LaunchConfig {
-        grid_dim: (256, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (SUM_SQUARES_BLOCKS, 1, 1),
+        block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     launch!(be, f, cfg, [x, &mut partial, &n])?;
@@ -152,7 +152,7 @@ pub(super) fn sum_all(be: &Cuda, x: &T) -> Result<T> {
         let f = be.func("elementwise", &format!("sum_all_{}", sfx(x.dtype())))?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(be, f, cfg, [x, &mut out, &n])?;

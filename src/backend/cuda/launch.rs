@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Threads per block for the 1-D grid-stride and warp-per-row kernels.
-pub(super) const BLOCK: u32 = 256;
+/// Threads per block of the 1-D grid-stride kernels (any size works: they stride by
+/// blockDim).
+const GRID_STRIDE_THREADS: u32 = 256;
 
 /// Suffix of a kernel instantiation for a float dtype.
 pub(super) fn sfx(d: DType) -> &'static str {
@@ -17,10 +18,12 @@ pub(super) fn sfx(d: DType) -> &'static str {
 
 /// A 1-D grid-stride launch over `n` elements (grid capped; the kernels loop).
 pub(super) fn grid_1d(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535 * 8) as u32;
+    let blocks = n
+        .div_ceil(GRID_STRIDE_THREADS as usize)
+        .clamp(1, 65_535 * 8) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
+        block_dim: (GRID_STRIDE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -31,11 +34,11 @@ pub(super) fn vector_threads(n: i64) -> usize {
     (n as usize).div_ceil(8)
 }
 
-/// One warp per row, 8 rows per 256-thread block.
+/// One warp per row, ROWS_PER_BLOCK rows per block.
 pub(super) fn grid_rows(rows: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
+        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (ROW_BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
 }

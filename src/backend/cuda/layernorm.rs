@@ -35,12 +35,13 @@ pub(super) fn add_layernorm(be: &Cuda, a: &T, b: &T, gamma: &T, beta: &T, eps: f
     let (rows, cols) = layernorm_dims(a, gamma, beta)?;
     let mut y = be.alloc(a.shape(), a.dtype())?;
     if rows > 0 {
-        // bf16 rows of 256..1024 columns (a multiple of 256) go to the register-resident
+        // bf16 rows of 1 to 4 chunks of LN_VEC_COLS columns go to the register-resident
         // kernel with 16-byte loads, when every pointer allows them.
         let aligned = [a, b, gamma, beta, &y]
             .iter()
             .all(|t| be.device_ptr(t).is_multiple_of(16));
-        let name = match (a.dtype(), cols % 256, cols / 256) {
+        let chunk = LN_VEC_COLS as usize;
+        let name = match (a.dtype(), cols % chunk, cols / chunk) {
             (DType::BF16, 0, k @ 1..=4) if aligned => format!("add_layernorm_fwd_vec{k}_bf16"),
             _ => format!("add_layernorm_fwd_{}", sfx(a.dtype())),
         };
@@ -143,8 +144,12 @@ pub(super) fn layernorm_backward(
     )?;
     let ch = chunk as i32;
     let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
-        block_dim: (BLOCK, 1, 1),
+        grid_dim: (
+            cols.div_ceil(COL_BLOCK_THREADS as usize) as u32,
+            chunks as u32,
+            1,
+        ),
+        block_dim: (COL_BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     launch!(

@@ -19,6 +19,7 @@ mod normalize;
 mod retrieval;
 
 use device::*;
+use embedded::geometry::*;
 use launch::*;
 
 use std::collections::HashMap;

@@ -108,8 +108,12 @@ impl Cuda {
                 unsafe { self.blas.lock().unwrap().matmul(&args)? };
             }
             let cfg = LaunchConfig {
-                grid_dim: ((n1 - n0) as u32, tq.div_ceil(8) as u32, 1),
-                block_dim: (BLOCK, 1, 1),
+                grid_dim: (
+                    (n1 - n0) as u32,
+                    tq.div_ceil(ROWS_PER_BLOCK as usize) as u32,
+                    1,
+                ),
+                block_dim: (ROW_BLOCK_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (ti, bi, ni, ji, ci) = (
@@ -149,8 +153,8 @@ pub(super) fn maxsim(be: &Cuda, q: &T, q_cu: &[u32], p: &T, p_cu: &[u32]) -> Res
             to_i32(OP, "dim", d)?,
         );
         let cfg = LaunchConfig {
-            grid_dim: (bp as u32, tq.div_ceil(8) as u32, 1),
-            block_dim: (BLOCK, 1, 1),
+            grid_dim: (bp as u32, tq.div_ceil(ROWS_PER_BLOCK as usize) as u32, 1),
+            block_dim: (ROW_BLOCK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(be, f, cfg, [q, p, &pc, &mut best, &mut arg, &ti, &bi, &di])?;
@@ -222,7 +226,7 @@ pub(super) fn maxsim_backward(
         let f = be.func("maxsim", &format!("maxsim_bwd_p_{sf}"))?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(OP, "passage rows", tp)? as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
+            block_dim: (COL_BLOCK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(
@@ -252,8 +256,8 @@ pub(super) fn lexical_scores(
     let (_, pd) = be.lexical_side(OP, p)?;
     let f = be.func("sparse", "lexical_scores")?;
     let cfg = LaunchConfig {
-        grid_dim: (bp as u32, bq.div_ceil(8) as u32, 1),
-        block_dim: (BLOCK, 1, 1),
+        grid_dim: (bp as u32, bq.div_ceil(ROWS_PER_BLOCK as usize) as u32, 1),
+        block_dim: (ROW_BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let (b1, b2) = (to_i32(OP, "queries", bq)?, to_i32(OP, "passages", bp)?);
