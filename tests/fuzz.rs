@@ -64,12 +64,6 @@ fn mutate(bytes: &[u8], edits: &[Edit], region: usize) -> Vec<u8> {
     b
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3-fuzz-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// The pickle inside a torch zip (stored, so its bytes are in the file as is).
 fn pickle_of(zip_bytes: &[u8]) -> Vec<u8> {
     use std::io::Read;
@@ -111,7 +105,8 @@ proptest! {
     fn the_torch_zip_reader_never_panics(edits in prop::collection::vec(edit(), 1..8)) {
         let head = std::fs::read(fixture("tiny-m3/sparse_linear.pt")).unwrap();
         let m = mutate(&head, &edits, head.len());
-        let p = scratch("zip").join("sparse_linear.pt");
+        let d = tmp("fuzz-zip");
+        let p = d.join("sparse_linear.pt");
         std::fs::write(&p, m).unwrap();
         let _ = m3::model::checkpoint::read_checkpoint(&p);
     }
@@ -121,15 +116,18 @@ proptest! {
         let st = std::fs::read(fixture("tiny-m3/model.safetensors")).unwrap();
         let header = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
         let m = mutate(&st, &edits, header);
-        let p = scratch("st").join("model.safetensors");
+        let d = tmp("fuzz-st");
+        let p = d.join("model.safetensors");
         std::fs::write(&p, m).unwrap();
         let _ = m3::model::checkpoint::read_checkpoint(&p);
     }
 }
 
+/// An index of a three-line corpus, built once for the whole run (its directory lives as
+/// long as the process: a static is never dropped).
 fn index_dir() -> &'static Path {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
+    static DIR: std::sync::OnceLock<(common::TmpDir, PathBuf)> = std::sync::OnceLock::new();
+    &DIR.get_or_init(|| {
         let d = tmp("fuzz-index");
         let corpus = d.join("corpus.jsonl");
         std::fs::write(
@@ -144,8 +142,9 @@ fn index_dir() -> &'static Path {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        idx
+        (d, idx)
     })
+    .1
 }
 
 proptest! {
@@ -160,7 +159,7 @@ proptest! {
         edits in prop::collection::vec(edit(), 1..6),
     ) {
         let src = index_dir();
-        let d = scratch(&format!("idx-{file}"));
+        let d = tmp(&format!("fuzz-idx-{file}"));
         for f in m3::index::FILES {
             std::fs::copy(src.join(f), d.join(f)).unwrap();
         }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::tmp;
+
 use std::path::{Path, PathBuf};
 
 use m3::backend::cpu::Cpu;
@@ -19,13 +21,6 @@ use m3::DType;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-m3")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Eight multilingual records, each with a positive and three negatives.

@@ -33,12 +33,37 @@ pub fn m3(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A test's scratch directory: removed when the test is done, kept when it panics (to be
+/// looked at; the failure message names the paths).
+pub struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// A fresh empty directory for test `name` of this test binary.
-pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("m3-cli-{}-{name}", std::process::id()));
+pub fn tmp(name: &str) -> TmpDir {
+    let d = std::env::temp_dir().join(format!("m3-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// Standard error of a run, as text.
