@@ -3,12 +3,12 @@
 //! Written once ([`EncoderOps`] and `run`), run on fused kernels for inference and recorded
 //! on a tape, with dropout, for training.
 
+use std::sync::Arc;
+
 use super::config::Config;
 use super::params::{Encoder, Layer, Linear, Norm, Tree};
 use super::weights::{EncoderWeights, LinearWeights};
 use crate::autograd::{Tape, Var};
-use std::sync::Arc;
-
 use crate::backend::{Backend, Seqs};
 use crate::batch::PackedBatch;
 use crate::error::Result;

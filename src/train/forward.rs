@@ -341,8 +341,7 @@ fn scatter_back<B: Backend>(
     };
     comm.all_reduce_sum(be, &mut all)?;
     let (rows, d) = t.value(p.dense).rows_cols();
-    let mut mine = be.zeros(&[rows, d], DType::F32)?;
-    be.read_at(&all, x.p0 * d, &mut mine)?;
+    let mine = piece_of(be, &all, x.p0 * d, &[rows, d])?;
     let total = match g.take(p.dense) {
         Some(mut own) => {
             be.add_assign(&mut own, &mine)?;
@@ -352,6 +351,14 @@ fn scatter_back<B: Backend>(
     };
     g.put(p.dense, total);
     Ok(())
+}
+
+/// Elements `at..` of the flat f32 `src` as an f32 tensor of `shape`, cut on the device
+/// (nothing is read back to the host).
+fn piece_of<B: Backend>(be: &B, src: &Tensor<B>, at: usize, shape: &[usize]) -> Result<Tensor<B>> {
+    let mut p = be.zeros(shape, DType::F32)?;
+    be.read_at(src, at, &mut p)?;
+    Ok(p)
 }
 
 /// One side's head outputs gathered over its sub-batches (host copies: pass one keeps
@@ -409,15 +416,8 @@ impl SideValues {
         let mut out = Vec::new();
         let (mut o_d, mut o_s, mut o_c) = (0, 0, 0);
         for &(n, tokens, rows) in &self.parts {
-            // Cut on the device: the gradients are not read back.
             let piece = |v: &Option<Tensor<B>>, at: usize, shape: &[usize]| {
-                v.as_ref()
-                    .map(|v| {
-                        let mut p = be.zeros(shape, DType::F32)?;
-                        be.read_at(v, at, &mut p)?;
-                        Ok(p)
-                    })
-                    .transpose()
+                v.as_ref().map(|v| piece_of(be, v, at, shape)).transpose()
             };
             out.push([
                 piece(&gd, o_d, &[n, d])?,
